@@ -1,0 +1,1 @@
+"""The shapes world: scenes of coloured shapes with exact captions, a backbone and a CIR benchmark."""

@@ -1,0 +1,53 @@
+"""The ``fusion-diff`` command line: one sub-module per command group, each with ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module under fusion_diff.cli, one-line summary). Each module defines ``register(subparsers)``
+# that adds its sub-command(s) with ``set_defaults(func=...)``.
+COMMAND_MODULES: tuple[str, ...] = (
+    "embed",  # embed images / texts / pairs into a cache
+    "sample",  # sample query embeddings with a Fusion-Diff pipeline
+    "search",  # top-K search of a gallery cache
+    "world",  # the shapes world: backbone, benchmark
+    "synth",  # synthetic triplet sets
+    "caption",  # captioners and the caption cache
+    "train",  # Accelerate training: prior, adapter, fti4cir
+    "eval",  # benchmark evaluation
+    "demo",  # the end-to-end shapes-world demo
+    "viz",  # joint-space plots
+    "bench",  # speed benchmarks
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusion-diff",
+        description="Zero-shot composed image retrieval with fused-embedding diffusion (Fusion-Diff) and FTI4CIR.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"fusion_diff.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"fusion_diff.cli.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

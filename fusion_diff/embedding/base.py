@@ -1,0 +1,71 @@
+"""The one interface every joint vision-language backend implements.
+
+Everything downstream (caches, the prior, retrieval, benchmarks) sees only ``JointEmbedder``:
+images, texts and (image, text) pairs all map to L2-normalised float32 vectors of size ``dim``.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Union
+
+import torch
+from PIL import Image
+
+ImageInput = Union[Image.Image, str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class EmbedderIdentity:
+    """What makes two embedders interchangeable; caches and checkpoints compare it."""
+
+    backend: str
+    model: str
+    pretrained: str | None
+    dim: int
+    fusion_weight: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        tag = f":{self.pretrained}" if self.pretrained else ""
+        return f"{self.backend}/{self.model}{tag}"
+
+
+class JointEmbedder(ABC):
+    """Maps images, texts and (image, text) pairs into one normalised joint space."""
+
+    @property
+    @abstractmethod
+    def identity(self) -> EmbedderIdentity: ...
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    @abstractmethod
+    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """``[N, dim]`` float32 CPU tensor, rows of unit norm."""
+
+    @abstractmethod
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """``[N, dim]`` float32 CPU tensor, rows of unit norm."""
+
+    @abstractmethod
+    def embed_pairs(
+        self, images: Sequence[ImageInput], texts: Sequence[str], batch_size: int = 64, progress: bool = False
+    ) -> torch.Tensor:
+        """Fused ``f(I, T)``: ``[N, dim]`` float32 CPU tensor, rows of unit norm."""
+
+    @property
+    def supports_late_fusion(self) -> bool:
+        """True when ``f(I, T)`` can be computed from cached ``f(I)`` and ``f(T)`` (see ``fuse``)."""
+        return False
+
+    def fuse(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Fused embeddings from already-computed tower outputs (late-fusion backends only)."""
+        raise NotImplementedError(f"{type(self).__name__} fuses inside the model; call embed_pairs instead.")

@@ -1,0 +1,23 @@
+"""Exceptions that name the offending file or setting and say how to fix it."""
+
+from __future__ import annotations
+
+
+class FusionDiffError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class DataError(FusionDiffError, ValueError):
+    """An input file exists but its content is unusable (corrupt image, wrong schema, ...)."""
+
+
+class MissingFileError(FusionDiffError, FileNotFoundError):
+    """A file the job needs is not there."""
+
+
+class ConfigError(FusionDiffError, ValueError):
+    """A configuration has an unknown key, a wrong type or an impossible value."""
+
+
+class CacheMismatchError(FusionDiffError, ValueError):
+    """An on-disk cache was made by another backbone, captioner, dimension or generator."""

@@ -1,0 +1,47 @@
+"""What a retrieval method is, for the evaluator: a map from queries to query embeddings.
+
+The evaluator prepares everything a method may need in a ``QueryContext`` (reference embeddings
+from the cache, captioner captions, modification-text embeddings) so that methods never touch
+annotation captions and never re-encode what is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from fusion_diff.embedding.base import JointEmbedder
+
+GalleryMode = Literal["image", "fused"]
+
+
+@dataclass
+class QueryContext:
+    """Inputs for a batch of ``Q`` composed queries, all rows aligned."""
+
+    embedder: JointEmbedder
+    query_ids: list[str]
+    modification_texts: list[str]
+    modification_text_embeds: torch.Tensor  # [Q, d], f(T_mod)
+    reference_image_embeds: torch.Tensor  # [Q, d], f(I_ref)
+    reference_image_paths: list[Path]
+    reference_captions: list[str] | None = None  # from a captioner, never from annotations
+    reference_fused_embeds: torch.Tensor | None = None  # [Q, d], f(I_ref, caption) when a captioner is set
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RetrievalMethod(Protocol):
+    """A method turns a ``QueryContext`` into ``[Q, d]`` L2-normalised query embeddings."""
+
+    name: str
+    gallery_mode: GalleryMode  # which gallery embedding the method is matched against
+
+    def protocol(self) -> dict[str, Any]:
+        """Everything that defines the numbers it produces (sampler, steps, guidance, seed, ...)."""
+        ...
+
+    def query_embeddings(self, context: QueryContext) -> torch.Tensor: ...

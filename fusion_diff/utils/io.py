@@ -1,0 +1,73 @@
+"""Atomic writes and JSON manifests: an interrupted job never leaves a half-written file."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fusion_diff.errors import DataError, MissingFileError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON so that readers see the old file or the new one, never a torn one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read JSON, naming the file and the problem when it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}. Check the path (or rebuild the artifact that writes it).")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{what} {path} is not valid JSON ({err}). Delete it and rebuild, or fix the file.") from err
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour changes results, for manifests."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("fusion-diff", "torch", "open_clip_torch", "diffusers", "transformers", "accelerate"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def artifact_manifest(kind: str, config: dict[str, Any] | None = None, seed: int | None = None, **extra: Any) -> dict[str, Any]:
+    """The small JSON record every artifact directory carries: what made it, with what, when."""
+    return {
+        "kind": kind,
+        "config": config or {},
+        "seed": seed,
+        "versions": library_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
