@@ -1,0 +1,145 @@
+"""``fusion-diff embed images|texts|pairs``: embed files into an embedding cache (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusion_diff.embedding import EmbeddingCache, JointEmbedder, create_embedder, embed_with_cache
+from fusion_diff.errors import DataError, MissingFileError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags that pick an embedder; shared by every command that embeds."""
+    group = parser.add_argument_group("embedder")
+    group.add_argument("--embedder", choices=("openclip", "vlm"), default="openclip", help="joint embedding backend")
+    group.add_argument(
+        "--model",
+        required=required,
+        help="open_clip architecture (e.g. ViT-L-14, a config in fusion_diff/embedding/model_configs, hf-hub:org/repo) "
+        "or, for --embedder vlm, a Hugging Face id or save_pretrained folder",
+    )
+    group.add_argument(
+        "--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file (openclip only)"
+    )
+    group.add_argument(
+        "--fusion-weight", type=float, default=0.5, help="a in f(I,T) = normalize(a f(I) + (1-a) f(T)) (openclip)"
+    )
+    group.add_argument("--instruction", default=None, help="VLM prompt instruction; {modality} is filled in (vlm only)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    group.add_argument(
+        "--precision", default=None, help="weights precision: fp32|fp16|bf16 (openclip), float32|bfloat16|float16 (vlm)"
+    )
+
+
+def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
+    """Build the embedder named by ``add_embedder_args`` flags."""
+    spec: dict[str, Any] = {"backend": args.embedder, "device": args.device}
+    if args.embedder == "openclip":
+        spec.update(model_name=args.model, pretrained=args.pretrained, fusion_weight=args.fusion_weight)
+        if args.precision:
+            spec["precision"] = args.precision
+    else:
+        spec["model_id_or_path"] = args.model
+        if args.instruction:
+            spec["instruction"] = args.instruction
+        if args.precision:
+            spec["dtype"] = args.precision
+    return create_embedder(spec)
+
+
+def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """JSON lines with the given keys; errors name the file and line."""
+    if not path.is_file():
+        raise MissingFileError(f"Input file not found: {path}.")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number} is not valid JSON ({err}).") from err
+        missing = [key for key in keys if key not in record]
+        if missing:
+            raise DataError(f"{path}:{number} lacks {missing}; each line needs {list(keys)}.")
+        records.append(record)
+    return records
+
+
+def _image_inputs(source: Path) -> tuple[list[str], list[Path]]:
+    """(ids, paths) from a folder (id = path relative to it, without suffix) or a JSONL of {"id", "image"}."""
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under {source}.")
+        return [p.relative_to(source).with_suffix("").as_posix() for p in paths], paths
+    records = read_jsonl(source, ("id", "image"))
+    return [str(r["id"]) for r in records], [source.parent / r["image"] for r in records]
+
+
+def _text_inputs(source: Path) -> tuple[list[str], list[str]]:
+    """(ids, texts) from JSONL {"id", "text"} or a plain text file (id = 0-based line number)."""
+    if source.suffix == ".jsonl":
+        records = read_jsonl(source, ("id", "text"))
+        return [str(r["id"]) for r in records], [r["text"] for r in records]
+    if not source.is_file():
+        raise MissingFileError(f"Text file not found: {source}.")
+    lines = source.read_text(encoding="utf-8").splitlines()
+    return [str(i) for i in range(len(lines))], lines
+
+
+def _embed_pair_batch(embedder: JointEmbedder, batch_size: int, batch: list[tuple[Path, str]]) -> torch.Tensor:
+    return embedder.embed_pairs([image for image, _ in batch], [text for _, text in batch], batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    embedder = embedder_from_args(args)
+    if args.kind == "images":
+        ids, items = _image_inputs(Path(args.images))
+        kind, embed_fn = "image", partial(embedder.embed_images, batch_size=args.batch_size)
+    elif args.kind == "texts":
+        ids, items = _text_inputs(Path(args.texts))
+        kind, embed_fn = "text", partial(embedder.embed_texts, batch_size=args.batch_size)
+    else:
+        source = Path(args.pairs)
+        records = read_jsonl(source, ("id", "image", "text"))
+        ids, items = [str(r["id"]) for r in records], [(source.parent / r["image"], r["text"]) for r in records]
+        kind, embed_fn = "fused", partial(_embed_pair_batch, embedder, args.batch_size)
+    cache = EmbeddingCache.open(args.out, {**embedder.identity.as_dict(), "kind": kind})
+    before = len(cache)
+    embed_with_cache(cache, ids, items, embed_fn, batch_size=args.chunk_size, progress=True)
+    print(
+        f"{args.out}: {len(cache)} {kind} embeddings ({len(cache) - before} new, dim {cache.dim}) by {embedder.identity.describe()}"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "embed",
+        help="embed images, texts or (image, text) pairs into an embedding cache",
+        description="Embed inputs into an embedding cache (safetensors shards + manifest). Re-running the same "
+        "command resumes: only ids not yet in the cache are computed. A cache made by another embedder is refused.",
+    )
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    specs = {
+        "images": ("--images", 'folder of images (id = relative path without suffix) or JSONL of {"id", "image"}'),
+        "texts": ("--texts", 'JSONL of {"id", "text"} or a text file with one text per line (id = line number)'),
+        "pairs": ("--pairs", 'JSONL of {"id", "image", "text"}: fused f(I, T) embeddings'),
+    }
+    for kind, (flag, help_text) in specs.items():
+        sub = kinds.add_parser(kind, help=f"embed {kind}", description=f"Embed {kind} into an embedding cache.")
+        sub.add_argument(flag, required=True, help=help_text)
+        sub.add_argument("--out", required=True, help="cache folder (created, or resumed if it exists)")
+        sub.add_argument("--batch-size", type=int, default=64, help="model batch size")
+        sub.add_argument("--chunk-size", type=int, default=4096, help="items per cache shard (the unit of resumption)")
+        add_embedder_args(sub)
+        sub.set_defaults(func=run)

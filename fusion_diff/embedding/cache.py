@@ -1,0 +1,304 @@
+"""The embedding cache: ids + embeddings in safetensors shards, described by a JSON manifest.
+
+Layout of a cache folder::
+
+    manifest.json               identity (backend, model, pretrained, dim, fusion weight, kind, ...),
+                                dim, count, shard list, versions
+    shard-00000.safetensors     tensor "embeddings" [n, dim] float32; the shard's ids in its metadata
+
+Why safetensors shards: each append writes one new self-contained file (temp name, then rename),
+so an interrupted job loses at most the chunk in flight and never leaves a torn file; reading
+goes through safetensors' mmap backend, so ``load()`` of a single-shard cache is zero-copy and
+pages in lazily (``compact()`` merges shards into one). A shard that was renamed into place but
+not yet listed in the manifest (a crash between the two writes) is complete by construction and is
+adopted on the next ``open``.
+
+One writer at a time per cache folder (no locking).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CACHE_KIND = "embedding_cache"
+_TENSOR = "embeddings"
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+T = TypeVar("T")
+
+
+def _canonical(identity: dict[str, Any]) -> dict[str, Any]:
+    """JSON round-trip so that tuples/lists and int/float spellings compare as they are stored."""
+    return json.loads(json.dumps(identity, sort_keys=True))
+
+
+class EmbeddingCache:
+    """Append-only, resumable store of ``id -> embedding`` for one embedder identity."""
+
+    def __init__(self, root: Path, identity: dict[str, Any], dim: int | None, shards: list[dict[str, Any]]) -> None:
+        self.root = root
+        self.identity = identity
+        self._dim = dim
+        self._shards = shards  # [{"file": name, "count": n}]
+        self._shard_ids: list[list[str]] = [self._read_ids(self.root / shard["file"]) for shard in shards]
+        self._index: dict[str, tuple[int, int]] = {}  # id -> (shard number, row)
+        for number, ids in enumerate(self._shard_ids):
+            self._index.update({item: (number, row) for row, item in enumerate(ids)})
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, root: str | os.PathLike, identity: dict[str, Any], create: bool = True) -> EmbeddingCache:
+        """Open (or create) the cache at ``root`` for ``identity``; a cache made by anything else is refused.
+
+        ``identity`` is the embedder's ``identity.as_dict()`` plus what else defines the vectors
+        (``kind``: "image" / "text" / "fused", a captioner id, ...). Its ``dim`` key, when present,
+        fixes the embedding size.
+        """
+        root = Path(root)
+        identity = _canonical(identity)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            if not create:
+                raise MissingFileError(
+                    f"No embedding cache at {root} ({MANIFEST} missing). Build it first (fusion-diff embed ...)."
+                )
+            if any(root.glob("shard-*.safetensors")):
+                raise DataError(
+                    f"{root} holds embedding shards but no {MANIFEST}; it cannot be trusted. Delete {root}."
+                )
+            cache = cls(root, identity, identity.get("dim"), [])
+            cache._write_manifest()
+            return cache
+        manifest = read_json(manifest_path, "embedding cache manifest")
+        if manifest.get("kind") != CACHE_KIND:
+            raise DataError(f"{manifest_path} is not an embedding cache manifest (kind={manifest.get('kind')!r}).")
+        stored = manifest["identity"]
+        if stored != identity:
+            keys = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
+            diffs = ", ".join(f"{k}: cache has {stored.get(k)!r}, requested {identity.get(k)!r}" for k in keys)
+            raise CacheMismatchError(
+                f"Embedding cache {root} was made by another embedder or setting ({diffs}). Delete {root} to rebuild "
+                "it, or point to a cache directory of its own for this embedder."
+            )
+        cache = cls(root, stored, manifest.get("dim"), manifest["shards"])
+        if cache._adopt_orphans():
+            cache._write_manifest()
+        return cache
+
+    @classmethod
+    def read(cls, root: str | os.PathLike) -> EmbeddingCache:
+        """Open an existing cache with whatever identity it was made with (for readers such as search)."""
+        manifest = read_json(Path(root) / MANIFEST, "embedding cache manifest")
+        if not isinstance(manifest, dict) or "identity" not in manifest:
+            raise DataError(
+                f"{Path(root) / MANIFEST} is not an embedding cache manifest. Point to a folder made by fusion-diff embed."
+            )
+        return cls.open(root, manifest["identity"], create=False)
+
+    @staticmethod
+    def _read_ids(path: Path) -> list[str]:
+        if not path.is_file():
+            raise DataError(
+                f"Embedding cache shard {path} listed in the manifest is missing. Delete {path.parent} and rebuild."
+            )
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return json.loads(handle.metadata()["ids"])
+        except Exception as err:  # header / JSON corruption comes in several exception types
+            raise DataError(
+                f"Embedding cache shard {path} is corrupt ({err}). Delete {path.parent} and rebuild."
+            ) from err
+
+    def _adopt_orphans(self) -> int:
+        """Reconcile shards the manifest does not list, left by a crash between two atomic writes.
+
+        A shard whose ids are all cached already is a leftover of ``compact`` (its rows live on in
+        another shard) and is removed; a shard of new ids was appended just before the crash and is
+        adopted. Anything else cannot be explained and is refused.
+        """
+        listed = {shard["file"] for shard in self._shards}
+        orphans = sorted(
+            p for p in self.root.glob("shard-*.safetensors") if _SHARD_RE.match(p.name) and p.name not in listed
+        )
+        adopted = 0
+        for path in orphans:
+            ids = self._read_ids(path)
+            if self._index.keys() >= set(ids):
+                path.unlink()
+                continue
+            with safe_open(str(path), framework="pt") as handle:
+                shape = handle.get_slice(_TENSOR).get_shape()
+            fits = self._dim in (None, shape[1]) and len(ids) == shape[0] and self._index.keys().isdisjoint(ids)
+            if not fits:
+                raise DataError(
+                    f"Shard {path} is not listed in {self.root / MANIFEST} and does not fit the cache. Delete it."
+                )
+            self._dim = shape[1]
+            self._register(path.name, ids)
+            adopted += 1
+        if orphans:
+            logger.warning(
+                "%s: adopted %d shard(s) of an interrupted append, removed %d leftover(s) of an interrupted compact.",
+                self.root,
+                adopted,
+                len(orphans) - adopted,
+            )
+        return len(orphans)
+
+    def _register(self, name: str, ids: list[str]) -> None:
+        number = len(self._shards)
+        self._shards.append({"file": name, "count": len(ids)})
+        self._shard_ids.append(ids)
+        self._index.update({item: (number, row) for row, item in enumerate(ids)})
+
+    def _write_manifest(self) -> None:
+        manifest = artifact_manifest(
+            CACHE_KIND, identity=self.identity, dim=self._dim, count=len(self), dtype="float32", shards=self._shards
+        )
+        write_json_atomic(self.root / MANIFEST, manifest)
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._index
+
+    @property
+    def dim(self) -> int | None:
+        return self._dim
+
+    @property
+    def ids(self) -> list[str]:
+        return [item for ids in self._shard_ids for item in ids]
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """The ids not yet cached, in first-seen order, without repeats."""
+        return [item for item in dict.fromkeys(ids) if item not in self._index]
+
+    # ------------------------------------------------------------------ writing
+    def append(self, ids: Sequence[str], embeds: torch.Tensor) -> None:
+        """Store one chunk as a new shard (atomic), then list it in the manifest (atomic)."""
+        ids = [str(item) for item in ids]
+        if embeds.ndim != 2 or embeds.shape[0] != len(ids):
+            raise ValueError(f"append needs [len(ids), dim] embeddings, got {tuple(embeds.shape)} for {len(ids)} ids.")
+        if self._dim is not None and embeds.shape[1] != self._dim:
+            raise CacheMismatchError(
+                f"Embedding cache {self.root} holds {self._dim}-d embeddings; refusing {embeds.shape[1]}-d ones. "
+                "Use a cache directory of their own."
+            )
+        repeated = [item for item, n in Counter(ids).items() if n > 1]
+        present = [item for item in ids if item in self._index]
+        if repeated or present:
+            raise DataError(
+                f"Refusing duplicate ids in embedding cache {self.root}: {len(present)} already cached (e.g. "
+                f"{present[:3]}), {len(repeated)} repeated in the chunk (e.g. {repeated[:3]}). Append only cache.missing(ids)."
+            )
+        if not ids:
+            return
+        name = f"shard-{self._next_shard_number():05d}.safetensors"
+        tensor = embeds.detach().to("cpu", torch.float32).contiguous()
+        with atomic_path(self.root / name) as tmp:
+            save_file({_TENSOR: tensor}, str(tmp), metadata={"ids": json.dumps(ids)})
+        self._dim = tensor.shape[1]
+        self._register(name, ids)
+        self._write_manifest()
+
+    def _next_shard_number(self) -> int:
+        numbers = [int(m.group(1)) for p in self.root.glob("shard-*.safetensors") if (m := _SHARD_RE.match(p.name))]
+        return max(numbers, default=-1) + 1
+
+    def compact(self) -> None:
+        """Merge all shards into one, so that ``load()`` is a zero-copy memory map of a single file."""
+        if len(self._shards) <= 1:
+            return
+        ids, embeds = self.load()
+        old = [self.root / shard["file"] for shard in self._shards]
+        self._shards, self._shard_ids, self._index = [], [], {}
+        name = f"shard-{self._next_shard_number():05d}.safetensors"
+        with atomic_path(self.root / name) as tmp:
+            save_file({_TENSOR: embeds.contiguous()}, str(tmp), metadata={"ids": json.dumps(ids)})
+        self._register(name, ids)
+        self._write_manifest()
+        for path in old:
+            path.unlink()
+
+    # ------------------------------------------------------------------ reading
+    def _shard_tensors(self) -> list[torch.Tensor]:
+        tensors = []
+        for shard in self._shards:
+            with safe_open(str(self.root / shard["file"]), framework="pt") as handle:  # mmap backend: no copy
+                tensors.append(handle.get_tensor(_TENSOR))
+        return tensors
+
+    def load(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """``(ids, [N, dim] float32)``; all of the cache (in insertion order) or the given ids, in their order.
+
+        A single-shard cache loaded whole is a copy-on-write memory map of the shard (zero-copy, paged
+        in lazily; writes never reach the file); anything else is gathered into memory.
+        """
+        tensors = self._shard_tensors()
+        if ids is None:
+            if not tensors:
+                return [], torch.empty(0, self._dim or 0)
+            return self.ids, tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        ids = list(ids)
+        absent = [item for item in ids if item not in self._index]
+        if absent:
+            raise DataError(
+                f"{len(absent)} ids are not in embedding cache {self.root} (e.g. {absent[:5]}). Embed them first."
+            )
+        if not ids:
+            return [], torch.empty(0, self._dim or 0)
+        where = torch.tensor([self._index[item] for item in ids], dtype=torch.long)  # [N, 2]: (shard, row)
+        if len(tensors) == 1:
+            return ids, tensors[0].index_select(0, where[:, 1])
+        out = torch.empty(len(ids), self._dim)
+        for number, tensor in enumerate(tensors):  # gather shard by shard: no copy of the whole table
+            take = where[:, 0] == number
+            if take.any():
+                out[take] = tensor.index_select(0, where[take, 1])
+        return ids, out
+
+
+def embed_with_cache(
+    cache: EmbeddingCache,
+    ids: Sequence[str],
+    items: Sequence[T],
+    embed_fn: Callable[[list[T]], torch.Tensor],
+    batch_size: int = 1024,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Embed only the ids the cache lacks, one appended shard per ``batch_size`` items; return all in ``ids`` order.
+
+    ``items[i]`` is the input for ``ids[i]`` (an image path, a text, an (image, text) pair, ...);
+    ``embed_fn`` maps a list of items to ``[n, dim]``. Interrupt it at any point and call it again:
+    finished chunks are kept, the rest is computed, nothing is duplicated.
+    """
+    if len(ids) != len(items):
+        raise ValueError(f"embed_with_cache needs one item per id, got {len(ids)} ids and {len(items)} items.")
+    first = {item: position for position, item in reversed(list(enumerate(ids)))}
+    todo = cache.missing(ids)
+    with tqdm(total=len(todo), desc=f"embedding into {cache.root.name}", disable=not progress, unit="item") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            cache.append(chunk, embed_fn([items[first[item]] for item in chunk]))
+            bar.update(len(chunk))
+    return cache.load(ids)[1]

@@ -1,0 +1,183 @@
+"""Gallery indexes: exact top-K by chunked matrix products, or FAISS, with per-query exclusion.
+
+Exclusion (CIRR removes the reference from its own ranking) never touches the score matrix: the
+index returns the top ``k + e`` items (``e`` = most ids excluded for any query), the excluded
+ones are masked in that small candidate list, and the best ``k`` of the rest are kept. That is
+exact, because at most ``e`` of the top ``k + e`` can be excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fusion_diff.errors import ConfigError, DataError
+
+
+@dataclass
+class SearchResult:
+    """Top-k per query: ``scores`` / ``indices`` are ``[Q, k]`` (``-inf`` / ``-1`` past the valid items)."""
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    ids: list[list[str]]
+
+
+class _Index:
+    """What every backend shares: ids, query checks, exclusion and candidate scoring."""
+
+    def __init__(self, embeddings: torch.Tensor, ids: Sequence[str]) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+            raise DataError(
+                f"A gallery needs [len(ids), dim] embeddings, got {tuple(embeddings.shape)} for {len(ids)} ids."
+            )
+        self.ids = list(ids)
+        self.position = {item: row for row, item in enumerate(self.ids)}
+        if len(self.position) != len(self.ids):
+            raise DataError(f"Gallery ids must be unique; {len(self.ids) - len(self.position)} are repeated.")
+        self.embeddings = embeddings if embeddings.dtype == torch.float32 else embeddings.float()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def _check_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise DataError(
+                f"Queries of shape {tuple(queries.shape)} do not match the {self.dim}-d gallery: queries and gallery "
+                "must come from the same embedder."
+            )
+        return queries.detach().to(self.embeddings.device, torch.float32).contiguous()
+
+    def _exclusion(self, exclude: Sequence[Sequence[str]] | None, num_queries: int) -> torch.Tensor:
+        """``[Q, e]`` gallery rows to drop per query, ``-1``-padded; ids not in the gallery are ignored."""
+        if exclude is None:
+            return torch.empty(num_queries, 0, dtype=torch.long)
+        if len(exclude) != num_queries:
+            raise ValueError(f"exclude needs one list per query: {len(exclude)} lists for {num_queries} queries.")
+        rows = [[self.position[item] for item in items if item in self.position] for items in exclude]
+        width = max(map(len, rows), default=0)
+        return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long).reshape(
+            num_queries, width
+        )
+
+    def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def search(
+        self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
+    ) -> SearchResult:
+        """Top-``k`` gallery items by inner product (cosine for unit-norm inputs), ``exclude[q]`` removed."""
+        queries = self._check_queries(queries)
+        banned = self._exclusion(exclude, queries.shape[0])
+        k = min(k, len(self))
+        scores, indices = self._topk(queries, min(k + banned.shape[1], len(self)))
+        scores, indices = scores.cpu(), indices.cpu()
+        scores = scores.masked_fill(indices < 0, float("-inf"))
+        if banned.numel():
+            hit = (indices.unsqueeze(-1) == banned.unsqueeze(1)).any(-1)
+            scores = scores.masked_fill(hit, float("-inf"))
+        scores, order = scores.topk(k, dim=1)
+        indices = indices.gather(1, order).masked_fill(scores == float("-inf"), -1)
+        ids = [[self.ids[j] for j in row if j >= 0] for row in indices.tolist()]
+        return SearchResult(scores=scores, indices=indices, ids=ids)
+
+    def scores_for(self, queries: torch.Tensor, candidate_ids: Sequence[Sequence[str]]) -> torch.Tensor:
+        """``[Q, m]`` scores of each query against its own candidates (CIRR's subset recall); ragged rows pad ``-inf``."""
+        queries = self._check_queries(queries)
+        if len(candidate_ids) != queries.shape[0]:
+            raise ValueError(f"candidate_ids needs one list per query: {len(candidate_ids)} for {queries.shape[0]}.")
+        absent = sorted({item for items in candidate_ids for item in items if item not in self.position})
+        if absent:
+            raise DataError(
+                f"{len(absent)} candidate ids are not in the gallery (e.g. {absent[:5]}). Embed them into the gallery."
+            )
+        width = max(map(len, candidate_ids), default=0)
+        rows = torch.tensor(
+            [[self.position[i] for i in items] + [-1] * (width - len(items)) for items in candidate_ids],
+            dtype=torch.long,
+        )
+        rows = rows.reshape(queries.shape[0], width)
+        flat = rows.clamp(min=0).flatten().to(self.embeddings.device)
+        candidates = self.embeddings.index_select(0, flat).view(*rows.shape, self.dim)
+        scores = torch.einsum("qd,qmd->qm", queries, candidates).cpu()
+        return scores.masked_fill(rows < 0, float("-inf"))
+
+
+class GalleryIndex(_Index):
+    """Exact search: blocks of queries times chunks of the gallery, a running top-k merged per chunk.
+
+    Memory stays at ``query_block × chunk_size`` scores whatever the gallery size; the only Python
+    loops are over blocks and chunks, never over items. The search runs on the gallery tensor's
+    device (move ``embeddings`` to CUDA for large galleries); results come back on CPU.
+    """
+
+    def __init__(
+        self, embeddings: torch.Tensor, ids: Sequence[str], chunk_size: int = 32768, query_block: int = 1024
+    ) -> None:
+        super().__init__(embeddings, ids)
+        self.chunk_size = chunk_size
+        self.query_block = query_block
+
+    def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        all_scores, all_indices = [], []
+        for q0 in range(0, queries.shape[0], self.query_block):
+            block = queries[q0 : q0 + self.query_block]
+            best_scores = block.new_empty(block.shape[0], 0)
+            best_indices = torch.empty(block.shape[0], 0, dtype=torch.long, device=block.device)
+            for g0 in range(0, len(self), self.chunk_size):
+                scores = block @ self.embeddings[g0 : g0 + self.chunk_size].T
+                top_scores, top_indices = scores.topk(min(k, scores.shape[1]), dim=1)
+                merged_scores = torch.cat([best_scores, top_scores], dim=1)
+                merged_indices = torch.cat([best_indices, top_indices + g0], dim=1)
+                best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+                best_indices = merged_indices.gather(1, order)
+            all_scores.append(best_scores)
+            all_indices.append(best_indices)
+        return torch.cat(all_scores), torch.cat(all_indices)
+
+
+class FaissGalleryIndex(_Index):
+    """FAISS search with the same interface; ``factory`` is a FAISS index-factory string.
+
+    ``"Flat"`` (default) is exact inner product (``IndexFlatIP``); ``"IVF1024,Flat"`` or
+    ``"HNSW32"`` trade recall for speed on large galleries, tuned by ``search_params`` (e.g.
+    ``"nprobe=32"`` or ``"efSearch=128"``).
+    """
+
+    def __init__(
+        self, embeddings: torch.Tensor, ids: Sequence[str], factory: str = "Flat", search_params: str | None = None
+    ) -> None:
+        super().__init__(embeddings, ids)
+        try:
+            import faiss
+        except ImportError as err:
+            raise ConfigError(
+                "The FAISS backend needs faiss: pip install 'fusion-diff[faiss]' (or use backend='exact')."
+            ) from err
+        data = np.ascontiguousarray(self.embeddings.cpu().numpy())
+        self.factory = factory
+        self.index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not self.index.is_trained:
+            self.index.train(data)
+        self.index.add(data)
+        if search_params:
+            faiss.ParameterSpace().set_index_parameters(self.index, search_params)
+
+    def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, indices = self.index.search(np.ascontiguousarray(queries.cpu().numpy()), k)
+        return torch.from_numpy(scores), torch.from_numpy(indices).long()
+
+
+def build_index(embeddings: torch.Tensor, ids: Sequence[str], backend: str = "exact", **kwargs) -> _Index:
+    """A gallery index by backend name: ``"exact"`` (GalleryIndex) or ``"faiss"`` (FaissGalleryIndex)."""
+    backends = {"exact": GalleryIndex, "faiss": FaissGalleryIndex}
+    if backend not in backends:
+        raise ConfigError(f"Unknown search backend {backend!r}; choose one of {sorted(backends)}.")
+    return backends[backend](embeddings, ids, **kwargs)

@@ -1,0 +1,122 @@
+"""OpenCLIP backend on a tiny random checkpoint: loading paths, unit norm, fusion, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.factory import load_state_dict
+from PIL import Image
+
+from fusion_diff.embedding import (
+    OpenCLIPEmbedder,
+    create_embedder,
+    list_model_configs,
+    register_model_configs,
+    save_checkpoint,
+)
+from fusion_diff.errors import ConfigError, DataError, MissingFileError
+
+
+def _images(n: int) -> list[Image.Image]:
+    gen = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(40, 36, 3, generator=gen) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_outputs_are_unit_norm_float32(tiny_openclip):
+    images, texts = _images(5), ["a red circle", "two blue stars", "x", "", "a big green square at the top"]
+    for out in (
+        tiny_openclip.embed_images(images),
+        tiny_openclip.embed_texts(texts),
+        tiny_openclip.embed_pairs(images, texts),
+    ):
+        assert out.shape == (5, tiny_openclip.dim) and out.dtype == torch.float32
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+
+
+def test_pairs_are_late_fusion_and_batching_does_not_matter(tiny_openclip):
+    images, texts = _images(5), [f"shape {i}" for i in range(5)]
+    img, txt = tiny_openclip.embed_images(images, batch_size=2), tiny_openclip.embed_texts(texts, batch_size=3)
+    torch.testing.assert_close(img, tiny_openclip.embed_images(images, batch_size=5))
+    torch.testing.assert_close(tiny_openclip.embed_pairs(images, texts), F.normalize(0.5 * img + 0.5 * txt, dim=-1))
+    assert tiny_openclip.supports_late_fusion
+
+
+def test_image_paths_and_pil_give_the_same_embedding(tiny_openclip, tmp_path):
+    image = _images(1)[0]
+    image.save(tmp_path / "a.png")
+    torch.testing.assert_close(tiny_openclip.embed_images([tmp_path / "a.png"]), tiny_openclip.embed_images([image]))
+
+
+def test_checkpoint_formats_and_identity(tiny_openclip_checkpoint, tiny_openclip, tmp_path):
+    name, safetensors_path = tiny_openclip_checkpoint
+    pt_path = tmp_path / "copy.pt"
+    torch.save(load_state(safetensors_path), pt_path)  # what a plain open_clip training script writes
+    other = OpenCLIPEmbedder(name, pretrained=str(pt_path), fusion_weight=0.3)
+    texts = ["a small yellow triangle"]
+    torch.testing.assert_close(other.embed_texts(texts), tiny_openclip.embed_texts(texts))
+    assert tiny_openclip.identity.pretrained.startswith(f"{safetensors_path.name}@sha256:")
+    assert (
+        other.identity.pretrained.split("@")[1] != tiny_openclip.identity.pretrained.split("@")[1]
+    )  # file bytes differ
+    assert (other.identity.dim, other.identity.fusion_weight) == (32, 0.3)
+
+
+def test_open_clip_local_dir_layout(tiny_openclip_checkpoint, tiny_openclip, tmp_path):
+    name, checkpoint = tiny_openclip_checkpoint
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config(name)}))
+    (tmp_path / "open_clip_model.safetensors").write_bytes(checkpoint.read_bytes())
+    embedder = OpenCLIPEmbedder(f"local-dir:{tmp_path}")
+    torch.testing.assert_close(embedder.embed_texts(["a star"]), tiny_openclip.embed_texts(["a star"]))
+    assert embedder.identity.pretrained.startswith(f"{tmp_path.name}@sha256:")
+    with pytest.raises(ConfigError, match="brings its own weights"):
+        OpenCLIPEmbedder(f"local-dir:{tmp_path}", pretrained=checkpoint)
+
+
+def load_state(path):
+    return load_state_dict(str(path))
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_openclip_checkpoint, tmp_path):
+    name, _ = tiny_openclip_checkpoint
+    wide = open_clip.get_model_config(name)
+    wide["vision_cfg"]["width"] = 64
+    (tmp_path / "fd-test-wide.json").write_text(json.dumps(wide))
+    register_model_configs(tmp_path / "fd-test-wide.json")
+    checkpoint = save_checkpoint(open_clip.create_model("fd-test-wide"), tmp_path / "wide.safetensors")
+    with pytest.raises(ConfigError, match="another architecture") as info:
+        OpenCLIPEmbedder(name, pretrained=checkpoint)
+    assert str(checkpoint) in str(info.value) and "shape mismatches" in str(info.value)
+
+
+def test_bad_pretrained_values_fail_clearly(tiny_openclip_checkpoint, tmp_path):
+    name, _ = tiny_openclip_checkpoint
+    with pytest.raises(MissingFileError, match="nowhere.safetensors"):
+        OpenCLIPEmbedder(name, pretrained=str(tmp_path / "nowhere.safetensors"))
+    with pytest.raises(ConfigError, match="neither a local checkpoint file nor a pretrained tag"):
+        OpenCLIPEmbedder(name, pretrained="laion9000")
+    with pytest.raises(ConfigError, match="Unknown open_clip architecture"):
+        OpenCLIPEmbedder("fd-test-tny", pretrained=None)
+    with pytest.raises(MissingFileError, match="Without network access"):  # tests run with HF_HUB_OFFLINE=1
+        OpenCLIPEmbedder("ViT-B-32", pretrained="openai")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match="corrupt.safetensors"):
+        OpenCLIPEmbedder(name, pretrained=corrupt)
+
+
+def test_registry_and_factory(tiny_openclip_checkpoint, tmp_path):
+    name, checkpoint = tiny_openclip_checkpoint
+    assert name in list_model_configs()
+    (tmp_path / "broken.json").write_text('{"embed_dim": 8}')
+    with pytest.raises(ConfigError, match="broken.json"):
+        register_model_configs(tmp_path)
+    embedder = create_embedder({"backend": "openclip", "model_name": name, "pretrained": str(checkpoint)})
+    assert embedder.identity.backend == "openclip"
+    with pytest.raises(ConfigError, match="fusion_wieght"):
+        create_embedder({"backend": "openclip", "model_name": name, "fusion_wieght": 0.2})
+    with pytest.raises(ConfigError, match="Unknown embedder backend"):
+        create_embedder({"backend": "blip"})

@@ -1,0 +1,89 @@
+"""Gallery search: exact chunked top-K equals brute force (with exclusion); FAISS equals exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.retrieval import FaissGalleryIndex, GalleryIndex, build_index
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = torch.Generator().manual_seed(0)
+    gallery = F.normalize(torch.randn(1000, 24, generator=gen), dim=-1)
+    queries = F.normalize(torch.randn(70, 24, generator=gen), dim=-1)
+    ids = [f"g{i}" for i in range(1000)]
+    # queries exclude 0-3 ids each, mostly among their own true top-5, plus an id not in the gallery
+    truth = (queries @ gallery.T).topk(5, dim=1).indices.tolist()
+    exclude = [
+        [ids[j] for j in row[: q % 4]] + (["not-in-gallery"] if q % 5 == 0 else []) for q, row in enumerate(truth)
+    ]
+    return gallery, queries, ids, exclude
+
+
+def brute_force(gallery, queries, ids, exclude, k):
+    scores = queries @ gallery.T
+    for q, items in enumerate(exclude):
+        scores[q, [ids.index(i) for i in items if i in ids]] = float("-inf")
+    return scores.topk(k, dim=1)
+
+
+@pytest.mark.parametrize("chunk_size, query_block", [(128, 16), (100000, 1024)])
+def test_exact_search_equals_brute_force_with_exclusion(data, chunk_size, query_block):
+    gallery, queries, ids, exclude = data
+    index = GalleryIndex(gallery, ids, chunk_size=chunk_size, query_block=query_block)
+    result = index.search(queries, k=50, exclude=exclude)
+    scores, indices = brute_force(gallery, queries, ids, exclude, 50)
+    assert torch.equal(result.indices, indices)
+    torch.testing.assert_close(result.scores, scores)
+    assert result.ids == [[ids[j] for j in row] for row in indices.tolist()]
+    assert all(not set(row) & set(ex) for row, ex in zip(result.ids, exclude))
+
+
+def test_faiss_flat_equals_exact(data):
+    gallery, queries, ids, exclude = data
+    exact = GalleryIndex(gallery, ids).search(queries, k=20, exclude=exclude)
+    approx = build_index(gallery, ids, backend="faiss").search(queries, k=20, exclude=exclude)
+    assert torch.equal(approx.indices, exact.indices) and approx.ids == exact.ids
+    torch.testing.assert_close(approx.scores, exact.scores)
+
+
+def test_faiss_ivf_with_all_lists_probed_is_exact(data):
+    gallery, queries, ids, _ = data
+    ivf = FaissGalleryIndex(gallery, ids, factory="IVF8,Flat", search_params="nprobe=8")
+    assert torch.equal(ivf.search(queries, k=10).indices, GalleryIndex(gallery, ids).search(queries, k=10).indices)
+
+
+def test_small_gallery_and_exclusion_leave_fewer_results(data):
+    gallery, queries, ids, _ = data
+    index = GalleryIndex(gallery[:3], ids[:3])
+    result = index.search(queries[:2], k=50, exclude=[[ids[0]], []])
+    assert result.indices.shape == (2, 3)
+    assert result.indices[0, -1] == -1 and result.scores[0, -1] == float("-inf") and len(result.ids[0]) == 2
+    assert sorted(result.ids[1]) == ids[:3]
+
+
+def test_scores_for_candidate_subsets(data):
+    gallery, queries, ids, _ = data
+    index = GalleryIndex(gallery, ids)
+    candidates = [[ids[q], ids[q + 1], ids[999]] for q in range(len(queries))]
+    candidates[0] = candidates[0][:2]
+    scores = index.scores_for(queries, candidates)
+    expected = torch.stack([queries[q] @ gallery[[q, q + 1, 999]].T for q in range(len(queries))])
+    expected[0, 2] = float("-inf")
+    torch.testing.assert_close(scores, expected)
+    with pytest.raises(DataError, match="not in the gallery"):
+        index.scores_for(queries[:1], [["missing"]])
+
+
+def test_bad_inputs_fail_clearly(data):
+    gallery, queries, ids, _ = data
+    with pytest.raises(DataError, match="same embedder"):
+        GalleryIndex(gallery, ids).search(queries[:, :8])
+    with pytest.raises(DataError, match="unique"):
+        GalleryIndex(gallery[:2], ["a", "a"])
+    with pytest.raises(ConfigError, match="Unknown search backend"):
+        build_index(gallery, ids, backend="annoy")
