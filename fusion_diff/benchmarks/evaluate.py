@@ -1,0 +1,379 @@
+"""The evaluation engine: embed (cached), build query contexts, call the method, rank, score.
+
+For a benchmark split it
+
+1. embeds every usable image ``f(I)`` once per backbone into an ``EmbeddingCache`` (resumable);
+2. when a captioner is configured, captions the images it needs through a ``CaptionCache`` and
+   embeds them fused ``f(I, caption)`` (cached too): gallery items when the method's gallery mode
+   is ``fused``, references always (the method may use them as control). Annotation captions never
+   enter here: only oracle rows read ground-truth captions, on their own;
+3. embeds the modification texts (cached by content), builds ``QueryContext`` batches and calls
+   the method (FashionIQ: both caption orders in one batch, then averaged);
+4. ranks with the gallery index (the reference removed where the protocol says so) and computes
+   the benchmark's metrics, ties counted against the method.
+
+Every result carries the full protocol: benchmark, split, backbone, gallery mode, captioner,
+method settings, FashionIQ caption joining, CIRCO ``shared_concept`` use, missing images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fusion_diff.benchmarks import metrics as M
+from fusion_diff.benchmarks.report import EvalResult
+from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery
+from fusion_diff.captioning.base import Captioner, identity_digest
+from fusion_diff.captioning.cache import CaptionCache, caption_with_cache
+from fusion_diff.captioning.modes import fuse_with_captions, require_captioner
+from fusion_diff.captioning.retrieval import RetrievalCaptioner, text_id
+from fusion_diff.embedding.base import JointEmbedder
+from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
+from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.retrieval.index import build_index
+from fusion_diff.retrieval.method import QueryContext, RetrievalMethod
+from fusion_diff.utils.paths import cache_dir
+
+IMAGE_TABLE = "image_table"  # QueryContext.extra key: an ``EmbeddingTable`` of f(I) for every usable image
+TOP_K = 50  # the longest ranking any metric or submission reads
+FASHIONIQ_CAPTION_ORDERS: dict[str, str] = {
+    "both": "both orders joined with 'and', query embeddings averaged (zero-shot norm)",
+    "forward": "captions joined in annotation order with 'and' (single order)",
+    "reverse": "captions joined in reverse order with 'and' (single order)",
+}
+CIRCO_CONCEPT_TEMPLATE = "{concept} that {caption}"
+
+
+@dataclass
+class EmbeddingTable:
+    """Embeddings of a set of ids, looked up in bulk (one gather, no loop over embeddings)."""
+
+    ids: list[str]
+    embeds: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self._row = {item: row for row, item in enumerate(self.ids)}
+
+    def lookup(self, ids: Sequence[str]) -> torch.Tensor:
+        absent = [i for i in ids if i not in self._row]
+        if absent:
+            raise DataError(f"no embedding for {len(absent)} ids (first: {absent[:3]}): missing images?")
+        return self.embeds.index_select(0, torch.tensor([self._row[i] for i in ids], dtype=torch.long))
+
+
+def fashioniq_join(first: str, second: str) -> str:
+    """FashionIQ's two relative captions as one query text (the field's ``"{a} and {b}"`` join)."""
+    return f"{first.strip('.?, ')} and {second.strip('.?, ')}"
+
+
+def check_caption_order(order: str) -> None:
+    if order not in FASHIONIQ_CAPTION_ORDERS:
+        raise ConfigError(f"unknown FashionIQ caption order {order!r}; choose one of {list(FASHIONIQ_CAPTION_ORDERS)}.")
+
+
+def modification_texts(
+    queries: Sequence[CompositionQuery], benchmark: str, fiq_order: str = "both", circo_shared_concept: bool = False
+) -> tuple[list[str], list[int]]:
+    """The text of each query row and the query it belongs to.
+
+    FashionIQ ``both`` gives two rows per query (forward rows first, then reverse); every other
+    case one row per query. CIRCO with ``circo_shared_concept`` writes ``"{concept} that {caption}"``.
+    """
+    n = len(queries)
+    if benchmark == "fashioniq":
+        check_caption_order(fiq_order)
+        forward = [fashioniq_join(*q.texts) for q in queries]
+        reverse = [fashioniq_join(*reversed(q.texts)) for q in queries]
+        if fiq_order == "both":
+            return forward + reverse, list(range(n)) * 2
+        return (forward if fiq_order == "forward" else reverse), list(range(n))
+    if benchmark == "circo" and circo_shared_concept:
+        return [CIRCO_CONCEPT_TEMPLATE.format(concept=q.shared_concept, caption=q.texts[0]) for q in queries], list(
+            range(n)
+        )
+    return [q.texts[0] for q in queries], list(range(n))
+
+
+class Evaluator:
+    """Evaluates methods on the units of one benchmark split (one per FashionIQ category, else one).
+
+    Embeddings are cached on disk under ``cache_root`` (default ``cache_dir("eval")``), keyed by
+    backbone identity, captioner identity and the image set, so a second method (or a second run)
+    re-embeds nothing.
+    """
+
+    def __init__(
+        self,
+        data: BenchmarkData | Sequence[BenchmarkData],
+        embedder: JointEmbedder,
+        *,
+        captioner: Captioner | None = None,
+        cache_root: str | Path | None = None,
+        fashioniq_caption_order: str = "both",
+        circo_shared_concept: bool = False,
+        index_backend: str = "exact",
+        batch_size: int = 64,
+        query_batch_size: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.units = [data] if isinstance(data, BenchmarkData) else list(data)
+        if not self.units or len({(u.benchmark, u.split) for u in self.units}) != 1:
+            raise ConfigError("An Evaluator takes the units of exactly one benchmark split.")
+        self.benchmark, self.split = self.units[0].benchmark, self.units[0].split
+        check_caption_order(fashioniq_caption_order)
+        self.embedder = embedder
+        self.captioner = captioner
+        self.cache_root = Path(cache_root) if cache_root is not None else cache_dir("eval")
+        self.fiq_order = fashioniq_caption_order
+        self.circo_shared_concept = circo_shared_concept
+        self.index_backend = index_backend
+        self.batch_size = batch_size
+        self.query_batch_size = query_batch_size  # None: all queries in one call (methods batch internally)
+        self.progress = progress
+        self._backbone_key = identity_digest(embedder.identity.as_dict())
+        self._image_tables: dict[str, EmbeddingTable] = {}
+
+    # ------------------------------------------------------------------ embeddings
+    def _unit_dir(self, unit: BenchmarkData) -> Path:
+        return self.cache_root / f"{unit.benchmark}-{unit.dataset_key}" / self._backbone_key
+
+    def _identity(self, kind: str, **extra: Any) -> dict[str, Any]:
+        return {**self.embedder.identity.as_dict(), "kind": kind, **extra}
+
+    def image_table(self, unit: BenchmarkData) -> EmbeddingTable:
+        """``f(I)`` of every usable image of ``unit`` (gallery and references), cached on disk and in memory."""
+        key = f"{unit.name}|{unit.dataset_key}"
+        if key not in self._image_tables:
+            missing = set(unit.missing)
+            ids = [i for i in unit.image_paths if i not in missing]
+            cache = EmbeddingCache.open(
+                self._unit_dir(unit) / "image", self._identity("image", dataset=unit.dataset_key)
+            )
+            embeds = embed_with_cache(
+                cache,
+                ids,
+                [unit.image_paths[i] for i in ids],
+                lambda paths: self.embedder.embed_images(paths, batch_size=self.batch_size),
+                progress=self.progress,
+            )
+            self._image_tables[key] = EmbeddingTable(ids, embeds)
+        return self._image_tables[key]
+
+    def captions(self, unit: BenchmarkData, ids: Sequence[str]) -> list[list[str]]:
+        """The configured captioner's candidate captions of ``ids`` (cached per captioner identity)."""
+        assert self.captioner is not None
+        identity = self.captioner.identity
+        cache = CaptionCache.open(self._unit_dir(unit).parent / f"captions-{identity_digest(identity)}.json", identity)
+        same_backbone = (
+            isinstance(self.captioner, RetrievalCaptioner)
+            and self.captioner.embedder.identity == self.embedder.identity
+        )
+        caption_with_cache(
+            self.captioner,
+            ids,
+            [unit.image_paths[i] for i in ids],
+            cache,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            image_embeds=self.image_table(unit).lookup(ids) if same_backbone else None,
+        )
+        return cache.candidates(ids)
+
+    def fused(self, unit: BenchmarkData, ids: Sequence[str]) -> torch.Tensor:
+        """``f(I, caption)`` of ``ids`` (rows aligned, repeats allowed) with captioner captions, cached per
+        backbone + captioner."""
+        require_captioner("fused", self.captioner)
+        assert self.captioner is not None
+        ids = list(ids)
+        candidates = dict(zip(ids, self.captions(unit, ids)))
+        table = self.image_table(unit)
+        identity = self._identity("fused", captioner=self.captioner.identity, dataset=unit.dataset_key)
+        cache = EmbeddingCache.open(
+            self._unit_dir(unit) / f"fused-{identity_digest(self.captioner.identity)}", identity
+        )
+
+        def embed(chunk: list[str]) -> torch.Tensor:
+            image_embeds = table.lookup(chunk) if self.embedder.supports_late_fusion else None
+            images = [unit.image_paths[i] for i in chunk]
+            return fuse_with_captions(
+                self.embedder, [candidates[i] for i in chunk], images, image_embeds, self.batch_size
+            )
+
+        return embed_with_cache(cache, ids, ids, embed, progress=self.progress)
+
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """``f(T)`` of ``texts`` (rows aligned), cached by content per backbone."""
+        ids = [text_id(t) for t in texts]
+        cache = EmbeddingCache.open(self.cache_root / "texts" / self._backbone_key / "text", self._identity("text"))
+        return embed_with_cache(
+            cache,
+            ids,
+            list(texts),
+            lambda chunk: self.embedder.embed_texts(chunk, batch_size=256),
+            progress=self.progress,
+        )
+
+    # ------------------------------------------------------------------ queries
+    def query_embeddings(
+        self, method: RetrievalMethod, unit: BenchmarkData, queries: list[CompositionQuery]
+    ) -> torch.Tensor:
+        """``[Q, d]`` unit-norm query embeddings of ``method`` (FashionIQ ``both``: mean of the two orders)."""
+        texts, rows = modification_texts(queries, unit.benchmark, self.fiq_order, self.circo_shared_concept)
+        text_embeds = self.text_embeddings(texts)
+        table = self.image_table(unit)
+        references = [q.reference for q in queries]
+        ref_images = table.lookup(references)
+        ref_fused = self.fused(unit, references) if self.captioner is not None else None
+        ref_captions = [c[0] for c in self.captions(unit, references)] if self.captioner is not None else None
+        out = []
+        step = self.query_batch_size or len(rows)
+        for start in tqdm(
+            range(0, len(rows), step),
+            desc=f"{method.name} on {unit.name}",
+            disable=not self.progress,
+            unit="batch",
+        ):
+            chunk = rows[start : start + step]
+            index = torch.tensor(chunk, dtype=torch.long)
+            context = QueryContext(
+                embedder=self.embedder,
+                query_ids=[queries[i].query_id for i in chunk],
+                modification_texts=texts[start : start + len(chunk)],
+                modification_text_embeds=text_embeds[start : start + len(chunk)],
+                reference_image_embeds=ref_images.index_select(0, index),
+                reference_image_paths=[unit.image_paths[references[i]] for i in chunk],
+                reference_captions=[ref_captions[i] for i in chunk] if ref_captions is not None else None,
+                reference_fused_embeds=ref_fused.index_select(0, index) if ref_fused is not None else None,
+                extra={IMAGE_TABLE: table, "benchmark": unit.name},
+            )
+            embeds = method.query_embeddings(context)
+            if embeds.ndim != 2 or embeds.shape != (len(chunk), self.embedder.dim) or not torch.isfinite(embeds).all():
+                raise DataError(
+                    f"method {method.name!r} returned {tuple(embeds.shape)} query embeddings (finite: "
+                    f"{bool(torch.isfinite(embeds).all())}) for {len(chunk)} queries; "
+                    f"finite [Q, {self.embedder.dim}] expected."
+                )
+            out.append(F.normalize(embeds.detach().float().cpu(), dim=-1))
+        embeds = torch.cat(out)
+        if len(rows) != len(queries):  # both FashionIQ orders: the mean of the normalised embeddings
+            embeds = embeds[: len(queries)] + embeds[len(queries) :]
+        return F.normalize(embeds, dim=-1)
+
+    # ------------------------------------------------------------------ scoring
+    def evaluate(self, method: RetrievalMethod) -> EvalResult:
+        """Run ``method`` on every unit and return metrics (FashionIQ: per category and averaged) + protocol."""
+        require_captioner(method.gallery_mode, self.captioner, role="gallery")
+        if getattr(method, "control_mode", None) == "fused":  # a method that insists on f(I_ref, caption)
+            require_captioner("fused", self.captioner, role="reference")
+        per_unit: dict[str, dict[str, float]] = {}
+        result = EvalResult(method=method.name, metrics={}, protocol={})
+        dropped = 0
+        for unit in self.units:
+            metrics, ranking, subset_ranking, n_dropped = self._evaluate_unit(method, unit)
+            per_unit[unit.subset or unit.name] = metrics
+            result.rankings[unit.name] = ranking
+            if subset_ranking:
+                result.subset_rankings[unit.name] = subset_ranking
+            dropped += n_dropped
+        if self.benchmark == "fashioniq":
+            result.metrics = M.fashioniq_average(per_unit) if all(per_unit.values()) else {}
+        else:
+            result.metrics = next(iter(per_unit.values()))
+        result.protocol = self.protocol(method, dropped)
+        return result
+
+    def _evaluate_unit(
+        self, method: RetrievalMethod, unit: BenchmarkData
+    ) -> tuple[dict[str, float], dict[str, list[str]], dict[str, list[str]], int]:
+        missing = set(unit.missing)
+        queries = [q for q in unit.queries if q.reference not in missing]
+        if not queries:
+            raise DataError(f"{unit.name}: every query's reference image is missing; nothing to evaluate.")
+        gallery = [g for g in unit.gallery if g not in missing]
+        if method.gallery_mode == "fused":
+            gallery_embeds = self.fused(unit, gallery)
+        else:
+            gallery_embeds = self.image_table(unit).lookup(gallery)
+        index = build_index(gallery_embeds, gallery, backend=self.index_backend)
+        query_embeds = self.query_embeddings(method, unit, queries)
+
+        k_fetch = min(TOP_K + 1, len(gallery))  # one past the cut, so ties at the cut are seen
+        exclude = [[q.reference] for q in queries] if unit.exclude_reference else None
+        found = index.search(query_embeds, k=k_fetch, exclude=exclude)
+        ranking = {q.query_id: ids[:TOP_K] for q, ids in zip(queries, found.ids)}
+
+        subset_ranking: dict[str, list[str]] = {}
+        subset_relevant = None
+        if unit.has_groups:
+            candidates = [[m for m in q.group if m != q.reference and m not in missing] for q in queries]
+            scores = index.scores_for(query_embeds, candidates)
+            order = torch.argsort(scores, dim=1, descending=True, stable=True)
+            subset_ranking = {
+                q.query_id: [c[j] for j in row[: min(3, len(c))]]
+                for q, c, row in zip(queries, candidates, order.tolist())
+            }
+            if unit.has_ground_truth:
+                targets = M.pad_ids(
+                    [[c.index(q.positives[0])] if q.positives[0] in c else [] for q, c in zip(queries, candidates)]
+                )
+                positions = torch.arange(scores.shape[1]).expand_as(scores)
+                subset_relevant = M.ranked_relevance(scores, M.is_positive(positions, targets))
+
+        metrics: dict[str, float] = {}
+        if unit.has_ground_truth:
+            positives = M.pad_ids([[index.position[p] for p in q.positives if p in index.position] for q in queries])
+            relevant = M.ranked_relevance(
+                found.scores, M.is_positive(found.indices, positives), complete=k_fetch >= len(gallery)
+            )
+            if unit.benchmark in ("cirr", "shapes"):
+                metrics = M.cirr_metrics(relevant, subset_relevant)
+            elif unit.benchmark == "fashioniq":
+                metrics = M.fashioniq_metrics(relevant)
+            else:
+                metrics = M.circo_metrics(relevant, torch.tensor([len(q.positives) for q in queries]))
+        return metrics, ranking, subset_ranking, len(unit.queries) - len(queries)
+
+    def protocol(self, method: RetrievalMethod, dropped: int) -> dict[str, Any]:
+        """Everything that defines the numbers (recorded with every result)."""
+        identity = self.embedder.identity
+        protocol: dict[str, Any] = {
+            "benchmark": self.benchmark,
+            "split": self.split,
+            "units": [u.summary() for u in self.units],
+            "backbone": {**identity.as_dict(), "name": identity.describe()},
+            "gallery_mode": method.gallery_mode,
+            "captioner": self.captioner.describe() if self.captioner else None,
+            "captioner_identity": self.captioner.identity if self.captioner else None,
+            "reference_inputs": ["image", "fused"] if self.captioner else ["image"],
+            "method": method.protocol(),
+            "ranking": {
+                "reference_removed": self.units[0].exclude_reference,
+                "ties": "against the method (a ground truth tied with another item ranks after it)",
+                "index": self.index_backend,
+                "top_k": TOP_K,
+            },
+            "missing_images": sum(len(u.missing) for u in self.units),
+            "queries_dropped": dropped,
+            "queries_evaluated": sum(len(u.queries) for u in self.units) - dropped,
+        }
+        if self.benchmark == "fashioniq":
+            protocol["fashioniq_captions"] = FASHIONIQ_CAPTION_ORDERS[self.fiq_order]
+        if self.benchmark == "circo":
+            protocol["circo_shared_concept"] = self.circo_shared_concept
+            if self.circo_shared_concept:
+                protocol["circo_shared_concept_template"] = CIRCO_CONCEPT_TEMPLATE
+        return protocol
+
+
+def evaluate(
+    method: RetrievalMethod, data: BenchmarkData | Sequence[BenchmarkData], embedder: JointEmbedder, **options: Any
+) -> EvalResult:
+    """Evaluate one method on one benchmark split (``options``: see ``Evaluator``)."""
+    return Evaluator(data, embedder, **options).evaluate(method)

@@ -1,0 +1,268 @@
+"""``fusion-diff eval``: score retrieval methods on CIRR, FashionIQ, CIRCO or the shapes world.
+
+Thin: it builds the backbone, the captioner and the methods from options, then hands over to
+``fusion_diff.benchmarks.evaluate``. Also ``fusion-diff validate-submission`` for server files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fusion_diff.errors import ConfigError
+
+SPLITS = ("val", "test")
+WORLD = "world"  # --model value of the shapes world's backbone
+
+
+def build_backbone(args: argparse.Namespace):
+    """The joint embedder: the shapes world's own backbone (``--model world``, the default) or ``--embedder``'s."""
+    if args.model in (None, WORLD):
+        from data_synth.shapes.backbone import load_world_embedder
+
+        return load_world_embedder(train_if_missing=False, fusion_weight=args.fusion_weight)
+    from fusion_diff.cli.embed import embedder_from_args
+
+    return embedder_from_args(args)
+
+
+def build_captioner(args: argparse.Namespace, embedder):
+    """The captioner of references and fused galleries (never annotation captions), or None."""
+    from fusion_diff.captioning import create_captioner
+
+    if args.captioner == "none":
+        return None
+    if args.captioner == "retrieval":
+        if not args.caption_bank:
+            raise ConfigError(
+                "--captioner retrieval needs --caption-bank (a text file, a .jsonl with 'caption', "
+                "or a pair-set folder)."
+            )
+        return create_captioner({"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}, embedder)
+    if not args.captioner_model:
+        raise ConfigError(
+            "--captioner generative needs --captioner-model (a local Hugging Face id or save_pretrained folder)."
+        )
+    spec = {
+        "type": "generative",
+        "model": args.captioner_model,
+        "device": args.device,
+        "num_candidates": args.caption_top_k,
+    }
+    return create_captioner(spec)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, true/false, lists), else as text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}.")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def build_method(name: str, args: argparse.Namespace, units):
+    """Method ``name`` with the options that apply to it (an option it does not take is an error)."""
+    from fusion_diff.baselines import create_method
+
+    options = parse_options(args.set or [])
+    if args.gallery_mode:
+        options["gallery_mode"] = args.gallery_mode
+    if name.startswith("oracle"):
+        options["data"] = units[0]
+        if args.oracle_captions:
+            options["captions_file"] = args.oracle_captions
+    elif args.checkpoint:
+        options["pipeline" if name in ("fusion-diff", "emb2emb") else "checkpoint"] = args.checkpoint
+    return create_method(name, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fusion_diff.benchmarks import load_benchmark
+    from fusion_diff.benchmarks.evaluate import Evaluator
+    from fusion_diff.benchmarks.report import markdown_table, write_results
+    from fusion_diff.benchmarks.submission import write_result_submissions
+
+    units = load_benchmark(
+        args.benchmark,
+        args.root,
+        args.split,
+        allow_missing=args.allow_missing,
+        image_root=args.image_root,
+        categories=args.categories,
+        circo_gallery=args.circo_gallery,
+        phrasing=args.phrasing,
+    )
+    methods = [build_method(name, args, units) for name in args.method]  # fail on bad options before embedding
+    embedder = build_backbone(args)
+    evaluator = Evaluator(
+        units,
+        embedder,
+        captioner=build_captioner(args, embedder),
+        cache_root=args.cache_dir,
+        fashioniq_caption_order=args.fiq_caption_order,
+        circo_shared_concept=args.circo_shared_concept,
+        index_backend=args.index,
+        batch_size=args.batch_size,
+    )
+    results = [evaluator.evaluate(method) for method in methods]
+    out = Path(args.out)
+    stem = f"{args.benchmark}-{units[0].split}" + (f"-{args.phrasing}-phrasing" if args.phrasing != "benchmark" else "")
+    json_path, md_path = write_results(results, out, stem)
+    print(markdown_table(results))
+    print(f"wrote {json_path} and {md_path}")
+    if args.benchmark in ("cirr", "circo") and not units[0].has_ground_truth and not args.no_submission:
+        for result in results:
+            for path in write_result_submissions(result, units, out):
+                print(f"wrote test-server file {path}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from fusion_diff.benchmarks import load_benchmark, validate_submission
+
+    (unit,) = load_benchmark(
+        args.benchmark, args.root, args.split, allow_missing=True, circo_gallery=args.circo_gallery
+    )
+    validate_submission(args.file, unit)
+    print(f"{args.file}: valid {unit.name} submission ({len(unit.queries)} queries)")
+    return 0
+
+
+def _data_arguments(parser: argparse.ArgumentParser, benchmarks: tuple[str, ...]) -> None:
+    parser.add_argument(
+        "--benchmark",
+        required=True,
+        choices=benchmarks,
+        help="benchmark; 'shapes' is the shapes world's benchmark in CIRR's format",
+    )
+    parser.add_argument("--split", required=True, choices=SPLITS, help="val, or test (CIRR's test1)")
+    parser.add_argument(
+        "--root",
+        required=True,
+        help="benchmark folder in its official layout (CIRR: NLVR2 image folders + cirr/ annotations; "
+        "FashionIQ: captions/, image_splits/, images/; CIRCO: annotations/ + COCO2017_unlabeled/)",
+    )
+    parser.add_argument(
+        "--circo-gallery",
+        default="auto",
+        help="CIRCO gallery source: 'coco-info' (COCO's image info file), 'folder' (every .jpg of the "
+        "image folder), a file of image ids, or 'auto' (info file if present, else folder)",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from fusion_diff.baselines.registry import METHODS
+    from fusion_diff.cli.embed import add_embedder_args
+
+    methods_help = "; ".join(f"{name}: {summary}" for name, (_, summary) in METHODS.items())
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate retrieval methods on CIRR, FashionIQ, CIRCO or the shapes world",
+        description=(
+            "Embed the benchmark's images (cached per backbone), build each method's query embeddings, rank the "
+            "gallery and score it exactly as the benchmark does: CIRR R@1/5/10/50 (reference removed) and "
+            "Recall_subset@1/2/3; FashionIQ R@10/50 per category and averaged; CIRCO mAP@5/10/25/50. Writes a JSON "
+            "record and a markdown table whose every row names its protocol; on CIRR/CIRCO test splits also the "
+            "test-server files. References and fused galleries are captioned by --captioner, never from annotations; "
+            "only methods named oracle-* read ground-truth captions. The backbone is --model (open_clip name or VLM "
+            "id); --model world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
+        ),
+    )
+    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes"))
+    parser.add_argument(
+        "--method",
+        action="append",
+        required=True,
+        choices=sorted(METHODS),
+        metavar="METHOD",
+        help=f"method to evaluate (repeat for a table of several). {methods_help}",
+    )
+    parser.add_argument("--image-root", help="where image paths start, if not under --root")
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="evaluate without missing images instead of failing (every result records the count)",
+    )
+    parser.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"], help="FashionIQ categories")
+    parser.add_argument(
+        "--phrasing",
+        choices=("benchmark", "training"),
+        default="benchmark",
+        help="shapes world: the benchmark's held-out phrasing, or the same edits in the training phrasing",
+    )
+    add_embedder_args(parser, required=False)  # --model world (default): the shapes world's backbone
+    captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
+    captioning.add_argument(
+        "--captioner",
+        choices=("none", "retrieval", "generative"),
+        default="none",
+        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model",
+    )
+    captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
+    captioning.add_argument(
+        "--captioner-model", help="generative captioner: local Hugging Face id or save_pretrained folder"
+    )
+    captioning.add_argument(
+        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
+    )
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument(
+        "--gallery-mode",
+        choices=("image", "fused"),
+        help="gallery embedding f(I) or f(I, caption) (default: each method's own)",
+    )
+    protocol.add_argument(
+        "--fiq-caption-order",
+        choices=("both", "forward", "reverse"),
+        default="both",
+        help="FashionIQ: join the two captions in both orders and average (default), or one order",
+    )
+    protocol.add_argument(
+        "--circo-shared-concept",
+        action="store_true",
+        help="CIRCO: put the annotated shared concept into the query text ('{concept} that {caption}')",
+    )
+    options = parser.add_argument_group("method options")
+    options.add_argument(
+        "--checkpoint",
+        help="trained weights: a Fusion-Diff pipeline folder (fusion-diff, emb2emb) or FTI4CIR checkpoint",
+    )
+    options.add_argument(
+        "--oracle-captions",
+        help="oracle rows: {image: ground-truth caption} file (default: ROOT/oracle/captions.SPLIT.json)",
+    )
+    options.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method constructor option, e.g. --set num_inference_steps=10 --set seed=0 (repeatable)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out", default="runs/eval", help="folder for the JSON record, markdown table and submission files"
+    )
+    output.add_argument("--cache-dir", help="embedding/caption cache root (default: the fusion_diff cache, eval/)")
+    output.add_argument("--index", choices=("exact", "faiss"), default="exact", help="gallery search backend")
+    output.add_argument("--batch-size", type=int, default=64, help="images per embedding forward pass")
+    output.add_argument("--no-submission", action="store_true", help="do not write test-server files on test splits")
+    parser.set_defaults(func=run)
+
+    validate = subparsers.add_parser(
+        "validate-submission",
+        help="check a CIRR or CIRCO test-server file before uploading it",
+        description=(
+            "Checks keys (every test query, nothing else), list lengths, unique and valid ids, "
+            "and CIRR's version/metric fields."
+        ),
+    )
+    validate.add_argument("file", help="submission JSON file")
+    _data_arguments(validate, ("cirr", "circo", "shapes"))  # FashionIQ has no test server
+    validate.set_defaults(func=run_validate)
