@@ -1,0 +1,131 @@
+"""Precompute the embeddings stage-2 training reads, so that training never touches an image.
+
+``embed_triplets(triplet_dir, embedder, out_dir)`` writes four :class:`EmbeddingCache` folders that
+share the triplet ids::
+
+    reference_fused/    f(I_ref, T_ref)   the Control-Adapter's control signal
+    reference_image/    f(I_ref)          the control when no reference caption is used
+    instruction_text/   f(instruction)    the prior's text condition
+    target_fused/       f(I_tgt, T_tgt)   the denoising target z0
+
+Each cache's identity is the embedder's identity plus the embedding kind and the triplet set it was
+made from, so a cache of another backbone (or another triplet set) is refused, not mixed. The job
+walks the dataset shard by shard and embeds only the ids a cache lacks: an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from data_synth.triplets.format import SHARD_DIR, decode, load_manifest, read_shard
+from fusion_diff.embedding.base import JointEmbedder
+from fusion_diff.embedding.cache import EmbeddingCache
+from fusion_diff.errors import DataError
+from fusion_diff.utils.io import artifact_manifest, write_json_atomic
+
+CACHE_KINDS = {
+    "reference_fused": "fused",
+    "reference_image": "image",
+    "instruction_text": "text",
+    "target_fused": "fused",
+}
+
+
+def triplet_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the triplet set inside each cache's identity."""
+    return {k: manifest.get(k) for k in ("generator", "generator_version", "seed", "num_samples")}
+
+
+def open_triplet_caches(out_dir: str | os.PathLike, embedder: JointEmbedder, triplets: dict[str, Any]) -> dict[str, EmbeddingCache]:
+    """The four caches for ``embedder``; CacheMismatchError if one was made by another backbone or set."""
+    base = embedder.identity.as_dict()
+    return {
+        name: EmbeddingCache.open(Path(out_dir) / name, {**base, "kind": kind, "role": name, "triplets": triplets})
+        for name, kind in CACHE_KINDS.items()
+    }
+
+
+def embed_triplets(
+    triplet_dir: str | os.PathLike,
+    embedder: JointEmbedder,
+    out_dir: str | os.PathLike,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, EmbeddingCache]:
+    """Embed every triplet of ``triplet_dir`` into the four caches under ``out_dir`` (resumable)."""
+    triplet_dir = Path(triplet_dir)
+    manifest = load_manifest(triplet_dir)
+    caches = open_triplet_caches(out_dir, embedder, triplet_identity(manifest))
+    total = int(manifest["num_samples"])
+    with tqdm(total=total, unit="triplet", desc="embed triplets", disable=not progress) as bar:
+        for shard in manifest["shards"]:
+            path = triplet_dir / SHARD_DIR / shard["name"]
+            samples = list(read_shard(path, shard["sha256"]))
+            ids = [sample.key for sample in samples]
+            todo = {name: set(cache.missing(ids)) for name, cache in caches.items()}
+            wanted = [s for s in samples if any(s.key in missing for missing in todo.values())]
+            if wanted:
+                _embed_chunk(embedder, caches, todo, [decode(s) for s in wanted], batch_size, path)
+            bar.update(len(samples))
+    for cache in caches.values():
+        cache.compact()  # one shard per cache: training memory-maps it without a copy
+    write_json_atomic(
+        Path(out_dir) / "manifest.json",
+        artifact_manifest(
+            "triplet_embeddings",
+            triplets=str(triplet_dir),
+            triplet_set=triplet_identity(manifest),
+            embedder=embedder.identity.as_dict(),
+            caches={name: len(cache) for name, cache in caches.items()},
+        ),
+    )
+    return caches
+
+
+def _embed_chunk(embedder, caches, todo, triplets, batch_size: int, shard: Path) -> None:
+    """Embed one shard's triplets into the caches that lack them (each cache gets its own subset)."""
+    if any(t.reference_image is None or t.target_image is None for t in triplets):
+        raise DataError(
+            f"triplets in {shard} have no images (a caption-only corpus set); realise them first with "
+            "`fusion-diff synth realise`, then embed the realised set."
+        )
+
+    def rows(name: str) -> list[int]:
+        return [i for i, t in enumerate(triplets) if t.id in todo[name]]
+
+    def images(which: str, idx: list[int]) -> torch.Tensor:
+        return embedder.embed_images([getattr(triplets[i], which) for i in idx], batch_size=batch_size)
+
+    def texts(which: str, idx: list[int]) -> torch.Tensor:
+        return embedder.embed_texts([getattr(triplets[i], which) for i in idx], batch_size=batch_size)
+
+    def fused(image: str, text: str, idx: list[int], image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if embedder.supports_late_fusion:
+            return embedder.fuse(images(image, idx) if image_embeds is None else image_embeds, texts(text, idx))
+        return embedder.embed_pairs(
+            [getattr(triplets[i], image) for i in idx], [getattr(triplets[i], text) for i in idx], batch_size=batch_size
+        )
+
+    ref_image_rows, ref_fused_rows = rows("reference_image"), rows("reference_fused")
+    ref_union = sorted(set(ref_image_rows) | set(ref_fused_rows))
+    ref_image_embeds = images("reference_image", ref_union) if ref_union else None
+    where = {row: k for k, row in enumerate(ref_union)}
+
+    def ref_subset(idx: list[int]) -> torch.Tensor:
+        return ref_image_embeds[[where[i] for i in idx]]  # type: ignore[index]
+
+    outputs = {
+        "reference_image": lambda idx: ref_subset(idx),
+        "instruction_text": lambda idx: texts("instruction", idx),
+        "reference_fused": lambda idx: fused("reference_image", "reference_caption", idx, ref_subset(idx)),
+        "target_fused": lambda idx: fused("target_image", "target_caption", idx),
+    }
+    for name in CACHE_KINDS:
+        idx = rows(name)
+        if idx:
+            caches[name].append([triplets[i].id for i in idx], outputs[name](idx))

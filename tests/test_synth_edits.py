@@ -1,0 +1,135 @@
+"""Scene-graph edits and their training instructions: validity, re-derivation, parse-back."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from data_synth.shapes.edits import (
+    ALL_KINDS,
+    CompositeEdit,
+    Edit,
+    apply_edit,
+    edit_from_dict,
+    sample_edit,
+    scene_difference,
+)
+from data_synth.shapes import benchmark_phrasings
+from data_synth.shapes.instructions import (
+    Phrasing,
+    compile_template,
+    describe_edit,
+    instruction_matches_edit,
+    matches_training_phrasing,
+    refer,
+    resolve,
+    training_templates,
+)
+from data_synth.shapes.scene import Scene, SceneObject, sample_scene
+
+
+def _obj(row, col, shape="circle", colour="red", size="small"):
+    return SceneObject(position=(row, col), shape=shape, colour=colour, size=size)
+
+
+def _sampled(n=1500, seed=0, **kwargs):
+    rng = random.Random(seed)
+    for _ in range(n):
+        scene = sample_scene(rng)
+        edit = sample_edit(scene, rng, **kwargs)
+        if edit is not None:
+            yield scene, edit, rng
+
+
+def test_sampled_edits_are_valid_and_rederived_from_the_scene_difference():
+    kinds = Counter()
+    for scene, edit, _ in _sampled():
+        target = apply_edit(scene, edit)
+        assert target != scene
+        assert edit in scene_difference(scene, target)
+        assert edit_from_dict(edit.to_dict()) == edit
+        kinds.update(edit.kinds)
+        if isinstance(edit, CompositeEdit):  # a composite is never reachable by one edit
+            assert all(isinstance(d, CompositeEdit) for d in scene_difference(scene, target))
+    assert set(kinds) == set(ALL_KINDS)
+
+
+def test_edit_preconditions():
+    full = Scene(tuple(_obj(0, c, shape=s) for c, s in enumerate(("circle", "star", "heart"))) + (_obj(1, 0, "cross"),))
+    single = Scene((_obj(1, 1),))
+    rng = random.Random(0)
+    assert sample_edit(full, rng, kinds=("add",), allow_composite=False) is None  # no room for a 5th object
+    assert sample_edit(single, rng, kinds=("remove",), allow_composite=False) is None  # would empty the scene
+    assert sample_edit(single, rng, kinds=("swap",), allow_composite=False) is None
+    twins = Scene((_obj(0, 0), _obj(2, 2)))
+    assert sample_edit(twins, rng, kinds=("swap",), allow_composite=False) is None  # swapping twins changes nothing
+    with pytest.raises(ValueError, match="not in the scene"):
+        apply_edit(single, Edit("remove", (_obj(0, 0),)))
+    with pytest.raises(ValueError, match="unknown edit kinds"):
+        sample_edit(single, rng, kinds=("explode",))
+
+
+def test_scene_difference_distinguishes_kinds():
+    a = Scene((_obj(0, 0, "circle", "red"), _obj(1, 1, "star", "blue")))
+    assert scene_difference(a, a) == []
+    recoloured = a.with_objects((_obj(0, 0, "circle", "green"), _obj(1, 1, "star", "blue")))
+    assert scene_difference(a, recoloured) == [Edit("recolour", (_obj(0, 0, "circle", "red"),), "green")]
+    more = a.with_objects(a.objects + (_obj(2, 2, "circle", "red"),))
+    assert [d.kind for d in scene_difference(a, more)] == ["change_count"]  # a second red circle: a count change
+    new_kind = a.with_objects(a.objects + (_obj(2, 2, "heart", "red"),))
+    assert [d.kind for d in scene_difference(a, new_kind)] == ["add"]
+    swapped = a.with_objects((_obj(1, 1, "circle", "red"), _obj(0, 0, "star", "blue")))
+    assert [d.kind for d in scene_difference(a, swapped)] == ["swap"]
+
+
+def test_sampling_is_deterministic_under_a_seed():
+    first = [(s, e) for s, e, _ in _sampled(200, seed=3)]
+    second = [(s, e) for s, e, _ in _sampled(200, seed=3)]
+    assert first == second
+    assert first != [(s, e) for s, e, _ in _sampled(200, seed=4)]
+
+
+def test_referring_expressions_are_unambiguous():
+    rng = random.Random(1)
+    for _ in range(500):
+        scene = sample_scene(rng)
+        for obj in scene.objects:
+            assert resolve(scene, refer(scene, obj, rng)) == obj
+
+
+def test_every_instruction_parses_back_to_its_edit():
+    for scene, edit, rng in _sampled(1500, seed=2):
+        text = describe_edit(scene, edit, rng)
+        assert matches_training_phrasing(text), text
+        assert instruction_matches_edit(text, scene, edit), (text, edit)
+
+
+def test_a_wrong_instruction_is_rejected():
+    scene = Scene((_obj(0, 0, "circle", "red"), _obj(1, 1, "star", "blue")))
+    edit = Edit("recolour", (_obj(0, 0, "circle", "red"),), "green")
+    assert instruction_matches_edit("make the circle green", scene, edit)
+    assert not instruction_matches_edit("make the circle yellow", scene, edit)
+    assert not instruction_matches_edit("make the star green", scene, edit)
+    assert not instruction_matches_edit("paint it a nice shade of green", scene, edit)
+
+
+def test_training_and_benchmark_phrasings_are_disjoint():
+    rng = random.Random(5)
+    checked = 0
+    for scene, edit, _ in _sampled(600, seed=5, kinds=benchmark_phrasings.BENCHMARK_KINDS):
+        text = benchmark_phrasings.describe_edit_benchmark(scene, edit, rng)
+        assert not matches_training_phrasing(text), text
+        checked += 1
+    assert checked > 500
+    assert not set(training_templates()) & set(benchmark_phrasings.benchmark_templates())
+
+
+def test_phrasing_grammar_reads_templates_back():
+    grammar = Phrasing({"recolour": ("make {obj} {colour}",)}, [("first ", ", then ")])
+    assert [p.key for p in grammar.parse_single("make the red circle blue")] == ["recolour"]
+    assert len(grammar.parse("first make the star red, then make the circle blue")[0]) == 2
+    assert not grammar.matches("make the circle bluish")
+    with pytest.raises(ValueError, match="slot"):
+        compile_template("make {obj} {mood}")

@@ -1,0 +1,76 @@
+"""Triplet embedding precompute: the four caches, resume after interruption, refusal of another backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_synth.triplets.embed import CACHE_KINDS, embed_triplets
+from data_synth.triplets.format import iter_triplets
+from data_synth.triplets.shapes_builder import build_shapes_triplets
+from fusion_diff.embedding.cache import EmbeddingCache
+from fusion_diff.errors import CacheMismatchError, DataError
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def triplet_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed") / "triplets"
+    build_shapes_triplets(root, N, seed=0, shard_size=5, progress=False)
+    return root
+
+
+def test_embed_triplets_writes_four_consistent_caches(triplet_dir, tmp_path, tiny_openclip):
+    caches = embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", batch_size=4, progress=False)
+    assert set(caches) == set(CACHE_KINDS)
+    triplets = list(iter_triplets(triplet_dir))
+    ids = [t.id for t in triplets]
+    for name, cache in caches.items():
+        assert cache.ids == ids and cache.dim == tiny_openclip.dim
+        assert cache.identity["kind"] == CACHE_KINDS[name]
+    _, ref_fused = caches["reference_fused"].load(ids)
+    expected = tiny_openclip.embed_pairs([t.reference_image for t in triplets], [t.reference_caption for t in triplets])
+    torch.testing.assert_close(ref_fused, expected, atol=1e-5, rtol=1e-5)
+    _, instructions = caches["instruction_text"].load(ids)
+    torch.testing.assert_close(instructions, tiny_openclip.embed_texts([t.instruction for t in triplets]), atol=1e-5, rtol=1e-5)
+
+
+def test_embed_resumes_after_interruption(triplet_dir, tmp_path, tiny_openclip, monkeypatch):
+    real_append = EmbeddingCache.append
+    calls = {"n": 0}
+
+    def failing_append(self, ids, embeds):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in the middle of the second shard
+            raise KeyboardInterrupt("simulated kill")
+        return real_append(self, ids, embeds)
+
+    monkeypatch.setattr(EmbeddingCache, "append", failing_append)
+    with pytest.raises(KeyboardInterrupt):
+        embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)
+    monkeypatch.setattr(EmbeddingCache, "append", real_append)
+    partial = {name: len(EmbeddingCache.read(tmp_path / "emb" / name)) for name in CACHE_KINDS}
+    assert min(partial.values()) < N
+    caches = embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)
+    for cache in caches.values():
+        assert len(cache) == N and len(set(cache.ids)) == N
+
+
+def test_another_backbone_is_refused(triplet_dir, tmp_path, tiny_openclip, tiny_openclip_checkpoint):
+    from fusion_diff.embedding import OpenCLIPEmbedder
+
+    embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)
+    name, checkpoint = tiny_openclip_checkpoint
+    other = OpenCLIPEmbedder(name, pretrained=checkpoint, fusion_weight=0.25)
+    with pytest.raises(CacheMismatchError, match="fusion_weight"):
+        embed_triplets(triplet_dir, other, tmp_path / "emb", progress=False)
+
+
+def test_caption_only_triplets_are_refused_with_the_fix(tmp_path, tiny_openclip):
+    from data_synth.triplets.corpus_edits import CorpusEditConfig, build_corpus_triplets
+
+    (tmp_path / "c.txt").write_text("a red car\n")
+    build_corpus_triplets(tmp_path / "corpus", CorpusEditConfig(corpus=str(tmp_path / "c.txt")), progress=False)
+    with pytest.raises(DataError, match="synth realise"):
+        embed_triplets(tmp_path / "corpus", tiny_openclip, tmp_path / "emb", progress=False)
