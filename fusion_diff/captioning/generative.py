@@ -1,0 +1,119 @@
+"""Generative captioning through transformers: BLIP / BLIP-2 class image-to-text models, any model id.
+
+This is what CIReVL and FTI4CIR use for real images. The model is loaded with the Auto classes
+(``AutoProcessor`` + ``AutoModelForImageTextToText``), so any image-text-to-text checkpoint whose
+processor takes ``images=`` (and an optional text prompt) works; generation settings are options
+and part of the captioner's identity.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fusion_diff.captioning.base import Captioner
+from fusion_diff.embedding.base import ImageInput
+from fusion_diff.embedding.images import as_rgb
+from fusion_diff.errors import ConfigError, MissingFileError
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_GENERATION: dict[str, Any] = {"max_new_tokens": 30, "num_beams": 3}
+
+
+class GenerativeCaptioner(Captioner):
+    """Captions images with a transformers image-to-text model (BLIP class).
+
+    Args:
+        model_id_or_path: a Hugging Face id present in the local HF cache, or a folder written by
+            ``save_pretrained`` (model + processor).
+        device, dtype: where and in which precision ("fp32" | "fp16" | "bf16") the model runs.
+        prompt: optional text prefix for conditional captioning (e.g. "a photography of"); BLIP
+            returns it as the start of the caption.
+        num_candidates: captions kept per image (beam search's best ``num_candidates`` sequences).
+        generation: keyword arguments for ``model.generate`` (default: ``DEFAULT_GENERATION``).
+    """
+
+    def __init__(
+        self,
+        model_id_or_path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: str = "fp32",
+        prompt: str | None = None,
+        num_candidates: int = 1,
+        generation: dict[str, Any] | None = None,
+    ) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if dtype not in DTYPES:
+            raise ConfigError(f"Unknown captioner dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
+        if num_candidates < 1:
+            raise ConfigError(f"num_candidates must be >= 1, got {num_candidates}.")
+        self.model_id = str(model_id_or_path)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.prompt = prompt
+        self.num_candidates = num_candidates
+        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        if num_candidates > 1:
+            self.generation["num_return_sequences"] = num_candidates
+            self.generation["num_beams"] = max(int(self.generation.get("num_beams", 1)), num_candidates)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model_id)
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=DTYPES[dtype])
+        except OSError as err:
+            raise MissingFileError(
+                f"Could not load the captioning model {self.model_id!r} ({err}). Give a folder written by "
+                "save_pretrained (model and processor), or a Hugging Face id already in the local cache: "
+                "nothing is downloaded when HF_HUB_OFFLINE=1."
+            ) from err
+        except ValueError as err:
+            raise ConfigError(
+                f"{self.model_id!r} is not an image-to-text model that AutoModelForImageTextToText can load ({err}). "
+                "Use a BLIP / BLIP-2 class captioning checkpoint."
+            ) from err
+        self.model.to(self.device).eval()
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {
+            "type": "generative",
+            "model": self.model_id,
+            "dtype": self.dtype,
+            "prompt": self.prompt,
+            "num_candidates": self.num_candidates,
+            "generation": dict(sorted(self.generation.items())),
+        }
+
+    def describe(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(self.generation.items()))
+        prompt = f", prompt={self.prompt!r}" if self.prompt else ""
+        return f"generative({self.model_id}, {settings}{prompt})"
+
+    @torch.inference_mode()
+    def _caption_batch(self, images: Sequence[ImageInput]) -> list[list[str]]:
+        rgb = [as_rgb(image) for image in images]
+        if self.prompt:
+            inputs = self.processor(images=rgb, text=[self.prompt] * len(rgb), padding=True, return_tensors="pt")
+        else:
+            inputs = self.processor(images=rgb, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(DTYPES[self.dtype])
+        tokens = self.model.generate(**inputs, **self.generation)
+        texts = [t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+        k = self.num_candidates  # generate returns the k sequences of an image next to each other
+        return [texts[i : i + k] for i in range(0, len(texts), k)]
+
+    def caption_candidates(
+        self, images: Sequence[ImageInput], batch_size: int = 32, progress: bool = False
+    ) -> list[list[str]]:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        starts = range(0, len(images), batch_size)
+        out: list[list[str]] = []
+        for start in tqdm(starts, desc="captioning", unit="batch", disable=not progress):
+            out.extend(self._caption_batch(images[start : start + batch_size]))
+        return out

@@ -1,0 +1,127 @@
+"""``fusion-diff caption``: caption a folder of images into a resumable caption cache file.
+
+Also the captioner flags shared by every command that captions (``add_captioner_args`` /
+``captioner_from_args``), so that ``caption``, ``eval`` and ``demo`` spell them the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from fusion_diff.captioning import CaptionCache, Captioner, caption_with_cache, create_captioner
+from fusion_diff.cli.embed import IMAGE_SUFFIXES, add_embedder_args
+from fusion_diff.embedding.base import JointEmbedder
+from fusion_diff.errors import ConfigError, DataError, MissingFileError
+
+
+def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True) -> None:
+    """The flags that pick and configure a captioner (``--captioner`` and the ``--caption*`` options)."""
+    group = parser.add_argument_group("captioner")
+    group.add_argument(
+        "--captioner",
+        choices=(("none",) if allow_none else ()) + ("retrieval", "generative"),
+        default="none" if allow_none else None,
+        required=not allow_none,
+        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class transformers model "
+        "(--captioner-model)",
+    )
+    group.add_argument("--caption-bank", help="retrieval: text file (a caption per line), .jsonl, or pair-set folder")
+    group.add_argument("--caption-bank-cache", help="retrieval: folder caching the bank's text embeddings (resumable)")
+    group.add_argument(
+        "--captioner-model", help="generative: Hugging Face id in the local cache, or save_pretrained dir"
+    )
+    group.add_argument(
+        "--caption-top-k",
+        type=int,
+        default=1,
+        help="candidate captions per image (retrieval: k nearest; generative: beams kept); fused embeddings average "
+        "their text embeddings",
+    )
+    group.add_argument("--caption-prompt", help="generative: text prefix, e.g. 'a photography of'")
+    group.add_argument("--caption-max-new-tokens", type=int, default=30, help="generative: longest caption, in tokens")
+    group.add_argument("--caption-num-beams", type=int, default=3, help="generative: beam width")
+    group.add_argument(
+        "--caption-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generative: precision"
+    )
+
+
+def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None) -> Captioner | None:
+    """The captioner named by ``add_captioner_args`` flags (None for ``--captioner none``)."""
+    if args.captioner in (None, "none"):
+        return None
+    if args.captioner == "retrieval":
+        if not args.caption_bank:
+            raise ConfigError(
+                "--captioner retrieval needs --caption-bank (a text file, a .jsonl, or a pair-set folder)."
+            )
+        spec = {
+            "type": "retrieval",
+            "bank": args.caption_bank,
+            "top_k": args.caption_top_k,
+            "cache_dir": args.caption_bank_cache,
+        }
+        return create_captioner(spec, embedder)
+    if not args.captioner_model:
+        raise ConfigError(
+            "--captioner generative needs --captioner-model (a Hugging Face id in the local cache, or a "
+            "save_pretrained folder)."
+        )
+    spec = {
+        "type": "generative",
+        "model": args.captioner_model,
+        "device": getattr(args, "device", "cpu"),
+        "dtype": args.caption_dtype,
+        "prompt": args.caption_prompt,
+        "num_candidates": args.caption_top_k,
+        "generation": {"max_new_tokens": args.caption_max_new_tokens, "num_beams": args.caption_num_beams},
+    }
+    return create_captioner(spec)
+
+
+def image_folder(root: Path) -> tuple[list[str], list[Path]]:
+    """(ids, paths) of the images under ``root``, recursively, sorted; id = file stem, as benchmarks name images."""
+    if not root.is_dir():
+        raise MissingFileError(f"Image folder not found: {root}. Pass the folder that holds the images with --images.")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under {root}.")
+    repeated = [stem for stem, n in Counter(p.stem for p in paths).items() if n > 1]
+    if repeated:
+        raise DataError(
+            f"Image ids (file stems) repeat under {root}, e.g. {repeated[:3]}; give each image a unique name."
+        )
+    return [p.stem for p in paths], paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from fusion_diff.cli.eval import build_backbone  # --model world (default) or any embedder
+
+    ids, paths = image_folder(Path(args.images))
+    captioner = captioner_from_args(args, build_backbone(args) if args.captioner == "retrieval" else None)
+    assert captioner is not None
+    cache = CaptionCache.open(args.out, captioner.identity)
+    before = len(cache)
+    caption_with_cache(captioner, ids, paths, cache, batch_size=args.batch_size, progress=True)
+    print(f"{len(ids)} images captioned ({len(cache) - before} new) by {captioner.describe()} -> {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "caption",
+        help="caption a folder of images (retrieval over a caption bank, or a BLIP-class model)",
+        description=(
+            "Caption every image under --images into a caption cache (JSON: {image id (file stem): caption}, plus "
+            "the captioner's identity). The file is rewritten atomically after each chunk; running the command "
+            "again resumes, and a file made by another captioner is refused. The retrieval captioner ranks the "
+            "bank with the embedder (--model world, the default, is the shapes world's backbone)."
+        ),
+    )
+    parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="caption cache file to write or resume (.json)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    add_captioner_args(parser, allow_none=False)
+    add_embedder_args(parser, required=False)
+    parser.set_defaults(func=run)

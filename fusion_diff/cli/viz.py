@@ -1,0 +1,43 @@
+"""``fusion-diff viz``: PNG figures of the joint space from saved embeddings."""
+
+from __future__ import annotations
+
+import argparse
+
+from fusion_diff.viz import PROJECTIONS, VIZ_FILE, load_viz_inputs, render_figures
+
+
+def run(args: argparse.Namespace) -> int:
+    written = render_figures(
+        load_viz_inputs(args.inputs), args.out, max_queries=args.max_queries, num_neighbors=args.neighbors,
+        method=args.method, seed=args.seed,
+    )  # fmt: skip
+    for path in written:
+        print(path)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "viz",
+        help="PNG plots of the joint space: reference -> query -> target, nearest gallery items, sampling walk",
+        description=(
+            "Project embeddings to 2-D (UMAP if umap-learn is installed, else t-SNE) and write query_space.png "
+            "(reference -> generated query -> target per query, with each query's nearest gallery items) and, "
+            "when a trajectory is present, trajectory.png (z through the sampling steps, and its cosine to the "
+            "target per step). Input: a .safetensors file with tensors reference [Q,d], query [Q,d], target [Q,d], "
+            f"optional gallery [N,d] and trajectory [steps,Q,d]; or a results folder holding {VIZ_FILE} "
+            "(written by fusion_diff.viz.save_viz_inputs, e.g. by the demo)."
+        ),
+    )
+    parser.add_argument(
+        "--inputs", required=True, help=f"a viz .safetensors file, or a results folder holding {VIZ_FILE}"
+    )
+    parser.add_argument("--out", required=True, help="folder for the PNG files")
+    parser.add_argument(
+        "--method", choices=PROJECTIONS, default="auto", help="2-D projection (auto: umap if installed, else tsne)"
+    )
+    parser.add_argument("--max-queries", type=int, default=12, help="plot the first N queries (more gets unreadable)")
+    parser.add_argument("--neighbors", type=int, default=5, help="nearest gallery items shown per query (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="projection seed")
+    parser.set_defaults(func=run)
