@@ -1,0 +1,471 @@
+"""Sampling query embeddings with Fusion-Diff: prior (+ Control-Adapter) + a diffusers scheduler.
+
+The pipeline generates the target's fused embedding for each query: the modification text goes
+in through the prior's text condition, the reference's embedding through the adapter's control.
+Guidance uses two scales in the InstructPix2Pix form, and all guidance branches of a step run as
+one batched forward. Every initial noise is drawn up front from the caller's generator, so
+results do not depend on ``batch_size`` and are reproducible under a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from fusion_diff.embedding.base import ImageInput, JointEmbedder
+from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.models.control_adapter import ControlAdapter
+from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
+from fusion_diff.models.prior import FusionPrior
+from fusion_diff.utils.io import artifact_manifest, write_json_atomic
+
+# Denoiser compute precision -> autocast dtype (None: the weights' own dtype).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FusionDiffPipelineOutput(BaseOutput):
+    """``embeddings [B, d]`` unit-norm query embeddings; ``trajectory [steps, B, d]`` (unit-norm) if asked."""
+
+    embeddings: torch.Tensor
+    trajectory: torch.Tensor | None = None
+
+
+def guidance_weights(control_guidance: float, text_guidance: float, with_control: bool) -> dict[str, float]:
+    """Weights of the guidance branches whose weighted sum is the guided model output.
+
+    With control (InstructPix2Pix): ``u + s_c (c - u) + s_t (ct - c) = (1 - s_c) u + (s_c - s_t) c + s_t ct``
+    with ``u`` = (null control, null/negative text), ``c`` = (control, null/negative text),
+    ``ct`` = (control, text). Without: ``u + s_t (t - u)``. Branches of weight 0 are not computed
+    (all scales 1 -> a single unguided branch).
+    """
+    if with_control:
+        weights = {"uncond": 1.0 - control_guidance, "control": control_guidance - text_guidance, "full": text_guidance}
+    else:
+        weights = {"uncond": 1.0 - text_guidance, "full": text_guidance}
+    return {name: w for name, w in weights.items() if w != 0.0}
+
+
+class GuidedDenoiser:
+    """The guided model output for one chunk of rows: every branch stacked into one ``predict`` call."""
+
+    def __init__(
+        self,
+        prior: FusionPrior,
+        adapter: ControlAdapter | None,
+        text_embeds: torch.Tensor,
+        control_embeds: torch.Tensor | None = None,
+        negative_text_embeds: torch.Tensor | None = None,
+        control_guidance: float = 1.5,
+        text_guidance: float = 1.5,
+        conditioning_scale: float = 1.0,
+    ):
+        if adapter is not None and control_embeds is None:
+            raise ValueError("GuidedDenoiser: an adapter needs control_embeds.")
+        self.prior, self.adapter, self.conditioning_scale = prior, adapter, conditioning_scale
+        weights = guidance_weights(control_guidance, text_guidance, with_control=adapter is not None)
+        n, device = text_embeds.shape[0], text_embeds.device
+        unconditional_text = text_embeds if negative_text_embeds is None else negative_text_embeds
+
+        def flags(value: bool) -> torch.Tensor:
+            return torch.full((n,), value, dtype=torch.bool, device=device)
+
+        self.num_branches = len(weights)
+        self.text = torch.cat([text_embeds if b == "full" else unconditional_text for b in weights])
+        self.drop_text = torch.cat([flags(b != "full" and negative_text_embeds is None) for b in weights])
+        self.drop_control = torch.cat([flags(b == "uncond") for b in weights])
+        self.control = None if control_embeds is None else control_embeds.repeat(self.num_branches, 1)
+        self.weights = torch.tensor(list(weights.values()), dtype=text_embeds.dtype, device=device).view(-1, 1, 1)
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
+        """Guided output for ``sample [n, d]`` at a scalar ``timestep`` or per-row timesteps ``[n]``."""
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        out = predict(
+            self.prior,
+            self.adapter,
+            sample.repeat(self.num_branches, 1),
+            timestep.repeat(self.num_branches) if timestep.dim() else timestep,
+            self.text,
+            self.control,
+            drop_text=self.drop_text,
+            drop_control=self.drop_control if self.adapter is not None else None,
+            conditioning_scale=self.conditioning_scale,
+        )
+        return (self.weights * out.view(self.num_branches, *sample.shape)).sum(0)
+
+
+class FusionDiffPipeline(DiffusionPipeline):
+    """Generates fused query embeddings from (reference, modification text) with a prior and an optional adapter.
+
+    Components saved by ``save_pretrained``: ``prior/``, ``adapter/`` (if any), ``scheduler/``.
+    The embedder is not saved (it is the backbone, loaded by its own means); pass it to
+    ``from_pretrained(path, embedder=...)`` to use ``__call__`` on images and texts.
+    """
+
+    _optional_components = ["adapter"]
+
+    def __init__(
+        self,
+        prior: FusionPrior,
+        scheduler: SchedulerMixin,
+        adapter: ControlAdapter | None = None,
+        embedder: JointEmbedder | None = None,
+    ):
+        super().__init__()
+        _check_components(prior, scheduler, adapter, embedder)
+        self.register_modules(prior=prior, scheduler=scheduler, adapter=adapter)
+        self.embedder = embedder
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """diffusers' layout (safetensors) plus a ``manifest.json`` written last, once the rest is complete."""
+        super().save_pretrained(save_directory, **kwargs)
+        config = {
+            "prior": dict(self.prior.config),
+            "adapter": dict(self.adapter.config) if self.adapter is not None else None,
+            "scheduler": dict(self.scheduler.config),
+        }
+        write_json_atomic(Path(save_directory) / "manifest.json", artifact_manifest("fusion_diff_pipeline", config))
+
+    def set_sampler(self, name: str) -> None:
+        """Swap the scheduler for another sampler (``"ddim"``, ``"dpm++"``, ``"ddpm"``) on the same schedule."""
+        self.scheduler = sampling_scheduler(name, config=self.scheduler.config)
+
+    @property
+    def sampler(self) -> str:
+        return sampler_name(self.scheduler)
+
+    # ---- sampling ----------------------------------------------------------------------------
+
+    def sample(
+        self,
+        text_embeds: torch.Tensor,
+        control_embeds: torch.Tensor | None = None,
+        negative_text_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 10,
+        control_guidance: float = 1.5,
+        text_guidance: float = 1.5,
+        num_samples: int = 1,
+        mix_reference: float = 0.0,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        batch_size: int = 1024,
+        conditioning_scale: float = 1.0,
+        precision: str = "fp32",
+    ) -> FusionDiffPipelineOutput:
+        """Query embeddings ``[B, d]`` from modification-text embeddings and reference (control) embeddings.
+
+        Args:
+            text_embeds: ``f(T_mod)``, ``[B, dt]``.
+            control_embeds: the reference's joint-space embedding ``[B, d]`` (fused or image-only);
+                required with an adapter; without one it is only used by ``mix_reference``.
+            negative_text_embeds: replaces the null text in the unconditional branches.
+            num_inference_steps: sampler steps; 1 is the deterministic ``z0`` prediction from pure noise.
+            control_guidance, text_guidance: the two guidance scales (prior-only: ``text_guidance`` only).
+            num_samples: samples per query, averaged (on the unit sphere) into one embedding.
+            mix_reference: ``normalize((1 - m) z + m ref)`` pulls the result toward the reference.
+            generator: makes the result reproducible; results do not depend on ``batch_size``.
+            return_trajectory: also return the (sample-averaged, unit-norm) latent after every step.
+            batch_size: rows (queries x samples) per chunk, before the guidance branches multiply it.
+            conditioning_scale: scales the adapter's residuals.
+            precision: ``"fp32"``, or ``"bf16"`` to run the denoiser under bfloat16 autocast (about 2x
+                faster on CPUs with AVX512-BF16 / AMX; scheduler arithmetic stays in float32).
+        """
+        text_embeds = self._prepare(
+            text_embeds, "text_embeds", self.prior.config.text_embed_dim or self.prior.config.embedding_dim
+        )
+        b = text_embeds.shape[0]
+        if self.adapter is not None and control_embeds is None:
+            raise ValueError(
+                "FusionDiffPipeline.sample: this pipeline has a Control-Adapter, so pass control_embeds "
+                "(the reference's embedding), or build the pipeline without an adapter for prior-only sampling."
+            )
+        control = self._prepare(control_embeds, "control_embeds", self.prior.config.embedding_dim, b)
+        negative = self._prepare(negative_text_embeds, "negative_text_embeds", text_embeds.shape[-1], b)
+        return self._generate(
+            text_embeds,
+            control,
+            negative,
+            adapter=self.adapter,
+            num_inference_steps=num_inference_steps,
+            control_guidance=control_guidance,
+            text_guidance=text_guidance,
+            num_samples=num_samples,
+            mix_reference=mix_reference,
+            generator=generator,
+            return_trajectory=return_trajectory,
+            batch_size=batch_size,
+            conditioning_scale=conditioning_scale,
+            precision=precision,
+        )
+
+    def emb2emb(
+        self,
+        reference_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        strength: float = 0.5,
+        negative_text_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 10,
+        text_guidance: float = 1.5,
+        num_samples: int = 1,
+        mix_reference: float = 0.0,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        batch_size: int = 1024,
+        precision: str = "fp32",
+    ) -> FusionDiffPipelineOutput:
+        """Training-free edit with the prior alone: noise the reference's embedding to ``strength``, denoise with text.
+
+        ``strength`` in [0, 1]: the share of the schedule that is re-run (0 returns the reference,
+        1 samples from pure noise). The adapter, if any, is not used.
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ConfigError(f"emb2emb: strength={strength} must be in [0, 1].")
+        d = self.prior.config.embedding_dim
+        reference = self._prepare(reference_embeds, "reference_embeds", d)
+        text_embeds = self._prepare(
+            text_embeds, "text_embeds", self.prior.config.text_embed_dim or d, reference.shape[0]
+        )
+        negative = self._prepare(
+            negative_text_embeds, "negative_text_embeds", text_embeds.shape[-1], reference.shape[0]
+        )
+        return self._generate(
+            text_embeds,
+            reference,
+            negative,
+            init=reference,
+            strength=strength,
+            adapter=None,
+            num_inference_steps=num_inference_steps,
+            text_guidance=text_guidance,
+            num_samples=num_samples,
+            mix_reference=mix_reference,
+            generator=generator,
+            return_trajectory=return_trajectory,
+            batch_size=batch_size,
+            precision=precision,
+        )
+
+    def __call__(
+        self,
+        reference_images: Sequence[ImageInput],
+        instructions: Sequence[str],
+        reference_captions: Sequence[str] | None = None,
+        negative_instructions: Sequence[str] | None = None,
+        **sample_kwargs,
+    ) -> FusionDiffPipelineOutput:
+        """End to end from images and texts: embed with the pipeline's embedder, then ``sample``.
+
+        The control is ``f(I_ref, caption)`` when ``reference_captions`` (from a captioner) are
+        given, else ``f(I_ref)``. ``sample_kwargs`` go to ``sample``.
+        """
+        if self.embedder is None:
+            raise ConfigError(
+                "FusionDiffPipeline has no embedder; load it with FusionDiffPipeline.from_pretrained(path, "
+                "embedder=...) or call .sample() with precomputed embeddings."
+            )
+        for name, seq in (
+            ("instructions", instructions),
+            ("reference_captions", reference_captions),
+            ("negative_instructions", negative_instructions),
+        ):
+            if seq is not None and len(seq) != len(reference_images):
+                raise DataError(f"FusionDiffPipeline: {len(reference_images)} reference images but {len(seq)} {name}.")
+        if reference_captions is not None:
+            control = self.embedder.embed_pairs(reference_images, list(reference_captions))
+        else:
+            control = self.embedder.embed_images(reference_images)
+        text = self.embedder.embed_texts(list(instructions))
+        negative = self.embedder.embed_texts(list(negative_instructions)) if negative_instructions is not None else None
+        return self.sample(text, control, negative, **sample_kwargs)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _prepare(
+        self, embeds: torch.Tensor | None, name: str, dim: int, rows: int | None = None
+    ) -> torch.Tensor | None:
+        """Move to the pipeline's device/dtype after checking the shape, naming the argument on error."""
+        if embeds is None:
+            return None
+        embeds = torch.as_tensor(embeds)
+        token_level = name.endswith("text_embeds") and self.prior.config.max_text_tokens > 1 and embeds.dim() == 3
+        if (
+            (embeds.dim() != 2 and not token_level)
+            or embeds.shape[-1] != dim
+            or (rows is not None and embeds.shape[0] != rows)
+        ):
+            expected = f"[{rows if rows is not None else 'B'}, {dim}]"
+            raise DataError(
+                f"FusionDiffPipeline: {name} has shape {tuple(embeds.shape)}, expected {expected}. Embeddings "
+                "must come from the backbone the prior was trained on (see prior.config.embedder_identity)."
+            )
+        if not torch.isfinite(embeds).all():
+            raise DataError(f"FusionDiffPipeline: {name} contains NaN or inf; recompute the embeddings.")
+        return embeds.to(device=self.device, dtype=self.prior.dtype)
+
+    def _generate(
+        self,
+        text: torch.Tensor,
+        control: torch.Tensor | None,
+        negative: torch.Tensor | None,
+        *,
+        adapter: ControlAdapter | None,
+        num_inference_steps: int,
+        text_guidance: float,
+        num_samples: int,
+        mix_reference: float,
+        generator: torch.Generator | None,
+        return_trajectory: bool,
+        batch_size: int,
+        precision: str,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
+        control_guidance: float = 1.0,
+        conditioning_scale: float = 1.0,
+    ) -> FusionDiffPipelineOutput:
+        """Shared loop of ``sample`` (``init`` None: start from noise) and ``emb2emb`` (start from noised ``init``)."""
+        if num_inference_steps < 1 or num_samples < 1 or batch_size < 1:
+            raise ConfigError("num_inference_steps, num_samples and batch_size must all be >= 1.")
+        if num_inference_steps == 1 and init is None and self.prior.config.prediction_type == "epsilon":
+            raise ConfigError(
+                "One-step sampling predicts z0 from pure noise, which an epsilon-prediction prior cannot do; "
+                "use >= 10 steps, or a prior trained with prediction_type='sample' or 'v_prediction'."
+            )
+        if not 0.0 <= mix_reference <= 1.0:
+            raise ConfigError(f"mix_reference={mix_reference} must be in [0, 1].")
+        if mix_reference > 0 and control is None:
+            raise ValueError("mix_reference > 0 needs the reference: pass control_embeds.")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
+        autocast = torch.autocast(
+            self.device.type, dtype=PRECISIONS[precision], enabled=PRECISIONS[precision] is not None
+        )
+        b, d = text.shape[0], self.prior.config.embedding_dim
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.repeat_interleave(num_samples, dim=0)
+
+        text_r, control_r, negative_r = rows(text), rows(control), rows(negative)
+        init_r = None if init is None else self.prior.standardize(rows(init))
+        noise = randn_tensor((b * num_samples, d), generator=generator, device=self.device, dtype=self.prior.dtype)
+
+        chunks = range(0, b * num_samples, batch_size)
+        outputs, trajectories = [], []
+        with torch.inference_mode(), self.progress_bar(total=len(chunks) * num_inference_steps) as bar:
+            for start in chunks:
+                sl = slice(start, start + batch_size)
+                scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh state per chunk
+                scheduler.set_timesteps(num_inference_steps, device=self.device)
+                timesteps = scheduler.timesteps
+                if init_r is None:
+                    latents = noise[sl] * scheduler.init_noise_sigma
+                else:
+                    timesteps, latents = self._noised_start(
+                        scheduler, init_r[sl], noise[sl], num_inference_steps, strength
+                    )
+                denoiser = GuidedDenoiser(
+                    self.prior,
+                    adapter,
+                    text_r[sl],
+                    None if control_r is None or adapter is None else control_r[sl],
+                    None if negative_r is None else negative_r[sl],
+                    control_guidance,
+                    text_guidance,
+                    conditioning_scale,
+                )
+                steps = []
+                for t in timesteps:
+                    with autocast:
+                        model_output = denoiser(scheduler.scale_model_input(latents, t), t).to(latents.dtype)
+                    latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
+                    if return_trajectory:
+                        steps.append(self._to_unit(latents))
+                    bar.update()
+                outputs.append(self._to_unit(latents))
+                if return_trajectory:
+                    trajectories.append(torch.stack(steps) if steps else torch.empty(0, latents.shape[0], d))
+            embeddings = self._average_samples(torch.cat(outputs), b, num_samples)
+            if mix_reference > 0:
+                embeddings = F.normalize(
+                    (1 - mix_reference) * embeddings + mix_reference * F.normalize(control, dim=-1), dim=-1
+                )
+            trajectory = None
+            if return_trajectory:
+                traj = torch.cat(trajectories, dim=1)
+                trajectory = self._average_samples(traj.flatten(0, 1), traj.shape[0] * b, num_samples).view(-1, b, d)
+        # Clones leave inference mode, so callers may use the results in autograd or in-place ops.
+        return FusionDiffPipelineOutput(
+            embeddings=embeddings.float().cpu().clone(),
+            trajectory=None if trajectory is None else trajectory.float().cpu().clone(),
+        )
+
+    @staticmethod
+    def _noised_start(
+        scheduler: SchedulerMixin, x0: torch.Tensor, noise: torch.Tensor, num_inference_steps: int, strength: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The img2img start: the last ``strength`` share of the timesteps, and ``x0`` noised to the first of them."""
+        num_run = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = num_inference_steps - num_run
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        if len(timesteps) == 0:
+            return timesteps, x0
+        return timesteps, scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0]))
+
+    def _to_unit(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.prior.destandardize(latents), dim=-1)
+
+    @staticmethod
+    def _average_samples(embeds: torch.Tensor, b: int, num_samples: int) -> torch.Tensor:
+        """Mean of each query's ``num_samples`` consecutive unit vectors, renormalised."""
+        return F.normalize(embeds.view(b, num_samples, -1).mean(1), dim=-1)
+
+
+def _check_components(
+    prior: FusionPrior, scheduler: SchedulerMixin, adapter: ControlAdapter | None, embedder: JointEmbedder | None
+) -> None:
+    """Refuse parts that do not belong together, saying which and how to fix it."""
+    pcfg = prior.config
+    if scheduler.config.prediction_type != pcfg.prediction_type:
+        raise ConfigError(
+            f"FusionDiffPipeline: scheduler prediction_type={scheduler.config.prediction_type!r} but the prior "
+            f"predicts {pcfg.prediction_type!r}; build the scheduler with "
+            "fusion_diff.models.denoise.sampling_scheduler(name, prior)."
+        )
+    if adapter is not None:
+        acfg = adapter.config
+        if (
+            acfg.hidden_dim != pcfg.hidden_dim
+            or acfg.num_blocks > pcfg.num_layers
+            or acfg.control_dim != pcfg.embedding_dim
+        ):
+            raise ConfigError(
+                f"FusionDiffPipeline: the Control-Adapter (hidden {acfg.hidden_dim}, {acfg.num_blocks} blocks, control "
+                f"dim {acfg.control_dim}) does not fit the prior (hidden {pcfg.hidden_dim}, {pcfg.num_layers} blocks, "
+                f"dim {pcfg.embedding_dim}); use the adapter trained from this prior (ControlAdapter.from_prior)."
+            )
+    if embedder is not None:
+        if embedder.dim != pcfg.embedding_dim:
+            raise ConfigError(
+                f"FusionDiffPipeline: the embedder gives {embedder.dim}-d embeddings but the prior generates "
+                f"{pcfg.embedding_dim}-d ones; use the backbone the prior was trained on."
+            )
+        trained_on = pcfg.embedder_identity
+        if trained_on is not None:
+            current = embedder.identity.as_dict()
+            differing = sorted(k for k in set(trained_on) | set(current) if trained_on.get(k) != current.get(k))
+            if differing:
+                raise ConfigError(
+                    f"FusionDiffPipeline: the prior was trained on {trained_on} but the embedder is {current} "
+                    f"(differing: {differing}); load the embedder the prior was trained with."
+                )

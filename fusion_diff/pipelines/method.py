@@ -1,0 +1,202 @@
+"""Fusion-Diff and emb2emb as ``RetrievalMethod``s for the evaluator.
+
+Both read only what the evaluator prepared in the ``QueryContext``: the modification-text
+embeddings, and the reference's fused embedding (captioner caption) or, without a captioner,
+its image embedding. ``protocol()`` names every setting that moves the numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
+from fusion_diff.retrieval.method import GalleryMode, QueryContext
+
+ControlMode = Literal["auto", "fused", "image"]
+CONTROL_MODES = ("auto", "fused", "image")
+
+
+class _SamplingMethod:
+    """What both methods share: the pipeline, the reference embedding choice, the seed, the protocol."""
+
+    name: str
+    gallery_mode: GalleryMode
+
+    def __init__(
+        self,
+        pipeline: FusionDiffPipeline,
+        control_mode: ControlMode,
+        seed: int,
+        num_inference_steps: int,
+        text_guidance: float,
+        num_samples: int,
+        mix_reference: float,
+        gallery_mode: GalleryMode,
+        batch_size: int,
+        precision: str,
+    ):
+        if control_mode not in CONTROL_MODES:
+            raise ConfigError(f"control_mode={control_mode!r}; choose one of {CONTROL_MODES}.")
+        self.pipeline = pipeline
+        self.control_mode = control_mode
+        self.seed = seed
+        self.num_inference_steps = num_inference_steps
+        self.text_guidance = text_guidance
+        self.num_samples = num_samples
+        self.mix_reference = mix_reference
+        self.gallery_mode = gallery_mode
+        self.batch_size = batch_size
+        self.precision = precision
+        self.control_used: str | None = None  # "fused" or "image", once queries have run
+
+    def reference_embeds(self, context: QueryContext) -> torch.Tensor:
+        """``f(I_ref, caption)`` when the context has it (and the mode allows), else ``f(I_ref)``."""
+        fused = context.reference_fused_embeds
+        if self.control_mode == "fused" and fused is None:
+            raise DataError(
+                f"{self.name}: control_mode='fused' needs reference_fused_embeds in the QueryContext; "
+                "configure a captioner for the references (or use control_mode='image')."
+            )
+        use_fused = fused is not None and self.control_mode != "image"
+        self.control_used = "fused" if use_fused else "image"
+        return fused if use_fused else context.reference_image_embeds
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def protocol(self) -> dict[str, Any]:
+        prior_cfg = self.pipeline.prior.config
+        embedder = self.pipeline.embedder
+        return {
+            "method": self.name,
+            "sampler": self.pipeline.sampler,
+            "prediction_type": prior_cfg.prediction_type,
+            "steps": self.num_inference_steps,
+            "text_guidance": self.text_guidance,
+            "num_samples": self.num_samples,
+            "mix_reference": self.mix_reference,
+            "seed": self.seed,
+            "precision": self.precision,
+            "control_mode": self.control_mode,
+            "control_used": self.control_used,
+            "gallery_mode": self.gallery_mode,
+            "prior_trained_on": prior_cfg.embedder_identity,
+            "embedder": embedder.identity.as_dict() if embedder is not None else None,
+        }
+
+
+class FusionDiffMethod(_SamplingMethod):
+    """Prior + Control-Adapter: text = modification text, control = the reference's embedding."""
+
+    def __init__(
+        self,
+        pipeline: FusionDiffPipeline,
+        num_inference_steps: int = 10,
+        control_guidance: float = 1.5,
+        text_guidance: float = 1.5,
+        num_samples: int = 1,
+        mix_reference: float = 0.0,
+        seed: int = 0,
+        control_mode: ControlMode = "auto",
+        conditioning_scale: float = 1.0,
+        gallery_mode: GalleryMode = "fused",
+        batch_size: int = 1024,
+        precision: str = "fp32",
+        name: str = "fusion-diff",
+    ):
+        if pipeline.adapter is None:
+            raise ConfigError(
+                "FusionDiffMethod needs a pipeline with a Control-Adapter; for the prior alone use Emb2EmbMethod."
+            )
+        super().__init__(
+            pipeline,
+            control_mode,
+            seed,
+            num_inference_steps,
+            text_guidance,
+            num_samples,
+            mix_reference,
+            gallery_mode,
+            batch_size,
+            precision,
+        )
+        self.name = name
+        self.control_guidance = control_guidance
+        self.conditioning_scale = conditioning_scale
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            **super().protocol(),
+            "control_guidance": self.control_guidance,
+            "conditioning_scale": self.conditioning_scale,
+            "adapter_blocks": self.pipeline.adapter.config.num_blocks,
+        }
+
+    def query_embeddings(self, context: QueryContext) -> torch.Tensor:
+        return self.pipeline.sample(
+            context.modification_text_embeds,
+            control_embeds=self.reference_embeds(context),
+            num_inference_steps=self.num_inference_steps,
+            control_guidance=self.control_guidance,
+            text_guidance=self.text_guidance,
+            num_samples=self.num_samples,
+            mix_reference=self.mix_reference,
+            generator=self.generator(),
+            batch_size=self.batch_size,
+            precision=self.precision,
+            conditioning_scale=self.conditioning_scale,
+        ).embeddings
+
+
+class Emb2EmbMethod(_SamplingMethod):
+    """Training-free baseline with the prior alone: noise the reference's embedding, denoise with the text."""
+
+    def __init__(
+        self,
+        pipeline: FusionDiffPipeline,
+        strength: float = 0.5,
+        num_inference_steps: int = 10,
+        text_guidance: float = 1.5,
+        num_samples: int = 1,
+        mix_reference: float = 0.0,
+        seed: int = 0,
+        control_mode: ControlMode = "auto",
+        gallery_mode: GalleryMode = "fused",
+        batch_size: int = 1024,
+        precision: str = "fp32",
+        name: str = "emb2emb",
+    ):
+        super().__init__(
+            pipeline,
+            control_mode,
+            seed,
+            num_inference_steps,
+            text_guidance,
+            num_samples,
+            mix_reference,
+            gallery_mode,
+            batch_size,
+            precision,
+        )
+        self.name = name
+        self.strength = strength
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "strength": self.strength}
+
+    def query_embeddings(self, context: QueryContext) -> torch.Tensor:
+        return self.pipeline.emb2emb(
+            self.reference_embeds(context),
+            context.modification_text_embeds,
+            strength=self.strength,
+            num_inference_steps=self.num_inference_steps,
+            text_guidance=self.text_guidance,
+            num_samples=self.num_samples,
+            mix_reference=self.mix_reference,
+            generator=self.generator(),
+            batch_size=self.batch_size,
+            precision=self.precision,
+        ).embeddings
