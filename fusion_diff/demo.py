@@ -1,0 +1,395 @@
+"""The end-to-end shapes-world demo: from nothing to one results table.
+
+Steps, each cached or resumable in ``out_dir`` (run it again and finished steps are skipped):
+
+1. the world backbone (a small CLIP trained on rendered scenes; cached under the cache root);
+2. the CIR benchmark (CIRR format; held-out scenes and phrasings);
+3. the image-caption pair set and its embeddings (image / text / fused caches);
+4. the synthetic triplet set and its embeddings;
+5. stage 1 (prior) and stage 2 (Control-Adapter) training, validated on the benchmark's *val* split;
+6. FTI4CIR training on the pair set's images;
+7. evaluation on the *test* split: baselines, emb2emb, Fusion-Diff, FTI4CIR and the oracle rows, with
+   reference and gallery captions from the retrieval captioner (never from annotations), plus
+   Fusion-Diff on the same test edits in the training phrasing; a markdown + JSON table;
+8. the joint-space plots.
+
+The sizes and the training configs come from ``configs/demo.yaml`` (``configs/demo_quick.yaml``
+for ``--quick``), loaded as strictly as the training configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
+from fusion_diff.training.config import load_config, load_dataclass, require
+from fusion_diff.utils.io import write_json_atomic
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
+T = TypeVar("T")
+INPUTS_FILE = "demo_inputs.json"  # beside each trained model: digests of what it was trained on
+
+
+@dataclass
+class WorldSection:
+    """The world backbone and the benchmark."""
+
+    backbone_steps: int = 1500  # open_clip training steps of the world backbone
+    backbone_cache: str | None = None  # default: <cache root>/shapes_backbone (a shared, reusable cache)
+    val_queries: int = 1000
+    test_queries: int = 2000
+
+    def __post_init__(self) -> None:
+        require(self.backbone_steps > 0, "backbone_steps", "must be > 0")
+        require(self.val_queries > 0 and self.test_queries > 0, "val_queries", "and test_queries must be > 0")
+
+
+@dataclass
+class DataSection:
+    """Training data sizes (training scenes only; the benchmark's scenes are held out by construction)."""
+
+    pairs: int = 30_000
+    triplets: int = 40_000
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.pairs > 0 and self.triplets > 0, "pairs", "and triplets must be > 0")
+        require(self.workers > 0, "workers", "must be > 0")
+
+
+@dataclass
+class TrainingSection:
+    """Training configs (paths relative to the demo config's folder) and overrides for each."""
+
+    stage1: str = "stage1_prior.yaml"
+    stage2: str = "stage2_adapter.yaml"
+    fti4cir: str | None = "fti4cir_quick.yaml"  # null: no FTI4CIR row
+    stage1_overrides: list[str] = field(default_factory=list)
+    stage2_overrides: list[str] = field(default_factory=list)
+    fti4cir_overrides: list[str] = field(default_factory=list)
+    validate: bool = True  # score Fusion-Diff on the benchmark's val split during / after stage 2
+
+
+@dataclass
+class EvaluationSection:
+    """What the table shows. ``methods`` maps each row's method name to its options (see ``fusion-diff eval``)."""
+
+    captioner: dict[str, Any] = field(default_factory=lambda: {"type": "retrieval", "top_k": 1})  # bank: the pair set
+    methods: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "image-only": {},
+            "text-only": {},
+            "sum": {},
+            "emb2emb": {},
+            "fusion-diff": {},
+            "fti4cir": {},
+            "oracle-target-text": {},
+            "oracle-target-fused": {},
+        }
+    )
+    training_phrasing: bool = True  # also Fusion-Diff on the test edits in the training phrasing
+    plot_queries: int = 12
+
+    def __post_init__(self) -> None:
+        require("fusion-diff" in self.methods, "methods", "must include fusion-diff")
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    world: WorldSection = field(default_factory=WorldSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+
+def default_config_path(quick: bool) -> Path:
+    path = CONFIG_DIR / ("demo_quick.yaml" if quick else "demo.yaml")
+    if not path.is_file():
+        raise MissingFileError(
+            f"Demo config {path} not found (configs/ ships with the source checkout); pass --config FILE."
+        )
+    return path
+
+
+class Demo:
+    """Runs the steps in order; each step prints its name, whether it was cached, and its time."""
+
+    def __init__(self, config: DemoConfig, config_dir: Path, progress: bool = True):
+        self.config = config
+        self.config_dir = config_dir
+        self.progress = progress
+        self.out = Path(config.out_dir)
+        self.timings: dict[str, float] = {}
+        self.embedder = None
+        self.captioner = None
+
+    # ------------------------------------------------------------------ plumbing
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        print(f"\n==> {name}", flush=True)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - start
+        print(f"    {name}: {self.timings[name]:.0f} s", flush=True)
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    # ------------------------------------------------------------------ steps
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with self.step("world backbone"):
+            self.embedder = self.build_backbone()
+        with self.step("benchmark"):
+            self.build_benchmark()
+        with self.step("pair set + embeddings"):
+            self.build_pairs()
+        with self.step("triplets + embeddings"):
+            self.build_triplets()
+        with self.step("stage 1: prior"):
+            stage1 = self.train_stage("stage1", {"data.pair_embeddings": self.path("pair_embeddings")})
+        with self.step("stage 2: Control-Adapter"):
+            paths = {"model.prior_path": stage1, "data.triplet_embeddings": self.path("triplet_embeddings")}
+            stage2 = self.train_stage("stage2", paths, self.val_fn() if self.config.training.validate else None)
+        fti4cir = None
+        if self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods:
+            with self.step("FTI4CIR"):
+                fti4cir = self.train_stage("fti4cir", {"data.pair_dir": self.path("pairs")})
+        with self.step("evaluation (test split)"):
+            table = self.evaluate(stage1, stage2, fti4cir)
+        with self.step("plots"):
+            self.plot(stage2)
+        write_json_atomic(self.path("results") / "timings.json", self.timings)
+        print(f"\nTotal {sum(self.timings.values()) / 60:.1f} min. Table: {table}")
+        return table
+
+    def build_backbone(self):
+        from data_synth.shapes.backbone import BackboneConfig, load_world_embedder
+
+        world = self.config.world
+        config = BackboneConfig(steps=world.backbone_steps, seed=self.config.seed)
+        return load_world_embedder(cache=world.backbone_cache, config=config, progress=self.progress)
+
+    def build_benchmark(self) -> None:
+        from data_synth.shapes.benchmark import BenchmarkConfig, write_benchmark
+
+        root = self.path("benchmark")
+        config = BenchmarkConfig(self.config.world.val_queries, self.config.world.test_queries, seed=self.config.seed)
+        manifest = root / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text())["config"] == _plain(config):
+            print("    cached")
+            return
+        shutil.rmtree(root, ignore_errors=True)  # another config or an interrupted write: rebuild
+        write_benchmark(root, config, workers=self.config.data.workers, progress=self.progress)
+
+    def build_pairs(self) -> None:
+        from data_synth.shapes.pairs import embed_pair_set, write_pair_set
+
+        data = self.config.data
+        write_pair_set(
+            self.path("pairs"), data.pairs, seed=self.config.seed, workers=data.workers, progress=self.progress
+        )
+        out = self.path("pair_embeddings")
+        caches = _rebuild_if_stale(
+            out, lambda: embed_pair_set(self.path("pairs"), self.embedder, out, progress=self.progress)
+        )
+        for cache in caches.values():
+            cache.compact()  # one shard: training memory-maps it
+
+    def build_triplets(self) -> None:
+        from data_synth.triplets.embed import embed_triplets
+        from data_synth.triplets.shapes_builder import build_shapes_triplets
+
+        data = self.config.data
+        build_shapes_triplets(
+            self.path("triplets"), data.triplets, seed=self.config.seed, workers=data.workers, progress=self.progress
+        )
+        out = self.path("triplet_embeddings")
+        _rebuild_if_stale(
+            out, lambda: embed_triplets(self.path("triplets"), self.embedder, out, progress=self.progress)
+        )
+
+    def train_stage(
+        self, name: str, paths: dict[str, Path], validation_fn: Callable[[Any], dict[str, float]] | None = None
+    ) -> Path:
+        """Train ``training.<name>`` with the loop (resuming an interrupted run); skipped when the same config finished.
+
+        ``paths`` point the config at this demo's data (``data.pair_embeddings=...``); the demo
+        config's ``<name>_overrides`` apply last.
+        """
+        from fusion_diff.training.loop import FINAL_CONFIG, MANIFEST, train
+
+        out = self.path(name)
+        demo_overrides = [f"output_dir={out}", f"seed={self.config.seed}"] + [f"{k}={v}" for k, v in paths.items()]
+        overrides = demo_overrides + getattr(self.config.training, f"{name}_overrides")
+        config = load_config(self.config_dir / getattr(self.config.training, name), overrides=overrides)
+        inputs = _fingerprint(paths.values())
+        if (out / MANIFEST).is_file():
+            if load_config(out / FINAL_CONFIG) == config and _read_inputs(out) == inputs:
+                print(f"    cached ({out})")
+                return out
+            print(f"    {out} was trained with another config or on other inputs: retraining")
+            shutil.rmtree(out)
+        result = train(config, resume="latest", validation_fn=validation_fn)
+        for key, value in result.validation.items():
+            print(f"    {key} = {value:.2f}")
+        write_json_atomic(out / INPUTS_FILE, inputs)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def make_captioner(self):
+        from fusion_diff.captioning import create_captioner
+
+        if self.captioner is None:
+            spec = dict(self.config.evaluation.captioner)
+            if spec.get("type") == "retrieval":
+                spec.setdefault("bank", str(self.path("pairs")))  # the pair set's captions (training scenes only)
+            self.captioner = create_captioner(spec, self.embedder)
+        return self.captioner
+
+    def evaluator(self, split: str, phrasing: str = "benchmark"):
+        from fusion_diff.benchmarks import load_benchmark
+        from fusion_diff.benchmarks.evaluate import Evaluator
+
+        units = load_benchmark("shapes", self.path("benchmark"), split, phrasing=phrasing)
+        return Evaluator(
+            units,
+            self.embedder,
+            captioner=self.make_captioner(),
+            cache_root=self.path("eval_cache"),
+            progress=self.progress,
+        )
+
+    def fusion_diff_options(self) -> dict[str, Any]:
+        return dict(self.config.evaluation.methods.get("fusion-diff", {}))
+
+    def val_fn(self) -> Callable[[Any], dict[str, float]]:
+        """Stage 2's validation hook: Fusion-Diff on the benchmark's val split (never test)."""
+        from fusion_diff.baselines import create_method
+
+        evaluator = None
+
+        def validate(pipeline) -> dict[str, float]:
+            nonlocal evaluator
+            evaluator = evaluator or self.evaluator("val")
+            method = create_method("fusion-diff", pipeline=pipeline, **self.fusion_diff_options())
+            return evaluator.evaluate(method).metrics
+
+        return validate
+
+    def evaluate(self, stage1: Path, stage2: Path, fti4cir: Path | None) -> Path:
+        from fusion_diff.baselines import create_method
+        from fusion_diff.baselines.registry import load_pipeline, method_factory
+        from fusion_diff.benchmarks.report import markdown_table, write_results
+
+        evaluator = self.evaluator("test")
+        unit = evaluator.units[0]
+        checkpoints = {
+            "emb2emb": ("pipeline", stage1),
+            "fusion-diff": ("pipeline", stage2),
+            "fti4cir": ("checkpoint", fti4cir),
+        }
+        results = []
+        for name, options in self.config.evaluation.methods.items():
+            options = dict(options)
+            if name in checkpoints:
+                key, path = checkpoints[name]
+                if path is None:
+                    print(f"    {name}: not trained, row skipped")
+                    continue
+                options[key] = str(path)
+            if name.startswith("oracle"):
+                options["data"] = unit
+            results.append(evaluator.evaluate(create_method(name, **options)))
+        if self.config.evaluation.training_phrasing:  # the phrasing gap: same edits, training generator's wording
+            options = {**self.fusion_diff_options(), "name": "fusion-diff@training-phrasing"}
+            method = method_factory("fusion-diff")(pipeline=load_pipeline(stage2), **options)
+            results.append(self.evaluator("test", phrasing="training").evaluate(method))
+        json_path, md_path = write_results(results, self.path("results"), "shapes-test")
+        print(markdown_table(results))
+        print(f"    wrote {md_path} and {json_path}")
+        return md_path
+
+    def plot(self, stage2: Path) -> None:
+        """Reference / generated query / target / gallery and the sampling walk of the first test queries."""
+        from fusion_diff.baselines.registry import load_pipeline
+        from fusion_diff.viz import render_figures
+        from fusion_diff.viz.inputs import VizInputs
+
+        evaluator = self.evaluator("test")
+        unit = evaluator.units[0]
+        queries = unit.queries[: self.config.evaluation.plot_queries]
+        reference = evaluator.fused(unit, [q.reference for q in queries])
+        target = evaluator.fused(unit, [q.positives[0] for q in queries])
+        text = evaluator.text_embeddings([q.texts[0] for q in queries])
+        options = self.fusion_diff_options()
+        sampling = {k: options[k] for k in ("num_inference_steps", "control_guidance", "text_guidance") if k in options}
+        generator = torch.Generator().manual_seed(self.config.seed)
+        output = load_pipeline(stage2).sample(text, reference, generator=generator, return_trajectory=True, **sampling)
+        inputs = VizInputs(
+            reference, output.embeddings, target, evaluator.fused(unit, unit.gallery), output.trajectory,
+            [q.query_id for q in queries],
+        )  # fmt: skip
+        for path in render_figures(inputs, self.path("results") / "plots", seed=self.config.seed):
+            print(f"    wrote {path}")
+
+
+def run_demo(quick: bool = False, config_path: str | Path | None = None, overrides: list[str] | None = None,
+             progress: bool = True) -> Path:  # fmt: skip
+    """Load the demo config (strictly), run every step, and return the path of the markdown table."""
+    path = Path(config_path) if config_path else default_config_path(quick)
+    config = load_dataclass(DemoConfig, path, overrides or [])
+    if config.evaluation.methods.keys() - _known_methods():
+        unknown = sorted(config.evaluation.methods.keys() - _known_methods())
+        raise ConfigError(f"{path}: unknown method(s) {unknown} in 'evaluation.methods'; see fusion-diff eval --help.")
+    return Demo(config, path.parent, progress).run()
+
+
+def _known_methods() -> set[str]:
+    from fusion_diff.baselines.registry import METHODS
+
+    return set(METHODS)
+
+
+def _rebuild_if_stale(out: Path, embed: Callable[[], T]) -> T:
+    """Run an embedding step; if its caches were made by another backbone (e.g. a rebuilt one), redo them."""
+    try:
+        return embed()
+    except CacheMismatchError as err:
+        print(f"    {out} holds embeddings of another backbone: re-embedding ({err})")
+        shutil.rmtree(out)
+        return embed()
+
+
+def _fingerprint(paths: Iterable[Path]) -> dict[str, str]:
+    """Digests of the manifests of a step's inputs (without their write time): a retrained stage 1 makes stage 2
+    retrain too, a re-run that changed nothing does not."""
+    digests = {}
+    for root in map(Path, paths):
+        for manifest in sorted([*root.glob("*manifest.json"), *root.glob("*/manifest.json")]):
+            content = {k: v for k, v in json.loads(manifest.read_text(encoding="utf-8")).items() if k != "created"}
+            digests[str(manifest)] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return digests
+
+
+def _read_inputs(out: Path) -> dict[str, str] | None:
+    path = out / INPUTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(config)))

@@ -1,0 +1,123 @@
+"""Stage 2: the Control-Adapter on synthetic triplets, with the stage-1 prior frozen.
+
+Target ``z0 = f(I_tgt, T_tgt)``; text condition = the instruction's embedding (through the prior's
+own text input); control = the reference's fused embedding ``f(I_ref, T_ref)`` (or ``f(I_ref)``
+with ``control_source: image``). Text and control are dropped independently, so sampling can use
+two guidance scales. Only the adapter's parameters are in the optimiser; the prior is loaded with
+``from_pretrained``, set to eval and ``requires_grad_(False)``, and stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fusion_diff.errors import CacheMismatchError
+from fusion_diff.models.control_adapter import ControlAdapter
+from fusion_diff.models.denoise import predict
+from fusion_diff.training.config import TrainConfig, require
+from fusion_diff.training.data import TripletEmbeddingDataset
+from fusion_diff.training.prior_task import (
+    EMBEDDER_KEYS,
+    build_pipeline,
+    diffusion_loss,
+    dropout_mask,
+    embedder_identity,
+    load_stage1,
+)
+from fusion_diff.training.task import TaskSpec, ValidationFn
+
+
+@dataclass
+class AdapterModelConfig:
+    """The frozen stage-1 prior and the adapter built from it."""
+
+    prior_path: str  # a stage-1 output folder (prior/ and scheduler/)
+    num_blocks: int | None = None  # prior blocks copied; null: the largest K within 25% of the prior's size
+    conditioning_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.num_blocks is None or self.num_blocks > 0, "num_blocks", "must be > 0 or null")
+
+
+@dataclass
+class AdapterDataConfig:
+    """Where the triplet embeddings are (``embed_triplets``' output) and how conditions are dropped."""
+
+    triplet_embeddings: str
+    control_source: Literal["fused", "image"] = "fused"  # f(I_ref, T_ref) or f(I_ref)
+    text_dropout: float = 0.1
+    control_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(0 <= self.text_dropout < 1, "text_dropout", "must be in [0, 1)")
+        require(0 <= self.control_dropout < 1, "control_dropout", "must be in [0, 1)")
+
+
+class AdapterTask:
+    """``TrainingTask`` for stage 2."""
+
+    name = "adapter"
+
+    def __init__(self, config: TrainConfig, validation_fn: ValidationFn | None = None):
+        model_cfg: AdapterModelConfig = config.model
+        self.data_cfg: AdapterDataConfig = config.data
+        self.validation_fn = validation_fn
+        self.conditioning_scale = model_cfg.conditioning_scale
+        self.prior, self.scheduler = load_stage1(model_cfg.prior_path)
+        self.prior.requires_grad_(False)
+        self.prior.eval()
+        self.dataset = TripletEmbeddingDataset(self.data_cfg.triplet_embeddings, self.data_cfg.control_source)
+        self._check_backbone(model_cfg.prior_path)
+        self.adapter = ControlAdapter.from_prior(self.prior, num_blocks=model_cfg.num_blocks)
+
+    def _check_backbone(self, prior_path: str) -> None:
+        """Refuse triplets embedded by another backbone than the prior's pairs (their spaces differ)."""
+        trained_on = {k: v for k, v in (self.prior.config.embedder_identity or {}).items() if k in EMBEDDER_KEYS}
+        data = embedder_identity(self.dataset)
+        differ = sorted(k for k in ("backend", "model", "pretrained", "dim") if trained_on.get(k) != data.get(k))
+        if trained_on and differ:
+            raise CacheMismatchError(
+                f"The prior at {prior_path} was trained on {trained_on} but the triplets in "
+                f"{self.data_cfg.triplet_embeddings} were embedded with {data} (differing: {differ}). "
+                "Embed the triplets with the prior's backbone, or train a prior on this backbone."
+            )
+
+    def trainable_module(self) -> nn.Module:
+        return self.adapter
+
+    def frozen_modules(self) -> Iterable[nn.Module]:
+        return (self.prior,)
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        return self.dataset
+
+    def compute_loss(self, trainable: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        z0 = self.prior.standardize(batch["target"])
+        b, device = z0.shape[0], z0.device
+        drop_text = dropout_mask(self.data_cfg.text_dropout, b, generator, device)
+        drop_control = dropout_mask(self.data_cfg.control_dropout, b, generator, device)
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return predict(
+                self.prior, trainable, noisy, timesteps, batch["text"], batch["control"],
+                drop_text, drop_control, self.conditioning_scale,
+            )  # fmt: skip
+
+        return diffusion_loss(self.scheduler, z0, denoise, generator), {}
+
+    def validate(self, trainable: nn.Module) -> dict[str, float]:
+        if self.validation_fn is None:
+            return {}
+        return self.validation_fn(build_pipeline(self.prior, trainable))
+
+    def save_final(self, trainable: nn.Module, output_dir: Path) -> None:
+        build_pipeline(self.prior, trainable).save_pretrained(output_dir)
+
+
+TASK = TaskSpec(name="adapter", model_config=AdapterModelConfig, data_config=AdapterDataConfig, build=AdapterTask)

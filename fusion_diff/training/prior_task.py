@@ -1,0 +1,170 @@
+"""Stage 1: the diffusion prior over fused embeddings, trained on image-caption pairs.
+
+``z0 = f(I, T)`` (standardised with per-dimension statistics computed from the data and stored in
+the prior), condition = the caption's text embedding ``f(T)``, dropped with probability
+``text_dropout`` (the learned null text) so that classifier-free guidance works at sampling time.
+The loss is the MSE on the prior's ``prediction_type`` (z0, epsilon or v) at a uniform timestep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+from fusion_diff.errors import MissingFileError
+from fusion_diff.models.denoise import noise_scheduler, sampling_scheduler, training_target
+from fusion_diff.models.prior import FusionPrior
+from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
+from fusion_diff.training.config import TrainConfig, require
+from fusion_diff.training.data import CachedEmbeddingDataset, PairEmbeddingDataset
+from fusion_diff.training.task import TaskSpec, ValidationFn
+
+# Keys of ``EmbedderIdentity``: what of a cache's identity describes the backbone (not the kind).
+EMBEDDER_KEYS = ("backend", "model", "pretrained", "dim", "fusion_weight")
+SAVED_SAMPLER = "ddim"  # the scheduler stored with trained pipelines (swap with pipeline.set_sampler)
+
+
+@dataclass
+class PriorModelConfig:
+    """``FusionPrior`` shape and its noise schedule; the embedding sizes come from the data."""
+
+    hidden_dim: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"
+    num_train_timesteps: int = 1000  # the cosine (squaredcos_cap_v2) schedule of fusion_diff.models.denoise
+
+    def __post_init__(self) -> None:
+        require(
+            self.hidden_dim > 0 and self.num_layers > 0 and self.num_heads > 0,
+            "hidden_dim",
+            "num_layers and num_heads must be > 0",
+        )
+        require(
+            self.hidden_dim % self.num_heads == 0, "hidden_dim", f"({self.hidden_dim}) must be divisible by num_heads"
+        )
+        require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        require(self.num_train_timesteps > 1, "num_train_timesteps", "must be > 1")
+
+
+@dataclass
+class PriorDataConfig:
+    """Where the pair-set embeddings are (``embed_pair_set``'s output: caches image/, text/, fused/)."""
+
+    pair_embeddings: str
+    text_dropout: float = 0.1  # probability of replacing the caption by the null text
+
+    def __post_init__(self) -> None:
+        require(0 <= self.text_dropout < 1, "text_dropout", "must be in [0, 1)")
+
+
+def diffusion_loss(
+    scheduler: DDPMScheduler,
+    z0: torch.Tensor,
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Noise standardised ``z0`` at uniform timesteps and score ``denoise(z_t, t)`` against its target."""
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device
+    )
+    noisy = scheduler.add_noise(z0, noise, timesteps)
+    target = training_target(scheduler, z0, noise, timesteps)
+    return F.mse_loss(denoise(noisy, timesteps).float(), target.float())
+
+
+def dropout_mask(probability: float, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Bool ``[B]``: which rows drop their condition this step."""
+    return torch.rand(batch_size, generator=generator, device=device) < probability
+
+
+def embedder_identity(dataset: CachedEmbeddingDataset, field: str = "target") -> dict[str, Any]:
+    """The backbone identity of the cache behind ``field`` (without its kind), stored in the prior."""
+    return {k: v for k, v in dataset.identities[field].items() if k in EMBEDDER_KEYS}
+
+
+def build_pipeline(prior: FusionPrior, adapter: nn.Module | None = None) -> FusionDiffPipeline:
+    """A ``FusionDiffPipeline`` (DDIM sampler on the prior's schedule) over the weights being trained."""
+    return FusionDiffPipeline(prior=prior, scheduler=sampling_scheduler(SAVED_SAMPLER, prior), adapter=adapter)
+
+
+def load_stage1(path: str | Path) -> tuple[FusionPrior, DDPMScheduler]:
+    """The prior of a stage-1 output (a pipeline folder with ``prior/``) and its training noise scheduler."""
+    path = Path(path)
+    if not (path / "prior" / "config.json").is_file():
+        raise MissingFileError(
+            f"No trained prior at {path} (expected {path / 'prior'}/config.json). Train stage 1 first "
+            "(fusion-diff train prior ...) or fix model.prior_path."
+        )
+    prior = FusionPrior.from_pretrained(str(path), subfolder="prior")  # str: configs record it as JSON
+    return prior, noise_scheduler(prior)
+
+
+class PriorTask:
+    """``TrainingTask`` for stage 1."""
+
+    name = "prior"
+
+    def __init__(self, config: TrainConfig, validation_fn: ValidationFn | None = None):
+        model_cfg: PriorModelConfig = config.model
+        self.data_cfg: PriorDataConfig = config.data
+        self.validation_fn = validation_fn
+        self.dataset = PairEmbeddingDataset(self.data_cfg.pair_embeddings)
+        dims = self.dataset.dims
+        self.prior = FusionPrior(
+            embedding_dim=dims["target"],
+            text_embed_dim=dims["text"],
+            hidden_dim=model_cfg.hidden_dim,
+            num_layers=model_cfg.num_layers,
+            num_heads=model_cfg.num_heads,
+            mlp_ratio=model_cfg.mlp_ratio,
+            dropout=model_cfg.dropout,
+            prediction_type=model_cfg.prediction_type,
+            num_train_timesteps=model_cfg.num_train_timesteps,
+            embedder_identity=embedder_identity(self.dataset),
+        )
+        target = self.dataset.tensors["target"]
+        self.prior.set_standardization(target.mean(0), target.std(0))
+        self.scheduler = noise_scheduler(self.prior)
+
+    def trainable_module(self) -> nn.Module:
+        return self.prior
+
+    def frozen_modules(self) -> Iterable[nn.Module]:
+        return ()
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        return self.dataset
+
+    def compute_loss(self, trainable: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        z0 = self.prior.standardize(batch["target"])
+        drop_text = dropout_mask(self.data_cfg.text_dropout, z0.shape[0], generator, z0.device)
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            # The prior's forward is ``denoise.predict(prior, None, ...)`` (embed_tokens + decode); it is
+            # called through the prepared module so that DDP synchronises the gradients.
+            return trainable(noisy, timesteps, batch["text"], drop_text=drop_text).sample
+
+        loss = diffusion_loss(self.scheduler, z0, denoise, generator)
+        return loss, {}
+
+    def validate(self, trainable: nn.Module) -> dict[str, float]:
+        if self.validation_fn is None:
+            return {}
+        return self.validation_fn(build_pipeline(trainable))
+
+    def save_final(self, trainable: nn.Module, output_dir: Path) -> None:
+        build_pipeline(trainable).save_pretrained(output_dir)
+
+
+TASK = TaskSpec(name="prior", model_config=PriorModelConfig, data_config=PriorDataConfig, build=PriorTask)
