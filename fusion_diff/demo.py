@@ -166,7 +166,8 @@ class Demo:
         fti4cir = None
         if self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods:
             with self.step("FTI4CIR"):
-                fti4cir = self.train_stage("fti4cir", {"data.pair_dir": self.path("pairs")})
+                paths = {"data.pair_dir": self.path("pairs"), "model.backbone.cache": self.backbone_root()}
+                fti4cir = self.train_stage("fti4cir", paths)
         with self.step("evaluation (test split)"):
             table = self.evaluate(stage1, stage2, fti4cir)
         with self.step("plots"):
@@ -174,6 +175,12 @@ class Demo:
         write_json_atomic(self.path("results") / "timings.json", self.timings)
         print(f"\nTotal {sum(self.timings.values()) / 60:.1f} min. Table: {table}")
         return table
+
+    def backbone_root(self) -> Path:
+        """The world backbone's cache folder (FTI4CIR must use the same backbone as everything else)."""
+        from fusion_diff.utils.paths import cache_dir
+
+        return Path(self.config.world.backbone_cache or cache_dir("shapes_backbone"))
 
     def build_backbone(self):
         from data_synth.shapes.backbone import BackboneConfig, load_world_embedder

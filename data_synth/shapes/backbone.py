@@ -1,0 +1,399 @@
+"""The shapes world's "pretrained" backbone: a small open_clip model trained contrastively on world pairs.
+
+It stands in for a real CLIP: trained once with open_clip's own ``ClipLoss``, saved as an open_clip
+checkpoint in ``cache_dir("shapes_backbone")`` beside a manifest (config, checksum, held-out quality),
+and loaded back through ``OpenCLIPEmbedder``'s local-checkpoint path exactly like a real ViT.
+
+Training data are fresh random *training-split* scenes every step (never held out), each caption a
+random paraphrase; half of every batch are one-edit siblings of the other half, so the batch holds
+hard negatives that differ in one attribute (what composed retrieval needs the space to resolve).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from data_synth.shapes.captions import caption_scene, canonical_caption, object_phrase
+from data_synth.shapes.edits import apply_edit, sample_edit
+from data_synth.shapes.render import render, render_array
+from data_synth.shapes.scene import COLOURS, SHAPES, SIZES, Scene, SceneObject, sample_scene_in_split
+from fusion_diff.embedding.openclip import OpenCLIPEmbedder, save_checkpoint
+from fusion_diff.embedding.registry import ensure_registered
+from fusion_diff.errors import MissingFileError
+from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
+from fusion_diff.utils.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+WORLD_MODEL = "shapes-vit-tiny"  # fusion_diff/embedding/model_configs/shapes-vit-tiny.json
+CHECKPOINT_NAME = "open_clip_model.safetensors"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_KIND = "shapes_backbone"
+# Edit kinds of the one-edit siblings, with weights. Shape is the slowest attribute to learn (colour,
+# size and position alone tell most random scenes apart), so shape-only differences are over-sampled.
+SIBLING_KINDS = {"replace_shape": 3.0, "recolour": 1.0, "resize": 1.0, "move": 1.0, "swap": 1.0, "add": 1.0, "remove": 1.0}
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """How the world backbone is trained. ``time_budget_s`` (if set) ends training early and compresses
+    the cosine schedule to the time actually available, so a slow machine still gets a finished schedule."""
+
+    model_name: str = WORLD_MODEL
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 1.5e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 60
+    sibling_fraction: float = 0.5
+    render_size: int = 64
+    seed: int = 0
+    data_workers: int = 1
+    threads: int = 2
+    time_budget_s: float | None = None
+    eval_size: int = 1000  # held-out single objects, and held-out pairs for R@1
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BackboneConfig:
+        """A few tiny steps: for tests and smoke runs (the weights are not useful)."""
+        return replace(cls(steps=3, batch_size=16, warmup_steps=1, data_workers=0, eval_size=16), **overrides)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the weights: everything but the torch threads and the loader workers."""
+        ignored = {"data_workers", "threads"}
+        return {k: v for k, v in asdict(self).items() if k not in ignored}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _sibling(scene: Scene, rng: random.Random) -> Scene:
+    """A training-split scene one edit away from ``scene`` (``scene`` itself if none is found)."""
+    kinds, weights = list(SIBLING_KINDS), list(SIBLING_KINDS.values())
+    for _ in range(8):
+        edit = sample_edit(scene, rng, kinds=rng.choices(kinds, weights), allow_composite=False)
+        if edit is not None and not (other := apply_edit(scene, edit)).is_heldout():
+            return other
+    return scene
+
+
+def training_scenes(rng: random.Random, n: int, sibling_fraction: float) -> list[Scene]:
+    """``n`` training scenes: random ones, then one-edit siblings of the first of them."""
+    n_siblings = int(n * sibling_fraction)
+    base = [sample_scene_in_split(rng, heldout=False) for _ in range(n - n_siblings)]
+    return base + [_sibling(scene, rng) for scene in base[:n_siblings]]
+
+
+def preprocess_batch(images: np.ndarray, preprocess_cfg: dict[str, Any]) -> torch.Tensor:
+    """open_clip's eval transform (bicubic antialiased resize, normalise) on a uint8 batch [N, H, W, 3]
+    at once: ~10x cheaper than per-image PIL transforms, same result up to resampling round-off."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    size = tuple(preprocess_cfg["size"])
+    if tuple(pixels.shape[-2:]) != size:
+        pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
+    mean = torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """Endless (pixels, tokens) batches of fresh training scenes. Batch ``i`` depends only on
+    (seed, i), so any number of loader workers yields the same sequence."""
+
+    def __init__(self, config: BackboneConfig, preprocess_cfg: dict[str, Any], tokenizer: Callable) -> None:
+        super().__init__()
+        self.config, self.preprocess_cfg, self.tokenizer = config, preprocess_cfg, tokenizer
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        rng = random.Random(f"{cfg.seed}:{index}")
+        scenes = training_scenes(rng, cfg.batch_size, cfg.sibling_fraction)
+        images = np.stack([render_array(s, cfg.render_size, rng) for s in scenes])
+        return preprocess_batch(images, self.preprocess_cfg), self.tokenizer([caption_scene(s, rng) for s in scenes])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        start, step = (0, 1) if info is None else (info.id, info.num_workers)
+        torch.set_num_threads(1)  # leave the cores to the training process
+        for index in itertools.count(start, step):
+            yield self.batch(index)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's recipe: no decay on gains, biases, embeddings-like 1-d tensors and the logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        exclude = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (on a shared machine, wall time is not the cost)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_backbone(config: BackboneConfig = BackboneConfig(), progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the world backbone from scratch; return (model, training stats)."""
+    ensure_registered()
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    model = open_clip.create_model(config.model_name)
+    tokenizer = open_clip.get_tokenizer(config.model_name)
+    loader = torch.utils.data.DataLoader(
+        PairStream(config, dict(model.visual.preprocess_cfg), tokenizer),
+        batch_size=None,
+        num_workers=config.data_workers,
+        prefetch_factor=4 if config.data_workers else None,
+        persistent_workers=False,
+    )
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = open_clip.ClipLoss()
+    model.train()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    bar = tqdm(total=config.steps, desc="training world backbone", unit="step", disable=not progress)
+    step, loss_value = 0, float("nan")
+    batches = iter(loader)
+    for step, (pixels, tokens) in enumerate(batches):
+        elapsed = time.perf_counter() - start
+        done = step / config.steps
+        if config.time_budget_s:
+            done = max(done, elapsed / config.time_budget_s)
+        if done >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(done, step, config.warmup_steps)
+        image_features, text_features, logit_scale = model(pixels, tokens)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        loss_value = loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+    bar.close()
+    del batches  # joins the loader workers, so their CPU time is counted below
+    model.eval()
+    stats = {
+        "steps": step,
+        "samples": step * config.batch_size,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu_start, 1),  # this process + finished workers: load-independent
+        "final_loss": round(loss_value, 4),
+    }
+    return model, stats
+
+
+# --------------------------------------------------------------------------- held-out quality
+
+
+def _heldout_scenes(rng: random.Random, n: int, distinct: bool, **kwargs: Any) -> list[Scene]:
+    scenes: list[Scene] = []
+    seen: set[str] = set()
+    while len(scenes) < n:
+        scene = sample_scene_in_split(rng, heldout=True, **kwargs)
+        if distinct and scene.key() in seen:
+            continue
+        seen.add(scene.key())
+        scenes.append(scene)
+    return scenes
+
+
+def _class_prompts(attribute: str) -> dict[str, list[str]]:
+    """Prompt ensembles for zero-shot classification: every object phrase with that value, positions left out."""
+    values = {"colour": list(COLOURS), "shape": list(SHAPES)}[attribute]
+    prompts: dict[str, list[str]] = {}
+    for value in values:
+        objects = [
+            SceneObject((0, 0), shape=value if attribute == "shape" else shape, colour=value if attribute == "colour" else colour, size=size)
+            for shape in (SHAPES if attribute == "colour" else [value])
+            for colour in (COLOURS if attribute == "shape" else [value])
+            for size in SIZES
+        ]
+        prompts[value] = [object_phrase(o, with_position=False) for o in objects]
+    return prompts
+
+
+def evaluate_backbone(embedder: OpenCLIPEmbedder, n_objects: int = 1000, n_pairs: int = 1000, seed: int = 1234) -> dict[str, float]:
+    """Held-out quality: zero-shot colour / shape accuracy on single-object scenes (prompt ensembles) and
+    image->caption / caption->image R@1 among ``n_pairs`` distinct held-out scenes with canonical captions."""
+    rng = random.Random(seed)
+    metrics: dict[str, float] = {}
+    singles = _heldout_scenes(rng, n_objects, distinct=False, min_objects=1, max_objects=1)
+    image_embeds = embedder.embed_images([render(s, rng=rng) for s in singles], batch_size=250)
+    for attribute in ("colour", "shape"):
+        prompts = _class_prompts(attribute)
+        names = list(prompts)
+        flat = [p for name in names for p in prompts[name]]
+        text = embedder.embed_texts(flat).view(len(names), -1, embedder.dim).mean(1)
+        predicted = (image_embeds @ F.normalize(text, dim=-1).T).argmax(1)
+        truth = torch.tensor([names.index(getattr(s.objects[0], attribute)) for s in singles])
+        metrics[f"zero_shot_{attribute}_acc"] = (predicted == truth).float().mean().item()
+    scenes = _heldout_scenes(rng, n_pairs, distinct=True)
+    image_embeds = embedder.embed_images([render(s, rng=rng) for s in scenes], batch_size=250)
+    text_embeds = embedder.embed_texts([canonical_caption(s) for s in scenes])
+    sims = image_embeds @ text_embeds.T
+    truth = torch.arange(len(scenes))
+    metrics["image_to_caption_r1"] = (sims.argmax(1) == truth).float().mean().item()
+    metrics["caption_to_image_r1"] = (sims.argmax(0) == truth).float().mean().item()
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class BackboneCache:
+    """A backbone cache folder: ``open_clip_model.safetensors`` + ``manifest.json`` (written last, so a
+    manifest means a finished checkpoint; its size and sha256 catch truncation and corruption)."""
+
+    root: Path
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def at(cls, root: str | os.PathLike | None = None) -> BackboneCache:
+        return cls(Path(root) if root is not None else cache_dir("shapes_backbone"))
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_NAME
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.manifest_path, "backbone manifest")
+
+    def validate(self, config: BackboneConfig | None = None) -> bool:
+        """True if the cache holds a complete, uncorrupted checkpoint (of ``config``, if given);
+        otherwise False, with the reasons in ``self.problems``."""
+        self.problems = []
+        if not self.manifest_path.is_file():
+            self.problems.append(f"no manifest at {self.manifest_path} (never built, or interrupted)")
+            return False
+        try:
+            manifest = self.manifest()
+        except Exception as err:  # noqa: BLE001 - any unreadable manifest means "rebuild"
+            self.problems.append(str(err))
+            return False
+        if manifest.get("kind") != MANIFEST_KIND:
+            self.problems.append(f"{self.manifest_path} is not a shapes-backbone manifest")
+            return False
+        if not self.checkpoint.is_file():
+            self.problems.append(f"checkpoint {self.checkpoint} is missing")
+            return False
+        expected = manifest.get("checkpoint", {})
+        if self.checkpoint.stat().st_size != expected.get("bytes") or _sha256(self.checkpoint) != expected.get("sha256"):
+            self.problems.append(f"checkpoint {self.checkpoint} does not match its manifest's size/sha256 (partial or corrupt)")
+            return False
+        if config is not None and manifest.get("config") != config.identity():
+            self.problems.append(f"{self.root} holds a backbone trained with another config")
+            return False
+        return True
+
+    def save_checkpoint(self, model: torch.nn.Module) -> None:
+        """Step 1 of a build: the manifest goes first, so until ``commit`` the cache reads as partial."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest_path.unlink(missing_ok=True)
+        save_checkpoint(model, self.checkpoint)
+
+    def commit(self, config: BackboneConfig, stats: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Step 2: the manifest (checkpoint size + sha256), written atomically; the cache is now valid."""
+        checkpoint = {"file": CHECKPOINT_NAME, "bytes": self.checkpoint.stat().st_size, "sha256": _sha256(self.checkpoint)}
+        manifest = artifact_manifest(
+            MANIFEST_KIND,
+            config.identity(),
+            config.seed,
+            model_name=config.model_name,
+            checkpoint=checkpoint,
+            training=stats,
+            heldout_quality=metrics,
+        )
+        write_json_atomic(self.manifest_path, manifest)
+
+    def clear(self) -> None:
+        if self.root.exists():
+            shutil.rmtree(self.root)
+
+
+def build_backbone(
+    config: BackboneConfig = BackboneConfig(), cache: str | os.PathLike | None = None, progress: bool = True, evaluate: bool = True
+) -> dict[str, Any]:
+    """Train, evaluate on held-out scenes, and write the cache; return its manifest."""
+    store = BackboneCache.at(cache)
+    model, stats = train_backbone(config, progress)
+    metrics: dict[str, float] = {}
+    store.clear()
+    store.save_checkpoint(model)
+    if evaluate:  # through the saved checkpoint and OpenCLIPEmbedder, exactly as users will load it
+        metrics = evaluate_backbone(_embedder(store, config.model_name), config.eval_size, config.eval_size)
+    store.commit(config, stats, metrics)
+    return store.manifest()
+
+
+def _embedder(store: BackboneCache, model_name: str, fusion_weight: float = 0.5) -> OpenCLIPEmbedder:
+    return OpenCLIPEmbedder(model_name, pretrained=store.checkpoint, fusion_weight=fusion_weight)
+
+
+def load_world_embedder(
+    cache: str | os.PathLike | None = None,
+    train_if_missing: bool = True,
+    config: BackboneConfig | None = None,
+    fusion_weight: float = 0.5,
+    progress: bool = True,
+) -> OpenCLIPEmbedder:
+    """The world backbone as an ``OpenCLIPEmbedder`` loaded from its cached checkpoint.
+
+    A missing, partial or corrupt cache (or, when ``config`` is given, one trained with another config)
+    is rebuilt when ``train_if_missing``, else refused with the command that builds it.
+    """
+    store = BackboneCache.at(cache)
+    if not store.validate(config):
+        if not train_if_missing:
+            raise MissingFileError(
+                f"No usable shapes-world backbone in {store.root}: {'; '.join(store.problems)}. "
+                "Build it with `fusion-diff world backbone`."
+            )
+        logger.warning("Rebuilding the shapes-world backbone in %s: %s", store.root, "; ".join(store.problems))
+        build_backbone(config or BackboneConfig(), cache=store.root, progress=progress)
+    model_name = store.manifest().get("model_name", WORLD_MODEL)
+    return _embedder(store, model_name, fusion_weight)
