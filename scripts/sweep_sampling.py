@@ -1,0 +1,66 @@
+"""Sampling settings of a trained Fusion-Diff pipeline, scored on the shapes benchmark's **val** split.
+
+A sampled query embedding carries diffusion noise, and noise costs retrieval: this script measures
+steps, sample averaging, the one-step z0 prediction and the two guidance scales, so that the demo's
+defaults are chosen on val (never on test). It reuses a finished demo folder:
+
+    python scripts/sweep_sampling.py --demo-dir runs/demo [--config configs/demo.yaml] [--out sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+from fusion_diff.baselines import create_method
+from fusion_diff.baselines.registry import load_pipeline
+from fusion_diff.benchmarks.report import markdown_table, write_results
+from fusion_diff.demo import Demo, DemoConfig, default_config_path
+from fusion_diff.training.config import load_dataclass
+
+# (num_inference_steps, num_samples, control_guidance, text_guidance)
+GRID = [
+    *[(1, 1, c, t) for c, t in itertools.product((1.0, 1.5, 2.0, 3.0), (1.0, 1.5, 2.0, 3.0))],
+    (10, 1, 1.5, 1.5),
+    (10, 8, 1.5, 1.5),
+    (10, 1, 2.0, 2.0),
+    (50, 1, 1.5, 1.5),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo-dir", required=True, help="a finished `fusion-diff demo` output folder")
+    parser.add_argument("--config", default=None, help="the demo config that made it (default: configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="demo config overrides used for that run (section.key=value)")
+    args = parser.parse_args()
+
+    config_path = Path(args.config) if args.config else default_config_path(quick=False)
+    config = load_dataclass(DemoConfig, config_path, [*args.overrides, f"out_dir={args.demo_dir}"])
+    demo = Demo(config, config_path.parent, progress=False)
+    demo.embedder = demo.build_backbone()
+    evaluator = demo.evaluator("val")
+    pipeline = load_pipeline(demo.path("stage2"))
+
+    results = []
+    for steps, samples, control, text in GRID:
+        name = f"fusion-diff[steps={steps},samples={samples},cg={control},tg={text}]"
+        method = create_method(
+            "fusion-diff", pipeline=pipeline, num_inference_steps=steps, num_samples=samples,
+            control_guidance=control, text_guidance=text, seed=config.seed, name=name,
+        )  # fmt: skip
+        start = time.perf_counter()
+        result = evaluator.evaluate(method)
+        seconds = time.perf_counter() - start
+        print(f"{name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}  ({seconds:.0f} s)", flush=True)
+        results.append(result)
+    best = max(results, key=lambda r: r.metrics["R@1"])
+    print(markdown_table(results))
+    print(f"best on val by R@1: {best.method}")
+    write_results(results, demo.path("results"), "shapes-val-sampling-sweep")
+
+
+if __name__ == "__main__":
+    main()
