@@ -14,8 +14,7 @@ import itertools
 import time
 from pathlib import Path
 
-from fusion_diff.baselines import create_method
-from fusion_diff.baselines.registry import load_pipeline
+from fusion_diff.baselines.registry import load_pipeline, method_factory
 from fusion_diff.benchmarks.report import markdown_table, write_results
 from fusion_diff.demo import Demo, DemoConfig, default_config_path
 from fusion_diff.training.config import load_dataclass
@@ -47,8 +46,8 @@ def main() -> None:
     results = []
     for steps, samples, control, text in GRID:
         name = f"fusion-diff[steps={steps},samples={samples},cg={control},tg={text}]"
-        method = create_method(
-            "fusion-diff", pipeline=pipeline, num_inference_steps=steps, num_samples=samples,
+        method = method_factory("fusion-diff")(
+            pipeline=pipeline, num_inference_steps=steps, num_samples=samples,
             control_guidance=control, text_guidance=text, seed=config.seed, name=name,
         )  # fmt: skip
         start = time.perf_counter()
