@@ -333,7 +333,7 @@ class Demo:
         """Reference / generated query / target / gallery and the sampling walk of the first test queries."""
         from fusion_diff.baselines.registry import load_pipeline
         from fusion_diff.viz import render_figures
-        from fusion_diff.viz.inputs import VizInputs
+        from fusion_diff.viz.inputs import VizInputs, save_viz_inputs
 
         evaluator = self.evaluator("test")
         unit = evaluator.units[0]
@@ -349,6 +349,7 @@ class Demo:
             reference, output.embeddings, target, evaluator.fused(unit, unit.gallery), output.trajectory,
             [q.query_id for q in queries],
         )  # fmt: skip
+        save_viz_inputs(self.path("results"), inputs)  # `fusion-diff viz --inputs <out>/results` redraws them
         for path in render_figures(inputs, self.path("results") / "plots", seed=self.config.seed):
             print(f"    wrote {path}")
 
