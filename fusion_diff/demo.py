@@ -44,7 +44,7 @@ INPUTS_FILE = "demo_inputs.json"  # beside each trained model: digests of what i
 class WorldSection:
     """The world backbone and the benchmark."""
 
-    backbone_steps: int = 1500  # open_clip training steps of the world backbone
+    backbone_steps: int = 400  # open_clip training steps of the world backbone
     backbone_cache: str | None = None  # default: <cache root>/shapes_backbone (a shared, reusable cache)
     val_queries: int = 1000
     test_queries: int = 2000
@@ -61,10 +61,14 @@ class DataSection:
     pairs: int = 30_000
     triplets: int = 40_000
     workers: int = 2
+    # Captions inside the triplets' fused embeddings: "captioner" (evaluation.captioner, as at test time)
+    # or "annotation" (the triplets' own scene-graph captions).
+    triplet_captions: str = "captioner"
 
     def __post_init__(self) -> None:
         require(self.pairs > 0 and self.triplets > 0, "pairs", "and triplets must be > 0")
         require(self.workers > 0, "workers", "must be > 0")
+        require(self.triplet_captions in ("captioner", "annotation"), "triplet_captions", "must be captioner or annotation")
 
 
 @dataclass
@@ -224,8 +228,10 @@ class Demo:
             self.path("triplets"), data.triplets, seed=self.config.seed, workers=data.workers, progress=self.progress
         )
         out = self.path("triplet_embeddings")
+        captioner = self.make_captioner() if data.triplet_captions == "captioner" else None
         _rebuild_if_stale(
-            out, lambda: embed_triplets(self.path("triplets"), self.embedder, out, progress=self.progress)
+            out,
+            lambda: embed_triplets(self.path("triplets"), self.embedder, out, progress=self.progress, captioner=captioner),
         )
 
     def train_stage(
@@ -376,7 +382,7 @@ def _rebuild_if_stale(out: Path, embed: Callable[[], T]) -> T:
     try:
         return embed()
     except CacheMismatchError as err:
-        print(f"    {out} holds embeddings of another backbone: re-embedding ({err})")
+        print(f"    {out} holds embeddings of another backbone or caption source: re-embedding ({err})")
         shutil.rmtree(out)
         return embed()
 

@@ -1,8 +1,9 @@
 """Sampling settings of a trained Fusion-Diff pipeline, scored on the shapes benchmark's **val** split.
 
 A sampled query embedding carries diffusion noise, and noise costs retrieval: this script measures
-steps, sample averaging, the one-step z0 prediction and the two guidance scales, so that the demo's
-defaults are chosen on val (never on test). It reuses a finished demo folder:
+steps, sample averaging, the one-step z0 prediction, the two guidance scales and the mix-back toward
+the reference, so that the demo's defaults are chosen on val (never on test). It reuses a finished
+demo folder:
 
     python scripts/sweep_sampling.py --demo-dir runs/demo [--config configs/demo.yaml] [--out sweep.json]
 """
@@ -19,13 +20,26 @@ from fusion_diff.benchmarks.report import markdown_table, write_results
 from fusion_diff.demo import Demo, DemoConfig, default_config_path
 from fusion_diff.training.config import load_dataclass
 
-# (num_inference_steps, num_samples, control_guidance, text_guidance)
+
+def _setting(steps: int, samples: int, control: float, text: float, mix: float = 0.0) -> dict[str, float]:
+    return {
+        "num_inference_steps": steps, "num_samples": samples,
+        "control_guidance": control, "text_guidance": text, "mix_reference": mix,
+    }  # fmt: skip
+
+
 GRID = [
-    *[(1, 1, c, t) for c, t in itertools.product((1.0, 1.5, 2.0, 3.0), (1.0, 1.5, 2.0, 3.0))],
-    (10, 1, 1.5, 1.5),
-    (10, 8, 1.5, 1.5),
-    (10, 1, 2.0, 2.0),
-    (50, 1, 1.5, 1.5),
+    *[_setting(1, 1, c, t) for c, t in itertools.product((1.0, 1.5, 2.0, 3.0), (1.0, 1.5, 2.0, 3.0))],
+    *[_setting(1, n, 1.0, 1.5) for n in (4, 8)],  # averaging one-step predictions from several noises
+    *[  # mix-back toward the reference
+        _setting(1, 1, c, t, m)
+        for (c, t), m in itertools.product(((1.0, 1.5), (1.5, 2.0)), (0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+    ],
+    _setting(1, 8, 1.5, 2.0, 0.4),
+    _setting(10, 1, 1.5, 1.5),
+    _setting(10, 8, 1.5, 1.5),
+    _setting(10, 1, 2.0, 2.0),
+    _setting(50, 1, 1.5, 1.5),
 ]
 
 
@@ -44,12 +58,9 @@ def main() -> None:
     pipeline = load_pipeline(demo.path("stage2"))
 
     results = []
-    for steps, samples, control, text in GRID:
-        name = f"fusion-diff[steps={steps},samples={samples},cg={control},tg={text}]"
-        method = method_factory("fusion-diff")(
-            pipeline=pipeline, num_inference_steps=steps, num_samples=samples,
-            control_guidance=control, text_guidance=text, seed=config.seed, name=name,
-        )  # fmt: skip
+    for setting in GRID:
+        name = "fusion-diff[" + ",".join(f"{key}={value}" for key, value in setting.items()) + "]"
+        method = method_factory("fusion-diff")(pipeline=pipeline, seed=config.seed, name=name, **setting)
         start = time.perf_counter()
         result = evaluator.evaluate(method)
         seconds = time.perf_counter() - start

@@ -74,3 +74,22 @@ def test_caption_only_triplets_are_refused_with_the_fix(tmp_path, tiny_openclip)
     build_corpus_triplets(tmp_path / "corpus", CorpusEditConfig(corpus=str(tmp_path / "c.txt")), progress=False)
     with pytest.raises(DataError, match="synth realise"):
         embed_triplets(tmp_path / "corpus", tiny_openclip, tmp_path / "emb", progress=False)
+
+
+def test_captioner_captions_replace_the_triplets_own_in_the_fused_caches(triplet_dir, tmp_path, tiny_openclip):
+    from fusion_diff.captioning import RetrievalCaptioner
+
+    bank = ["a small green star", "two shapes: a red circle and a blue square", "a large yellow heart"]
+    captioner = RetrievalCaptioner(tiny_openclip, bank)
+    caches = embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False, captioner=captioner)
+    triplets = list(iter_triplets(triplet_dir))
+    ids = [t.id for t in triplets]
+    targets = [t.target_image for t in triplets]
+    expected = tiny_openclip.fuse(
+        tiny_openclip.embed_images(targets), tiny_openclip.embed_texts(captioner.caption(targets))
+    )
+    torch.testing.assert_close(caches["target_fused"].load(ids)[1], expected, atol=1e-5, rtol=1e-5)
+    assert caches["reference_fused"].identity["captions"]["type"] == "retrieval"
+    assert "captions" not in caches["instruction_text"].identity  # unaffected by the caption source
+    with pytest.raises(CacheMismatchError, match="captions"):  # annotation captions are not mixed in
+        embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)

@@ -8,8 +8,14 @@ share the triplet ids::
     instruction_text/   f(instruction)    the prior's text condition
     target_fused/       f(I_tgt, T_tgt)   the denoising target z0
 
-Each cache's identity is the embedder's identity plus the embedding kind and the triplet set it was
-made from, so a cache of another backbone (or another triplet set) is refused, not mixed. The job
+With a ``captioner``, the two fused caches use the captioner's captions instead of the triplets' own
+(``T_ref``, ``T_tgt``): at test time references and gallery items are captioned, never annotated, so
+training on captioned embeddings teaches the adapter what it will actually see (how far to trust the
+caption inside the control, and where a captioned gallery item lies).
+
+Each cache's identity is the embedder's identity plus the embedding kind, the triplet set it was
+made from and the caption source, so a cache of another backbone, triplet set or captioner is
+refused, not mixed. The job
 walks the dataset shard by shard and embeds only the ids a cache lacks: an interrupted run resumes.
 """
 
@@ -23,6 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from data_synth.triplets.format import SHARD_DIR, decode, load_manifest, read_shard
+from fusion_diff.captioning.base import Captioner
+from fusion_diff.captioning.modes import embed_in_mode
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import DataError
@@ -41,13 +49,21 @@ def triplet_identity(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest.get(k) for k in ("generator", "generator_version", "seed", "num_samples")}
 
 
-def open_triplet_caches(out_dir: str | os.PathLike, embedder: JointEmbedder, triplets: dict[str, Any]) -> dict[str, EmbeddingCache]:
-    """The four caches for ``embedder``; CacheMismatchError if one was made by another backbone or set."""
+def caption_source(captioner: Captioner | None) -> dict[str, Any] | str:
+    """What the fused caches' captions came from: ``"annotation"`` or the captioner's identity."""
+    return "annotation" if captioner is None else captioner.identity
+
+
+def open_triplet_caches(
+    out_dir: str | os.PathLike, embedder: JointEmbedder, triplets: dict[str, Any], captioner: Captioner | None = None
+) -> dict[str, EmbeddingCache]:
+    """The four caches for ``embedder``; CacheMismatchError if one was made by another backbone, set or captioner."""
     base = embedder.identity.as_dict()
-    return {
-        name: EmbeddingCache.open(Path(out_dir) / name, {**base, "kind": kind, "role": name, "triplets": triplets})
-        for name, kind in CACHE_KINDS.items()
-    }
+    identity = {name: {**base, "kind": kind, "role": name, "triplets": triplets} for name, kind in CACHE_KINDS.items()}
+    for name, kind in CACHE_KINDS.items():
+        if kind == "fused":
+            identity[name]["captions"] = caption_source(captioner)
+    return {name: EmbeddingCache.open(Path(out_dir) / name, identity[name]) for name in CACHE_KINDS}
 
 
 def embed_triplets(
@@ -56,11 +72,15 @@ def embed_triplets(
     out_dir: str | os.PathLike,
     batch_size: int = 256,
     progress: bool = True,
+    captioner: Captioner | None = None,
 ) -> dict[str, EmbeddingCache]:
-    """Embed every triplet of ``triplet_dir`` into the four caches under ``out_dir`` (resumable)."""
+    """Embed every triplet of ``triplet_dir`` into the four caches under ``out_dir`` (resumable).
+
+    ``captioner``: caption references and targets with it for the fused caches (see the module docstring).
+    """
     triplet_dir = Path(triplet_dir)
     manifest = load_manifest(triplet_dir)
-    caches = open_triplet_caches(out_dir, embedder, triplet_identity(manifest))
+    caches = open_triplet_caches(out_dir, embedder, triplet_identity(manifest), captioner)
     total = int(manifest["num_samples"])
     with tqdm(total=total, unit="triplet", desc="embed triplets", disable=not progress) as bar:
         for shard in manifest["shards"]:
@@ -70,7 +90,7 @@ def embed_triplets(
             todo = {name: set(cache.missing(ids)) for name, cache in caches.items()}
             wanted = [s for s in samples if any(s.key in missing for missing in todo.values())]
             if wanted:
-                _embed_chunk(embedder, caches, todo, [decode(s) for s in wanted], batch_size, path)
+                _embed_chunk(embedder, caches, todo, [decode(s) for s in wanted], batch_size, path, captioner)
             bar.update(len(samples))
     for cache in caches.values():
         cache.compact()  # one shard per cache: training memory-maps it without a copy
@@ -81,13 +101,14 @@ def embed_triplets(
             triplets=str(triplet_dir),
             triplet_set=triplet_identity(manifest),
             embedder=embedder.identity.as_dict(),
+            captions=caption_source(captioner),
             caches={name: len(cache) for name, cache in caches.items()},
         ),
     )
     return caches
 
 
-def _embed_chunk(embedder, caches, todo, triplets, batch_size: int, shard: Path) -> None:
+def _embed_chunk(embedder, caches, todo, triplets, batch_size: int, shard: Path, captioner: Captioner | None) -> None:
     """Embed one shard's triplets into the caches that lack them (each cache gets its own subset)."""
     if any(t.reference_image is None or t.target_image is None for t in triplets):
         raise DataError(
@@ -105,6 +126,12 @@ def _embed_chunk(embedder, caches, todo, triplets, batch_size: int, shard: Path)
         return embedder.embed_texts([getattr(triplets[i], which) for i in idx], batch_size=batch_size)
 
     def fused(image: str, text: str, idx: list[int], image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if captioner is not None:
+            ids = [f"{triplets[i].id}/{image}" for i in idx]
+            pictures = [getattr(triplets[i], image) for i in idx]
+            return embed_in_mode(
+                embedder, "fused", ids, pictures, captioner, image_embeds=image_embeds, batch_size=batch_size, role=image
+            ).embeddings
         if embedder.supports_late_fusion:
             return embedder.fuse(images(image, idx) if image_embeds is None else image_embeds, texts(text, idx))
         return embedder.embed_pairs(

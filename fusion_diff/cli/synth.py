@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusion_diff.cli.caption import add_captioner_args, captioner_from_args
 from fusion_diff.errors import ConfigError
 
 if TYPE_CHECKING:  # the embedding package imports open_clip: only load it for embed-triplets
@@ -108,8 +109,9 @@ def run_embed(args: argparse.Namespace) -> int:
     from data_synth.triplets.embed import embed_triplets
 
     embedder = embedder_from_args(args)
+    captioner = captioner_from_args(args, embedder)
     start = time.perf_counter()
-    caches = embed_triplets(args.triplets, embedder, args.out, batch_size=args.batch_size)
+    caches = embed_triplets(args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner)
     sizes = ", ".join(f"{name} {len(cache)}" for name, cache in caches.items())
     print(f"embedded with {embedder.identity.describe()} in {time.perf_counter() - start:.1f} s: {sizes} -> {args.out}")
     return 0
@@ -215,7 +217,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="precompute the embeddings stage-2 training reads (fused ref/target, image ref, instruction)",
         description=(
             "Write four embedding caches under --out (reference_fused, reference_image, instruction_text, target_fused) "
-            "sharing the triplet ids. Resumable; a cache made by another backbone or triplet set is refused."
+            "sharing the triplet ids. Resumable; a cache made by another backbone, triplet set or caption source is "
+            "refused. With --captioner, the fused caches use the captioner's captions of the reference and target "
+            "images (as at test time) instead of the triplets' own captions."
         ),
     )
     embed.add_argument("--triplets", required=True, help="triplet dataset directory (with images)")
@@ -225,4 +229,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             '\'{"backend": "openclip", "model_name": "ViT-L-14", "pretrained": "openai"}\'')
     embed.add_argument("--fusion-weight", type=float, default=0.5, help="image weight a of the world backbone's fusion")
     embed.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
+    add_captioner_args(embed)
     embed.set_defaults(func=run_embed)
