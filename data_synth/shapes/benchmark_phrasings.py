@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+from data_synth.shapes.captions import SIZE_WORDS, definite_words
 from data_synth.shapes.edits import AnyEdit, CompositeEdit, Edit, apply_edit
 from data_synth.shapes.scene import Scene, SceneObject, distinguishing_attributes, position_name
 
@@ -70,7 +71,6 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 # Composite edits: "{a}<joiner>{b}".
 JOINERS: tuple[str, ...] = ("; ", ", as well as ", ", besides ", " - ")
-SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 BENCHMARK_KINDS: tuple[str, ...] = ("recolour", "resize", "move", "add", "remove", "replace_shape")
 
 
@@ -83,13 +83,7 @@ def benchmark_templates() -> list[str]:
 def refer(scene: Scene, obj: SceneObject, rng: random.Random) -> str:
     """'the small red star' / 'the star at the top left': names ``obj`` unambiguously in ``scene``."""
     attrs = distinguishing_attributes(scene, obj)
-    words = ["the"]
-    if "size" in attrs:
-        words.append(rng.choice(SIZE_WORDS[obj.size]))
-    if "colour" in attrs:
-        words.append(obj.colour)
-    words.append(obj.shape)
-    phrase = " ".join(words)
+    phrase = " ".join(definite_words(obj, attrs, rng))
     if "position" in attrs:
         phrase += f" at the {position_name(obj.position)}"
     return phrase

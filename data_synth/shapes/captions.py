@@ -14,6 +14,18 @@ from dataclasses import dataclass
 from data_synth.shapes.scene import COLOURS, SHAPES, SIZES, Scene, SceneObject, position_name
 
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
+
+
+def definite_words(obj: SceneObject, attributes: set[str] | tuple[str, ...], rng: random.Random) -> list[str]:
+    """``["the", size?, colour?, shape]``: the words naming ``obj`` by the ``attributes`` asked for
+    (position is left to the caller, whose phrasing of places differs)."""
+    words = ["the"]
+    if "size" in attributes:
+        words.append(rng.choice(SIZE_WORDS[obj.size]))
+    if "colour" in attributes:
+        words.append(obj.colour)
+    words.append(obj.shape)
+    return words
 BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {"white": ("white",), "gray": ("gray", "grey"), "black": ("black",)}
 COUNT_WORDS = ("one", "two", "three", "four")
 ROW_WORDS: dict[str, int] = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}

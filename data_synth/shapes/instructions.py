@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from data_synth.shapes.captions import SIZE_WORDS, definite_words
 from data_synth.shapes.edits import AnyEdit, CompositeEdit, Edit, apply_edit
 from data_synth.shapes.scene import (
     COLOURS,
@@ -125,7 +126,6 @@ CONNECTIVES: tuple[tuple[str, str], ...] = (
     ("", ", after that "),
     ("", " plus "),
 )
-SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 CENTER_WORDS = ("center", "middle")
 PREPOSITIONS = {"corner": ("in", "at"), "edge": ("on", "at")}  # "in the top left", "on the right"
@@ -158,12 +158,7 @@ def refer(scene: Scene, obj: SceneObject, rng: random.Random) -> str:
     extras = [a for a in ("colour", "size") if a not in attrs]
     if extras and rng.random() < EXTRA_ATTRIBUTE_PROBABILITY:
         attrs.add(rng.choice(extras))
-    words = ["the"]
-    if "size" in attrs:
-        words.append(rng.choice(SIZE_WORDS[obj.size]))
-    if "colour" in attrs:
-        words.append(obj.colour)
-    words.append(obj.shape)
+    words = definite_words(obj, attrs, rng)
     if "position" in attrs:
         words.append(_where(obj.position, rng))
     return " ".join(words)
