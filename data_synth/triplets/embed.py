@@ -15,8 +15,8 @@ caption inside the control, and where a captioned gallery item lies).
 
 Each cache's identity is the embedder's identity plus the embedding kind, the triplet set it was
 made from and the caption source, so a cache of another backbone, triplet set or captioner is
-refused, not mixed. The job
-walks the dataset shard by shard and embeds only the ids a cache lacks: an interrupted run resumes.
+refused, not mixed. The job walks the dataset shard by shard and embeds only the ids a cache lacks:
+an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -59,11 +59,12 @@ def open_triplet_caches(
 ) -> dict[str, EmbeddingCache]:
     """The four caches for ``embedder``; CacheMismatchError if one was made by another backbone, set or captioner."""
     base = embedder.identity.as_dict()
-    identity = {name: {**base, "kind": kind, "role": name, "triplets": triplets} for name, kind in CACHE_KINDS.items()}
-    for name, kind in CACHE_KINDS.items():
-        if kind == "fused":
-            identity[name]["captions"] = caption_source(captioner)
-    return {name: EmbeddingCache.open(Path(out_dir) / name, identity[name]) for name in CACHE_KINDS}
+
+    def identity(name: str, kind: str) -> dict[str, Any]:
+        captions = {"captions": caption_source(captioner)} if kind == "fused" else {}
+        return {**base, "kind": kind, "role": name, "triplets": triplets, **captions}
+
+    return {name: EmbeddingCache.open(Path(out_dir) / name, identity(name, kind)) for name, kind in CACHE_KINDS.items()}
 
 
 def embed_triplets(
