@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone = commands.add_parser(
         "backbone",
         help="(re)train the world backbone and print its held-out quality",
-        description="Train the shapes-world open_clip backbone from scratch with open_clip's ClipLoss on fresh random "
-        "training scenes, save it to the cache (checkpoint + manifest with checksum), then print held-out zero-shot "
+        description="Train the shapes-world open_clip backbone from scratch with open_clip's ClipLoss (plus the "
+        "scene-graph read-out head, see --scene-loss-weight) on fresh random training scenes, save it to the cache (checkpoint + manifest with checksum), then print held-out zero-shot "
         "colour/shape accuracy on single objects and image->caption R@1 among 1,000 held-out pairs.",
     )
     backbone.add_argument("--cache", type=Path, default=None, help="cache folder (default: $FUSION_DIFF_CACHE/shapes_backbone)")
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone.add_argument("--steps", type=int, help="optimisation steps (default: BackboneConfig.steps)")
     backbone.add_argument("--batch-size", type=int, help="pairs per step")
     backbone.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    backbone.add_argument("--scene-loss-weight", type=float, help="weight of the scene-graph read-out loss (0: ClipLoss only)")
     backbone.add_argument("--time-budget", type=float, help="seconds: stop early and compress the cosine schedule to fit")
     backbone.add_argument("--seed", type=int, help="training seed")
     backbone.add_argument("--threads", type=int, help="torch threads (1 is faster on a machine shared with other jobs)")
@@ -78,6 +79,7 @@ def _backbone(args: argparse.Namespace) -> int:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "scene_loss_weight": args.scene_loss_weight,
             "seed": args.seed,
             "threads": args.threads,
             "data_workers": args.data_workers,
