@@ -44,7 +44,7 @@ INPUTS_FILE = "demo_inputs.json"  # beside each trained model: digests of what i
 class WorldSection:
     """The world backbone and the benchmark."""
 
-    backbone_steps: int = 400  # open_clip training steps of the world backbone
+    backbone_steps: int = 1600  # open_clip training steps of the world backbone
     backbone_cache: str | None = None  # default: <cache root>/shapes_backbone (a shared, reusable cache)
     val_queries: int = 1000
     test_queries: int = 2000

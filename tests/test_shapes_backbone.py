@@ -16,6 +16,7 @@ from data_synth.shapes.backbone import (
     build_backbone,
     load_world_embedder,
     scene_targets,
+    training_scenes,
 )
 from data_synth.shapes.scene import COLOURS, GRID, SHAPES, SIZES, Scene, SceneObject, sample_scene
 from fusion_diff.embedding import OpenCLIPEmbedder
@@ -120,3 +121,23 @@ def test_scene_graph_head_learns_a_fixed_batch_and_ignores_empty_cells_attribute
     head.loss(torch.randn(1, 16), one).backward()
     grad = head.proj.weight.grad.view(GRID * GRID, sum(head.sizes), 16)
     assert grad[1:, 2:].abs().sum() == 0 and grad[1:, :2].abs().sum() > 0
+
+
+
+def test_training_scenes_hold_the_asked_share_of_single_objects_and_siblings():
+    scenes = training_scenes(random.Random(0), 64, sibling_fraction=0.5, single_fraction=0.5)
+    assert len(scenes) == 64
+    assert all(len(s.objects) == 1 for s in scenes[:16])  # half of the 32 base scenes
+    assert not any(s.is_heldout() for s in scenes)
+
+
+def test_scene_graph_head_weights_scale_one_attribute():
+    torch.manual_seed(0)
+    targets = scene_targets([sample_scene(random.Random(i)) for i in range(8)])
+    features = torch.randn(8, 16)
+    plain, shaped = SceneGraphHead(16), SceneGraphHead(16, {"shape": 3.0})
+    shaped.load_state_dict(plain.state_dict())
+    zero_shape = SceneGraphHead(16, {"shape": 0.0})
+    zero_shape.load_state_dict(plain.state_dict())
+    shape_term = plain.loss(features, targets) - zero_shape.loss(features, targets)
+    assert torch.allclose(shaped.loss(features, targets), plain.loss(features, targets) + 2 * shape_term)

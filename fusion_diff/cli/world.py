@@ -30,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone.add_argument("--steps", type=int, help="optimisation steps (default: BackboneConfig.steps)")
     backbone.add_argument("--batch-size", type=int, help="pairs per step")
     backbone.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    backbone.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
     backbone.add_argument("--scene-loss-weight", type=float, help="weight of the scene-graph read-out loss (0: ClipLoss only)")
+    backbone.add_argument("--shape-loss-weight", type=float, help="weight of the shape term inside the scene-graph loss")
+    backbone.add_argument("--single-fraction", type=float, help="share of single-object scenes among the random ones")
     backbone.add_argument("--time-budget", type=float, help="seconds: stop early and compress the cosine schedule to fit")
     backbone.add_argument("--seed", type=int, help="training seed")
     backbone.add_argument("--threads", type=int, help="torch threads (1 is faster on a machine shared with other jobs)")
@@ -79,7 +82,10 @@ def _backbone(args: argparse.Namespace) -> int:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "warmup_steps": args.warmup_steps,
             "scene_loss_weight": args.scene_loss_weight,
+            "shape_loss_weight": args.shape_loss_weight,
+            "single_fraction": args.single_fraction,
             "seed": args.seed,
             "threads": args.threads,
             "data_workers": args.data_workers,
