@@ -33,7 +33,7 @@ import torch
 
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.training.config import load_config, load_dataclass, require
-from fusion_diff.utils.io import write_json_atomic
+from fusion_diff.utils.io import atomic_path, write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
 T = TypeVar("T")
@@ -306,6 +306,7 @@ class Demo:
         from fusion_diff.baselines import create_method
         from fusion_diff.baselines.registry import load_pipeline, method_factory
         from fusion_diff.benchmarks.report import markdown_table, write_results
+        from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
 
         evaluator = self.evaluator("test")
         unit = evaluator.units[0]
@@ -326,13 +327,17 @@ class Demo:
             if name.startswith("oracle"):
                 options["data"] = unit
             results.append(evaluator.evaluate(create_method(name, **options)))
+        by_kind = kind_table(results, unit, edit_kinds(self.path("benchmark"), "test"))
         if self.config.evaluation.training_phrasing:  # the phrasing gap: same edits, training generator's wording
             options = {**self.fusion_diff_options(), "name": "fusion-diff@training-phrasing"}
             method = method_factory("fusion-diff")(pipeline=load_pipeline(stage2), **options)
             results.append(self.evaluator("test", phrasing="training").evaluate(method))
         json_path, md_path = write_results(results, self.path("results"), "shapes-test")
+        with atomic_path(self.path("results") / "shapes-test-by-edit.md") as tmp:
+            tmp.write_text(by_kind, encoding="utf-8")
         print(markdown_table(results))
-        print(f"    wrote {md_path} and {json_path}")
+        print("R@1 per edit kind:\n" + by_kind)
+        print(f"    wrote {md_path}, {json_path} and shapes-test-by-edit.md")
         return md_path
 
     def plot(self, stage2: Path) -> None:

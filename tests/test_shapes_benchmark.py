@@ -14,6 +14,8 @@ from data_synth.shapes.captions import caption_matches, parse_caption
 from data_synth.shapes.edits import apply_edit, edit_from_dict, sample_edit
 from data_synth.shapes.instructions import matches_training_phrasing, training_templates
 from data_synth.shapes.scene import Scene, SceneObject, sample_scene
+from fusion_diff.benchmarks.report import EvalResult
+from fusion_diff.benchmarks.shapes import edit_kinds, kind_table, load_shapes, recall_at_1_by_kind
 
 SPLITS = ("val", "test1")
 
@@ -103,3 +105,19 @@ def test_same_seed_same_files(bench, tmp_path):
         assert (tmp_path / rel).read_bytes() == (bench / rel).read_bytes()
     name = next(iter(_read(bench, "image_splits/split.rc2.val.json")))
     assert (tmp_path / "dev" / f"{name}.png").read_bytes() == (bench / "dev" / f"{name}.png").read_bytes()
+
+
+def test_recall_at_1_by_kind_counts_each_query_under_its_edit_kind(bench):
+    data = load_shapes(bench, "val")
+    kinds = edit_kinds(bench, "val")
+    assert set(kinds.values()) <= set(QUERY_KINDS) | {"composite"}
+    chosen = kinds[str(data.queries[0].query_id)]
+    ranking = {  # the target first for the chosen kind's queries, a wrong image first for the others
+        q.query_id: [q.positives[0] if kinds[str(q.query_id)] == chosen else q.reference] for q in data.queries
+    }
+    result = EvalResult(method="probe", metrics={}, protocol={}, rankings={data.name: ranking})
+    by_kind = recall_at_1_by_kind(result, data, kinds)
+    assert by_kind[chosen] == 100.0
+    assert all(value == 0.0 for kind, value in by_kind.items() if kind != chosen)
+    table = kind_table([result], data, kinds)
+    assert f"| {chosen} | {sum(k == chosen for k in kinds.values())} | 100.0 |" in table

@@ -8,10 +8,13 @@ the training generator's phrasing, for the phrasing-gap figure).
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fusion_diff.benchmarks.cirr import annotation_dir, cirr_split, load_cirr
+from fusion_diff.benchmarks.report import EvalResult
 from fusion_diff.benchmarks.types import BenchmarkData
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import read_json
@@ -55,3 +58,38 @@ def load_oracle_captions(path: str | Path) -> dict[str, str]:
     if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
         raise DataError(f"{path} is not an oracle captions file ({{image name: caption}} expected).")
     return captions
+
+
+def edit_kinds(root: str | Path, split: str) -> dict[str, str]:
+    """{query id: edit kind} from ``meta/queries.{split}.json``; two-edit queries are all "composite"."""
+    path = annotation_dir(Path(root)) / "meta" / f"queries.{cirr_split(split)}.json"
+    meta: list[dict[str, Any]] = read_json(path, "shapes-world query metadata")
+    return {str(m["pairid"]): "composite" if ":" in m["kind"] else m["kind"] for m in meta}
+
+
+def recall_at_1_by_kind(result: EvalResult, unit: BenchmarkData, kinds: dict[str, str]) -> dict[str, float]:
+    """R@1 (%) of ``result`` on ``unit`` per edit kind: where a method wins and loses against image-only."""
+    ranking = result.rankings[unit.name]
+    hits: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for query in unit.queries:
+        if query.query_id not in ranking:
+            continue
+        kind = kinds.get(str(query.query_id))
+        if kind is None:
+            raise DataError(f"query {query.query_id} of {unit.name} has no edit kind in the benchmark's meta folder.")
+        totals[kind] += 1
+        hits[kind] += bool(ranking[query.query_id]) and ranking[query.query_id][0] in query.positives
+    return {kind: 100.0 * hits[kind] / totals[kind] for kind in sorted(totals, key=lambda k: (-totals[k], k))}
+
+
+def kind_table(results: Sequence[EvalResult], unit: BenchmarkData, kinds: dict[str, str]) -> str:
+    """A markdown table of R@1 per edit kind (rows) and method (columns), with the query count per kind."""
+    per_method = {r.method: recall_at_1_by_kind(r, unit, kinds) for r in results}
+    counts = Counter(kinds[str(q.query_id)] for q in unit.queries if str(q.query_id) in kinds)
+    rows = next(iter(per_method.values()), {})
+    lines = ["| edit kind | queries | " + " | ".join(per_method) + " |", "|---|---|" + "---|" * len(per_method)]
+    for kind in rows:
+        cells = [f"{per_method[m].get(kind, float('nan')):.1f}" for m in per_method]
+        lines.append(f"| {kind} | {counts[kind]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
