@@ -180,9 +180,9 @@ class SceneGraphHead(torch.nn.Module):
         occupancy, *attributes = logits.split(self.sizes, dim=-1)
         occupied = targets[..., 0] > 0
         loss = F.cross_entropy(occupancy.reshape(-1, 2), occupied.long().reshape(-1))
-        for j, attribute_logits in enumerate(attributes):
-            weight = self.weights.get(list(CELL_ATTRIBUTES)[j], 1.0)
-            loss = loss + weight * F.cross_entropy(attribute_logits[occupied], targets[..., j][occupied] - 1)
+        for j, (name, attribute_logits) in enumerate(zip(CELL_ATTRIBUTES, attributes)):
+            term = F.cross_entropy(attribute_logits[occupied], targets[..., j][occupied] - 1)
+            loss = loss + self.weights.get(name, 1.0) * term
         return loss
 
 
