@@ -10,23 +10,25 @@ hard negatives that differ in one attribute (what composed retrieval needs the s
 and half of the rest are single objects. Beside ``ClipLoss``, a throw-away linear head reads the
 scene graph out of the image embedding (``SceneGraphHead``, shape weighted 5x): the world's stand-in
 for the visual knowledge a real CLIP brings. What made shape learnable in ten CPU-minutes, measured
-on held-out single objects (seed 0, about 100k training images each; scratch runs):
+on held-out single objects (seed 0, about 100k training images each; every row is a
+``fusion-diff world backbone`` command with ``--batch-size --steps --warmup-steps --single-fraction
+--shape-loss-weight``):
 
-==========================================================  ===========  ===============
-recipe                                                      zero-shot    image->caption
-                                                            shape        R@1
-==========================================================  ===========  ===============
-batch 256 x 400 steps, head (the previous default)          18.9%        83.0%
- + hard-negative captions (one attribute swapped), 1 / 3    15.4 / 10.7  84.5 / 82.6%
- + 30% single objects, shape weight 3                       48.8%        84.6%
-batch 128 x 800 steps, 30% single objects, shape weight 3   73.1%        88.5%
-batch 128 x 800, 50% single objects, shape weight 5         83.8%        84.6%
-batch 64 x 1600, 30% single objects, shape weight 3         80.3%        91.2%
-batch 64 x 1600, 50% single objects, shape weight 5 (this)  87.4%        86.4%
-==========================================================  ===========  ===============
+=====================================================  =======  ===========  ===============
+recipe                                                 warm-up  zero-shot    image->caption
+                                                                shape        R@1
+=====================================================  =======  ===========  ===============
+batch 256 x 400 steps, head (the previous default)     60       18.9%        83.0%
+ + 30% single objects, shape weight 3                  60       48.8%        84.6%
+batch 128 x 800, 30% single objects, shape weight 3    120      73.1%        88.5%
+batch 128 x 800, 50% single objects, shape weight 5    120      83.8%        84.6%
+batch 64 x 1600, 30% single objects, shape weight 3    200      80.3%        91.2%
+batch 64 x 1600, 50% single objects, shape weight 5    200      87.4%        86.4%
+(this config)
+=====================================================  =======  ===========  ===============
 
-A tiny ViT from scratch learns shape by the number of updates more than by samples: under direct
-shape supervision it stays at chance for its first ~75 steps.
+A tiny ViT from scratch learns shape by the number of updates more than by samples. Hard-negative
+captions (the same wording with one attribute swapped) did not help and are not implemented.
 """
 
 from __future__ import annotations
