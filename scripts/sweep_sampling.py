@@ -6,6 +6,7 @@ the reference, so that the demo's defaults are chosen on val (never on test). It
 demo folder:
 
     python scripts/sweep_sampling.py --demo-dir runs/demo [--config configs/demo.yaml]   # tables in runs/demo/results/
+    python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/k3   # another stage-2 run on the same data
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ GRID = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-dir", required=True, help="a finished `fusion-diff demo` output folder")
+    parser.add_argument("--pipeline", default=None, help="a Fusion-Diff pipeline folder to sweep instead of the demo's stage2/")
     parser.add_argument("--config", default=None, help="the demo config that made it (default: configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides used for that run (section.key=value)")
     args = parser.parse_args()
@@ -56,7 +58,7 @@ def main() -> None:
     demo = Demo(config, config_path.parent, progress=False)
     demo.embedder = demo.build_backbone()
     evaluator = demo.evaluator("val")
-    pipeline = load_pipeline(demo.path("stage2"))
+    pipeline = load_pipeline(args.pipeline or demo.path("stage2"))
 
     reference = evaluator.evaluate(create_method("image-only"))  # the bar to clear, on the same queries
     print(f"image-only: R@1 {reference.metrics['R@1']:.2f}  R@10 {reference.metrics['R@10']:.2f}", flush=True)
@@ -72,7 +74,8 @@ def main() -> None:
     best = max(results[1:], key=lambda r: r.metrics["R@1"])
     print(markdown_table(results))
     print(f"best on val by R@1: {best.method}")
-    write_results(results, demo.path("results"), "shapes-val-sampling-sweep")
+    stem = "shapes-val-sampling-sweep" + (f"-{Path(args.pipeline).name}" if args.pipeline else "")
+    write_results(results, demo.path("results"), stem)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fusion_diff.benchmarks.cirr import annotation_dir, cirr_split, load_cirr
 from fusion_diff.benchmarks.report import EvalResult
@@ -61,9 +61,10 @@ def load_oracle_captions(path: str | Path) -> dict[str, str]:
 
 
 def edit_kinds(root: str | Path, split: str) -> dict[str, str]:
-    """{query id: edit kind} from ``meta/queries.{split}.json``; two-edit queries are all "composite"."""
-    path = annotation_dir(Path(root)) / "meta" / f"queries.{cirr_split(split)}.json"
-    meta: list[dict[str, Any]] = read_json(path, "shapes-world query metadata")
+    """{query id: edit kind} from the benchmark's per-query metadata; two-edit queries are all "composite"."""
+    from data_synth.shapes.benchmark import load_meta  # the writer's own reader (imported late: no cycle)
+
+    meta = load_meta(annotation_dir(Path(root)), cirr_split(split))
     return {str(m["pairid"]): "composite" if ":" in m["kind"] else m["kind"] for m in meta}
 
 
