@@ -86,7 +86,8 @@ class TrainingSection:
 
 @dataclass
 class EvaluationSection:
-    """What the table shows. ``methods`` maps each row's method name to its options (see ``fusion-diff eval``)."""
+    """What the table shows. ``methods`` maps each row to its method's options (see ``fusion-diff eval``); the
+    row's name is the method's, or, for a variant row, any name with ``method: <name>`` among its options."""
 
     captioner: dict[str, Any] = field(default_factory=lambda: {"type": "retrieval", "top_k": 1})  # bank: the pair set
     methods: dict[str, dict[str, Any]] = field(
@@ -316,12 +317,15 @@ class Demo:
             "fti4cir": ("checkpoint", fti4cir),
         }
         results = []
-        for name, options in self.config.evaluation.methods.items():
+        for row, options in self.config.evaluation.methods.items():
             options = dict(options)
+            name = options.pop("method", row)  # a row may run a method under another name (a variant)
+            if name != row:
+                options["name"] = row
             if name in checkpoints:
                 key, path = checkpoints[name]
                 if path is None:
-                    print(f"    {name}: not trained, row skipped")
+                    print(f"    {row}: not trained, row skipped")
                     continue
                 options[key] = str(path)
             if name.startswith("oracle"):
@@ -370,8 +374,9 @@ def run_demo(quick: bool = False, config_path: str | Path | None = None, overrid
     """Load the demo config (strictly), run every step, and return the path of the markdown table."""
     path = Path(config_path) if config_path else default_config_path(quick)
     config = load_dataclass(DemoConfig, path, overrides or [])
-    if config.evaluation.methods.keys() - _known_methods():
-        unknown = sorted(config.evaluation.methods.keys() - _known_methods())
+    rows = config.evaluation.methods
+    unknown = sorted({options.get("method", row) for row, options in rows.items()} - _known_methods())
+    if unknown:
         raise ConfigError(f"{path}: unknown method(s) {unknown} in 'evaluation.methods'; see fusion-diff eval --help.")
     return Demo(config, path.parent, progress).run()
 

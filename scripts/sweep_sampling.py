@@ -1,9 +1,10 @@
-"""Sampling settings of a trained Fusion-Diff pipeline, scored on the shapes benchmark's **val** split.
+"""Query settings of the demo's methods, scored on the shapes benchmark's **val** split.
 
 A sampled query embedding carries diffusion noise, and noise costs retrieval: this script measures
-steps, sample averaging, the one-step z0 prediction, the two guidance scales and the mix-back toward
-the reference, so that the demo's defaults are chosen on val (never on test). It reuses a finished
-demo folder:
+Fusion-Diff's steps, sample averaging, the one-step z0 prediction, the two guidance scales, the
+gallery (fused or image embeddings) and the mix-back toward the reference; and FTI4CIR's mix-back
+toward the reference image. The demo's defaults are chosen here, on val (never on test). It reuses a
+finished demo folder:
 
     python scripts/sweep_sampling.py --demo-dir runs/demo [--config configs/demo.yaml]   # tables in runs/demo/results/
     python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/k3   # another stage-2 run on the same data
@@ -23,10 +24,12 @@ from fusion_diff.demo import Demo, DemoConfig, default_config_path
 from fusion_diff.training.config import load_dataclass
 
 
-def _setting(steps: int, samples: int, control: float, text: float, mix: float = 0.0) -> dict[str, float]:
+def _setting(
+    steps: int, samples: int, control: float, text: float, mix: float = 0.0, gallery: str = "fused"
+) -> dict[str, float | str]:
     return {
-        "num_inference_steps": steps, "num_samples": samples,
-        "control_guidance": control, "text_guidance": text, "mix_reference": mix,
+        "num_inference_steps": steps, "num_samples": samples, "control_guidance": control,
+        "text_guidance": text, "mix_reference": mix, "gallery_mode": gallery,
     }  # fmt: skip
 
 
@@ -42,7 +45,12 @@ GRID = [
     _setting(10, 8, 1.5, 1.5),
     _setting(10, 1, 2.0, 2.0),
     _setting(50, 1, 1.5, 1.5),
+    *[  # the image gallery (no captioner on the gallery side), mixed toward f(I_ref)
+        _setting(1, 8, c, t, m, gallery="image")
+        for (c, t), m in itertools.product(((1.0, 1.5), (1.5, 2.0), (2.0, 2.0)), (0.0, 0.2, 0.3, 0.4))
+    ],
 ]
+FTI4CIR_MIX = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def main() -> None:
@@ -72,8 +80,16 @@ def main() -> None:
         print(f"{name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}  ({seconds:.0f} s)", flush=True)
         results.append(result)
     best = max(results[1:], key=lambda r: r.metrics["R@1"])
+    fti4cir = demo.path("fti4cir")
+    if args.pipeline is None and (fti4cir / "config.json").is_file():
+        for mix in FTI4CIR_MIX:
+            name = f"fti4cir[mix_reference={mix}]"
+            method = create_method("fti4cir", checkpoint=str(fti4cir), mix_reference=mix, name=name)
+            result = evaluator.evaluate(method)
+            print(f"{method.name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}", flush=True)
+            results.append(result)
     print(markdown_table(results))
-    print(f"best on val by R@1: {best.method}")
+    print(f"best Fusion-Diff setting on val by R@1: {best.method}")
     stem = "shapes-val-sampling-sweep" + (f"-{Path(args.pipeline).name}" if args.pipeline else "")
     write_results(results, demo.path("results"), stem)
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fusion_diff.demo import CONFIG_DIR, run_demo
+from fusion_diff.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +33,15 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     table = run_demo(config_path=path, progress=False)
     rows = {row["method"] for row in json.loads(table.with_suffix(".json").read_text())}
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
+    assert {"fusion-diff[fused gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
     assert (tmp_path / "demo" / "results" / "plots" / "query_space.png").stat().st_size > 0
 
     timings = tmp_path / "demo" / "results" / "timings.json"
     timings.unlink()
     run_demo(config_path=path, progress=False)  # every stage cached: only evaluation and plots run again
     assert json.loads(timings.read_text())["stage 2: Control-Adapter"] < 5
+
+    config["evaluation"]["methods"]["typo-row"] = {"method": "fusion-dif"}
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="fusion-dif"):
+        run_demo(config_path=path, progress=False)

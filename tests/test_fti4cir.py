@@ -238,6 +238,13 @@ def test_retrieval_method_returns_unit_norm_queries(tiny_openclip, tmp_path):
     # The same queries as the pipeline computes for PIL inputs (paths vs images, batching).
     pipeline = FTI4CIRPipeline.from_pretrained(tmp_path / "ckpt", tiny_openclip)
     assert torch.allclose(pipeline(_images(5, seed=3), texts), queries, atol=1e-5)
+    # The val-selected variant: the pseudo-sentence query pulled toward the reference image embedding.
+    mixed = FTI4CIRMethod(tmp_path / "ckpt", batch_size=2, mix_reference=0.4, name="fti4cir+mix")
+    expected = torch.nn.functional.normalize(
+        0.6 * queries + 0.4 * torch.nn.functional.normalize(context.reference_image_embeds, dim=-1), dim=-1
+    )
+    assert torch.allclose(mixed.query_embeddings(context), expected, atol=1e-5)
+    assert mixed.name == "fti4cir+mix" and mixed.protocol()["mix_reference"] == 0.4
 
 
 @pytest.mark.parametrize(

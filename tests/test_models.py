@@ -12,6 +12,7 @@ from fusion_diff.models import (
     default_num_blocks,
     noise_scheduler,
     predict,
+    predicted_sample,
     sampling_scheduler,
     training_target,
 )
@@ -171,3 +172,15 @@ def test_training_target_is_what_the_samplers_decode(prediction_type, sampler):
         target = training_target(train, z0, noise, ts)
         latents = scheduler.step(target, t, latents).prev_sample
     torch.testing.assert_close(latents, z0, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+def test_predicted_sample_inverts_the_training_target(prediction_type):
+    """The z0 estimate behind stage 2's contrastive term: exact when the output is the training target."""
+    prior = FusionPrior(embedding_dim=D, hidden_dim=8, num_layers=1, num_heads=2, prediction_type=prediction_type)
+    scheduler = noise_scheduler(prior)
+    z0, noise = torch.randn(6, D), torch.randn(6, D)
+    timesteps = torch.tensor([0, 10, 200, 500, 800, 990])  # not the last step: epsilon divides by sqrt(a_T) ~ 0
+    noisy = scheduler.add_noise(z0, noise, timesteps)
+    output = training_target(scheduler, z0, noise, timesteps)
+    torch.testing.assert_close(predicted_sample(scheduler, noisy, output, timesteps), z0, atol=1e-3, rtol=1e-3)

@@ -22,7 +22,7 @@ from fusion_diff.models import (
     training_target,
 )
 from fusion_diff.pipelines import Emb2EmbMethod, FusionDiffMethod, FusionDiffPipeline, GuidedDenoiser
-from fusion_diff.retrieval.method import QueryContext, RetrievalMethod
+from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, mix_toward_reference
 
 D = 16
 
@@ -324,3 +324,25 @@ def test_every_prediction_type_samples_the_toy_distribution(prediction_type):
         cos = out @ points.T
         assert (cos.argmax(-1) == which).float().mean() >= 0.9, sampler
         assert cos.max(-1).values.median() >= 0.95, sampler
+
+
+def test_mix_toward_reference_is_anchored_in_the_gallerys_space():
+    queries = F.normalize(torch.randn(3, D), dim=-1)
+    reference = torch.randn(3, D) * 5.0  # any scale: the reference is normalised first
+    assert torch.equal(mix_toward_reference(queries, reference, 0.0), queries)
+    torch.testing.assert_close(mix_toward_reference(queries, reference, 1.0), F.normalize(reference, dim=-1))
+    expected = F.normalize(0.7 * queries + 0.3 * F.normalize(reference, dim=-1), dim=-1)
+    torch.testing.assert_close(mix_toward_reference(queries, reference, 0.3), expected)
+    with pytest.raises(ConfigError, match="mix_reference"):
+        mix_toward_reference(queries, reference, 1.5)
+
+    pipe = make_pipeline()
+    pipe.embedder = FakeEmbedder()
+    ctx = context(pipe.embedder, fused=True)
+    plain = FusionDiffMethod(pipe, num_inference_steps=2, seed=3).query_embeddings(ctx)
+    for gallery, anchor in (("fused", ctx.reference_fused_embeds), ("image", ctx.reference_image_embeds)):
+        method = FusionDiffMethod(pipe, num_inference_steps=2, seed=3, mix_reference=0.4, gallery_mode=gallery)
+        torch.testing.assert_close(method.query_embeddings(ctx), mix_toward_reference(plain, anchor, 0.4))
+        assert method.protocol()["mix_anchor"] == ("f(I_ref)" if gallery == "image" else "control")
+    with pytest.raises(ConfigError, match="mix_reference"):
+        FusionDiffMethod(pipe, mix_reference=-0.1)

@@ -18,6 +18,7 @@ from data_synth.shapes.backbone import (
     scene_targets,
     training_scenes,
 )
+from data_synth.shapes import render as render_module
 from data_synth.shapes.scene import COLOURS, GRID, SHAPES, SIZES, Scene, SceneObject, sample_scene
 from fusion_diff.embedding import OpenCLIPEmbedder
 from fusion_diff.errors import MissingFileError
@@ -65,8 +66,8 @@ def test_truncated_or_missing_checkpoint_is_detected(built, tmp_path):
     assert not store.validate() and "missing" in store.problems[0]
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "no_manifest", "other_config"])
-def test_damaged_cache_is_detected_and_rebuilt(built, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["corrupt", "no_manifest", "other_config", "other_world"])
+def test_damaged_cache_is_detected_and_rebuilt(built, tmp_path, damage, monkeypatch):
     root = tmp_path / "cache"
     shutil.copytree(built[0], root)
     store = BackboneCache.at(root)
@@ -77,8 +78,12 @@ def test_damaged_cache_is_detected_and_rebuilt(built, tmp_path, damage):
         store.checkpoint.write_bytes(bytes(data))
     elif damage == "no_manifest":  # an interrupted build: checkpoint written, manifest not yet
         store.manifest_path.unlink()
-    else:
+    elif damage == "other_config":
         config = BackboneConfig.quick(seed=1)
+    else:  # the world changed under the cache (a shape redrawn): its renders are not what it was trained on
+        monkeypatch.setitem(render_module.OUTLINES, "star", render_module._star(points=6))
+        config = BackboneConfig.quick()
+        assert config.world != QUICK.world
     assert not store.validate(config) and store.problems
     with pytest.raises(MissingFileError, match="fusion-diff world backbone"):
         load_world_embedder(root, train_if_missing=False, config=config)

@@ -203,3 +203,22 @@ def test_datasets_refuse_incomplete_or_foreign_caches(data, tmp_path):
         PairEmbeddingDataset(pairs)
     with pytest.raises(MissingFileError, match=r"'target' not found at .*nowhere/fused"):
         PairEmbeddingDataset(tmp_path / "nowhere")
+
+
+def test_contrastive_term_is_logged_and_learns(data, stage1, tmp_path):
+    """With ``contrastive_weight`` the loss logs both terms, and steps on one fixed batch lower the contrastive one."""
+    raw = adapter_raw(stage1, data, tmp_path / "s2", max_train_steps=1)
+    raw["model"].update(contrastive_weight=1.0, contrastive_temperature=0.1)
+    raw["data"].update(text_dropout=0.0, control_dropout=0.0)
+    task = AdapterTask(config_from_dict(raw))
+    batch = task.dataset.__getitems__(list(range(16)))
+    optimizer = torch.optim.Adam(task.adapter.parameters(), lr=1e-2)
+    history = []
+    for _ in range(30):
+        loss, terms = task.compute_loss(task.adapter, batch, torch.Generator().manual_seed(0))  # same noise each step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(terms)
+    assert set(history[0]) == {"mse", "contrastive"}
+    assert history[-1]["contrastive"] < 0.5 * history[0]["contrastive"]

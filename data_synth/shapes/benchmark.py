@@ -24,7 +24,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from data_synth.shapes.benchmark_phrasings import BENCHMARK_KINDS, describe_edit
 from data_synth.shapes.captions import canonical_caption
 from data_synth.shapes.edits import ATTRIBUTE_KINDS, AnyEdit, CompositeEdit, Edit, apply_edit, sample_edit
 from data_synth.shapes.instructions import describe_edit
-from data_synth.shapes.render import render, run_render_jobs
+from data_synth.shapes.render import render, run_render_jobs, world_fingerprint
 from data_synth.shapes.scene import COLOURS, SHAPES, SIZES, Scene, SceneObject, sample_scene, sample_scene_in_split
 from fusion_diff.utils.io import artifact_manifest, atomic_path, write_json_atomic
 
@@ -51,6 +51,7 @@ class BenchmarkConfig:
     test_queries: int = 2000
     seed: int = 0
     image_size: int = 64
+    world: str = field(default_factory=world_fingerprint)  # what the world looked like (not a setting)
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_synth.shapes.captions import canonical_caption, caption_scene, subject_attribute_split
-from data_synth.shapes.render import render, run_render_jobs
+from data_synth.shapes.render import render, run_render_jobs, world_fingerprint
 from data_synth.shapes.scene import Scene, sample_scene_in_split
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
@@ -43,6 +43,7 @@ class PairSetConfig:
     seed: int = 0
     image_size: int = 64
     chunk_size: int = CHUNK
+    world: str = field(default_factory=world_fingerprint)  # what the world looked like (not a setting)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ differ in pixels while keeping every attribute readable; the same seed always gi
 from __future__ import annotations
 
 import colorsys
+import hashlib
+import json
 import math
 import multiprocessing as mp
 import random
@@ -17,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from data_synth.shapes.scene import BACKGROUNDS, COLOURS, GRID, Scene, SceneObject
+from data_synth.shapes.scene import BACKGROUNDS, COLOURS, GRID, SHAPES, SIZES, Scene, SceneObject
 
 T = TypeVar("T")
 
@@ -49,6 +51,16 @@ def _cross(arm: float = 0.34) -> list[tuple[float, float]]:
     return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
 
 
+def _crescent(offset: float = 0.5, inner: float = 0.75, n: int = 24) -> list[tuple[float, float]]:
+    """The unit disc minus a disc of radius ``inner`` shifted right by ``offset``: a moon opening right."""
+    x = (1.0 + offset**2 - inner**2) / (2.0 * offset)  # where the two circles cross
+    outer_start = math.atan2(math.sqrt(1.0 - x * x), x)
+    inner_start = math.atan2(-math.sqrt(1.0 - x * x), x - offset)
+    outer = [outer_start + (2 * math.pi - 2 * outer_start) * k / n for k in range(n + 1)]
+    inner_arc = [inner_start % (2 * math.pi) - (2 * (inner_start % (2 * math.pi)) - 2 * math.pi) * k / n for k in range(1, n)]
+    return [(math.cos(a), math.sin(a)) for a in outer] + [(offset + inner * math.cos(a), inner * math.sin(a)) for a in inner_arc]
+
+
 def _heart(n: int = 40) -> list[tuple[float, float]]:
     pts = []
     for k in range(n):
@@ -64,11 +76,25 @@ OUTLINES: dict[str, list[tuple[float, float]]] = {
     "square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
     "triangle": _regular_polygon(3, -math.pi / 2),
     "star": _star(),
-    "hexagon": _regular_polygon(6, 0.0),
+    "crescent": _crescent(),
     "diamond": [(0.0, -1.0), (0.68, 0.0), (0.0, 1.0), (-0.68, 0.0)],
     "cross": _cross(),
     "heart": _heart(),
 }
+
+
+def world_fingerprint() -> str:
+    """A short digest of what the world looks like: its vocabulary, the shapes' outlines and the jitter.
+
+    Artifacts rendered from the world (the backbone cache, pair sets, benchmarks) store it in their
+    config, so that a change to the world makes them stale instead of silently reused."""
+    spec = {
+        "shapes": SHAPES, "colours": COLOURS, "sizes": SIZES, "grid": GRID, "backgrounds": BACKGROUNDS,
+        "radius": RADIUS, "outlines": {name: [[round(x, 4), round(y, 4)] for x, y in pts] for name, pts in OUTLINES.items()},
+        "jitter": [POSITION_JITTER, SIZE_JITTER, ROTATION_JITTER, HUE_JITTER, VALUE_JITTER, BACKGROUND_JITTER],
+        "supersample": SUPERSAMPLE,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _jitter_colour(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:

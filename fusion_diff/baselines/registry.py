@@ -78,7 +78,7 @@ def load_pipeline(path: str | os.PathLike, sampler: str | None = None) -> Any:
     return pipeline
 
 
-def create_method(name: str, **options: Any) -> RetrievalMethod:
+def create_method(name: str, /, **options: Any) -> RetrievalMethod:
     """Build method ``name`` with ``options`` (its constructor's keyword arguments); unknown options fail, named.
 
     Sampling methods (``fusion-diff``, ``emb2emb``) also accept ``pipeline`` as a folder path and a

@@ -88,6 +88,21 @@ def training_target(
     raise ConfigError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config.")
 
 
+def predicted_sample(
+    scheduler: SchedulerMixin, noisy: torch.Tensor, output: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The inverse of ``training_target``: the model's estimate of ``z0`` from its output at ``z_t = noisy``."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "sample":
+        return output
+    alpha = scheduler.alphas_cumprod.to(device=noisy.device, dtype=noisy.dtype)[timesteps].unsqueeze(-1)
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alpha).sqrt() * output) / alpha.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * noisy - (1 - alpha).sqrt() * output
+    raise ConfigError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config.")
+
+
 def predict(
     prior: FusionPrior,
     adapter: ControlAdapter | None,

@@ -25,7 +25,7 @@ from fusion_diff.embedding.base import ImageInput, JointEmbedder
 from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.models.fti4cir import FTI4CIRMapper, FTI4CIRMapperOutput
-from fusion_diff.retrieval.method import QueryContext
+from fusion_diff.retrieval.method import QueryContext, mix_toward_reference
 
 PLACEHOLDER = "*"
 PREFIX_TEMPLATE = "a photo of {subject} with"
@@ -312,14 +312,25 @@ class FTI4CIRPipeline:
 
 
 class FTI4CIRMethod:
-    """FTI4CIR as a ``RetrievalMethod``: pseudo-sentence queries matched against gallery *image* embeddings."""
+    """FTI4CIR as a ``RetrievalMethod``: pseudo-sentence queries matched against gallery *image* embeddings.
+
+    ``mix_reference`` (0 = the paper's query) pulls the pseudo-sentence embedding toward the reference
+    image's: ``normalize((1 - m) q + m f(I_ref))``. The text query carries the edit, the image
+    embedding what the target keeps from the reference; choose ``m`` on a validation split.
+    """
 
     name = "fti4cir"
     gallery_mode = "image"
 
-    def __init__(self, checkpoint: str | os.PathLike, batch_size: int = 64):
+    def __init__(
+        self, checkpoint: str | os.PathLike, batch_size: int = 64, mix_reference: float = 0.0, name: str = "fti4cir"
+    ):
+        if not 0.0 <= mix_reference <= 1.0:
+            raise ConfigError(f"mix_reference={mix_reference} must be in [0, 1].")
         self.checkpoint = Path(checkpoint)
         self.batch_size = batch_size
+        self.mix_reference = mix_reference
+        self.name = name
         self.mapper = load_fti4cir(self.checkpoint)
         self._bound: tuple[JointEmbedder, FTI4CIRPipeline] | None = None
 
@@ -335,6 +346,7 @@ class FTI4CIRMethod:
             "max_attributes": cfg.max_attributes,
             "num_queries": cfg.num_queries,
             "gallery": "image embeddings",
+            "mix_reference": self.mix_reference,
         }
 
     def _pipeline(self, embedder: JointEmbedder) -> FTI4CIRPipeline:
@@ -353,4 +365,5 @@ class FTI4CIRMethod:
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
         pipeline = self._pipeline(context.embedder)
-        return pipeline(context.reference_image_paths, context.modification_texts, self.batch_size)
+        queries = pipeline(context.reference_image_paths, context.modification_texts, self.batch_size)
+        return mix_toward_reference(queries, context.reference_image_embeds, self.mix_reference)

@@ -25,6 +25,7 @@ from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
 from fusion_diff.models.prior import FusionPrior
+from fusion_diff.retrieval.method import mix_toward_reference
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
 
 # Denoiser compute precision -> autocast dtype (None: the weights' own dtype).
@@ -395,9 +396,7 @@ class FusionDiffPipeline(DiffusionPipeline):
                     trajectories.append(torch.stack(steps) if steps else torch.empty(0, latents.shape[0], d))
             embeddings = self._average_samples(torch.cat(outputs), b, num_samples)
             if mix_reference > 0:
-                embeddings = F.normalize(
-                    (1 - mix_reference) * embeddings + mix_reference * F.normalize(control, dim=-1), dim=-1
-                )
+                embeddings = mix_toward_reference(embeddings, control, mix_reference)
             trajectory = None
             if return_trajectory:
                 traj = torch.cat(trajectories, dim=1)

@@ -13,7 +13,7 @@ import torch
 
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
-from fusion_diff.retrieval.method import GalleryMode, QueryContext
+from fusion_diff.retrieval.method import GalleryMode, QueryContext, mix_toward_reference
 
 ControlMode = Literal["auto", "fused", "image"]
 CONTROL_MODES = ("auto", "fused", "image")
@@ -40,6 +40,8 @@ class _SamplingMethod:
     ):
         if control_mode not in CONTROL_MODES:
             raise ConfigError(f"control_mode={control_mode!r}; choose one of {CONTROL_MODES}.")
+        if not 0.0 <= mix_reference <= 1.0:
+            raise ConfigError(f"mix_reference={mix_reference} must be in [0, 1].")
         self.pipeline = pipeline
         self.control_mode = control_mode
         self.seed = seed
@@ -64,6 +66,14 @@ class _SamplingMethod:
         self.control_used = "fused" if use_fused else "image"
         return fused if use_fused else context.reference_image_embeds
 
+    def gallery_reference(self, context: QueryContext) -> torch.Tensor:
+        """The reference as the gallery embeds it, the anchor of ``mix_reference``: ``f(I_ref)`` for an
+        image gallery, the control embedding for a fused one."""
+        return context.reference_image_embeds if self.gallery_mode == "image" else self.reference_embeds(context)
+
+    def mix(self, queries: torch.Tensor, context: QueryContext) -> torch.Tensor:
+        return mix_toward_reference(queries, self.gallery_reference(context), self.mix_reference)
+
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
@@ -78,6 +88,7 @@ class _SamplingMethod:
             "text_guidance": self.text_guidance,
             "num_samples": self.num_samples,
             "mix_reference": self.mix_reference,
+            "mix_anchor": "f(I_ref)" if self.gallery_mode == "image" else "control",
             "seed": self.seed,
             "precision": self.precision,
             "control_mode": self.control_mode,
@@ -136,19 +147,19 @@ class FusionDiffMethod(_SamplingMethod):
         }
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
-        return self.pipeline.sample(
+        queries = self.pipeline.sample(
             context.modification_text_embeds,
             control_embeds=self.reference_embeds(context),
             num_inference_steps=self.num_inference_steps,
             control_guidance=self.control_guidance,
             text_guidance=self.text_guidance,
             num_samples=self.num_samples,
-            mix_reference=self.mix_reference,
             generator=self.generator(),
             batch_size=self.batch_size,
             precision=self.precision,
             conditioning_scale=self.conditioning_scale,
         ).embeddings
+        return self.mix(queries, context)
 
 
 class Emb2EmbMethod(_SamplingMethod):
@@ -188,15 +199,15 @@ class Emb2EmbMethod(_SamplingMethod):
         return {**super().protocol(), "strength": self.strength}
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
-        return self.pipeline.emb2emb(
+        queries = self.pipeline.emb2emb(
             self.reference_embeds(context),
             context.modification_text_embeds,
             strength=self.strength,
             num_inference_steps=self.num_inference_steps,
             text_guidance=self.text_guidance,
             num_samples=self.num_samples,
-            mix_reference=self.mix_reference,
             generator=self.generator(),
             batch_size=self.batch_size,
             precision=self.precision,
         ).embeddings
+        return self.mix(queries, context)

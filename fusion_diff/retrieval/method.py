@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from fusion_diff.embedding.base import JointEmbedder
+from fusion_diff.errors import ConfigError
 
 GalleryMode = Literal["image", "fused"]
 
@@ -45,3 +47,16 @@ class RetrievalMethod(Protocol):
         ...
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor: ...
+
+
+def mix_toward_reference(queries: torch.Tensor, reference: torch.Tensor, weight: float) -> torch.Tensor:
+    """``normalize((1 - w) q + w ref)``: pulls unit-norm queries toward the (normalised) reference embedding.
+
+    The reference should live in the gallery's space (``f(I_ref)`` for an image gallery), so that the
+    mixed query keeps what the target shares with the reference in the space it is matched in."""
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"mix_reference={weight} must be in [0, 1].")
+    if weight == 0.0:
+        return queries
+    mixed = (1 - weight) * queries + weight * F.normalize(reference.to(queries.dtype), dim=-1)
+    return F.normalize(mixed, dim=-1)

@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fusion_diff.errors import CacheMismatchError
 from fusion_diff.models.control_adapter import ControlAdapter
-from fusion_diff.models.denoise import predict
+from fusion_diff.models.denoise import predict, predicted_sample
 from fusion_diff.training.config import TrainConfig, require
 from fusion_diff.training.data import TripletEmbeddingDataset
 from fusion_diff.training.prior_task import (
     EMBEDDER_KEYS,
+    DenoisedBatch,
     build_pipeline,
-    diffusion_loss,
+    denoise_random_timesteps,
     dropout_mask,
     embedder_identity,
     load_stage1,
@@ -35,14 +37,26 @@ from fusion_diff.training.task import TaskSpec, ValidationFn
 
 @dataclass
 class AdapterModelConfig:
-    """The frozen stage-1 prior and the adapter built from it."""
+    """The frozen stage-1 prior, the adapter built from it, and the adapter's loss.
+
+    ``contrastive_weight`` adds an InfoNCE term on the model's ``z0`` estimate: each fully
+    conditioned row must score its own target above the batch's other targets (cosine / temperature),
+    so that what the adapter learns is what retrieval rewards, not only the mean of the target
+    distribution. The diffusion MSE stays the main term. Measured on the shapes world (weight 1,
+    temperature 0.05, 800 steps, val): R@1 12.6 vs 14.0 without it, R@50 82.0 vs 77.8; so it is off
+    by default.
+    """
 
     prior_path: str  # a stage-1 output folder (prior/ and scheduler/)
     num_blocks: int | None = None  # prior blocks copied; null: the largest K within 25% of the prior's size
     conditioning_scale: float = 1.0
+    contrastive_weight: float = 0.0  # 0: the diffusion loss alone
+    contrastive_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         require(self.num_blocks is None or self.num_blocks > 0, "num_blocks", "must be > 0 or null")
+        require(self.contrastive_weight >= 0, "contrastive_weight", "must be >= 0")
+        require(self.contrastive_temperature > 0, "contrastive_temperature", "must be > 0")
 
 
 @dataclass
@@ -69,6 +83,8 @@ class AdapterTask:
         self.data_cfg: AdapterDataConfig = config.data
         self.validation_fn = validation_fn
         self.conditioning_scale = model_cfg.conditioning_scale
+        self.contrastive_weight = model_cfg.contrastive_weight
+        self.contrastive_temperature = model_cfg.contrastive_temperature
         self.prior, self.scheduler = load_stage1(model_cfg.prior_path)
         self.prior.requires_grad_(False)
         self.prior.eval()
@@ -109,7 +125,21 @@ class AdapterTask:
                 drop_text, drop_control, self.conditioning_scale,
             )  # fmt: skip
 
-        return diffusion_loss(self.scheduler, z0, denoise, generator), {}
+        denoised = denoise_random_timesteps(self.scheduler, z0, denoise, generator)
+        mse = denoised.mse()
+        if not self.contrastive_weight:
+            return mse, {}
+        contrastive = self.contrastive_loss(denoised, batch["target"], ~(drop_text | drop_control))
+        return mse + self.contrastive_weight * contrastive, {"mse": mse.item(), "contrastive": contrastive.item()}
+
+    def contrastive_loss(self, denoised: DenoisedBatch, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of the fully conditioned ``rows``' z0 estimates against every target of the batch."""
+        if not rows.any():  # every row dropped a condition (tiny batches): nothing to contrast
+            return denoised.output.new_zeros(())
+        z0 = predicted_sample(self.scheduler, denoised.noisy, denoised.output, denoised.timesteps)
+        queries = F.normalize(self.prior.destandardize(z0[rows]).float(), dim=-1)
+        logits = queries @ F.normalize(targets.float(), dim=-1).T / self.contrastive_temperature
+        return F.cross_entropy(logits, rows.nonzero().squeeze(1))
 
     def validate(self, trainable: nn.Module) -> dict[str, float]:
         if self.validation_fn is None:

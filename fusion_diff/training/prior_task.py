@@ -67,20 +67,43 @@ class PriorDataConfig:
         require(0 <= self.text_dropout < 1, "text_dropout", "must be in [0, 1)")
 
 
-def diffusion_loss(
+@dataclass
+class DenoisedBatch:
+    """One denoiser call at random timesteps: its output, the regression target, and where it was made."""
+
+    output: torch.Tensor
+    target: torch.Tensor
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+
+    def mse(self) -> torch.Tensor:
+        return F.mse_loss(self.output.float(), self.target.float())
+
+
+def denoise_random_timesteps(
     scheduler: DDPMScheduler,
     z0: torch.Tensor,
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     generator: torch.Generator,
-) -> torch.Tensor:
-    """Noise standardised ``z0`` at uniform timesteps and score ``denoise(z_t, t)`` against its target."""
+) -> DenoisedBatch:
+    """Noise standardised ``z0`` at uniform timesteps and run ``denoise(z_t, t)`` on it."""
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device
     )
     noisy = scheduler.add_noise(z0, noise, timesteps)
     target = training_target(scheduler, z0, noise, timesteps)
-    return F.mse_loss(denoise(noisy, timesteps).float(), target.float())
+    return DenoisedBatch(denoise(noisy, timesteps), target, noisy, timesteps)
+
+
+def diffusion_loss(
+    scheduler: DDPMScheduler,
+    z0: torch.Tensor,
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The diffusion objective: MSE of ``denoise`` against its prediction type's target at random timesteps."""
+    return denoise_random_timesteps(scheduler, z0, denoise, generator).mse()
 
 
 def dropout_mask(probability: float, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
