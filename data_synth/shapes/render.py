@@ -53,11 +53,12 @@ def _cross(arm: float = 0.34) -> list[tuple[float, float]]:
 
 def _crescent(offset: float = 0.5, inner: float = 0.75, n: int = 24) -> list[tuple[float, float]]:
     """The unit disc minus a disc of radius ``inner`` shifted right by ``offset``: a moon opening right."""
-    x = (1.0 + offset**2 - inner**2) / (2.0 * offset)  # where the two circles cross
-    outer_start = math.atan2(math.sqrt(1.0 - x * x), x)
-    inner_start = math.atan2(-math.sqrt(1.0 - x * x), x - offset)
+    x = (1.0 + offset**2 - inner**2) / (2.0 * offset)  # the two circles cross at (x, +-y)
+    y = math.sqrt(1.0 - x * x)
+    outer_start = math.atan2(y, x)  # the outer arc runs from (x, y) the long way round to (x, -y)
     outer = [outer_start + (2 * math.pi - 2 * outer_start) * k / n for k in range(n + 1)]
-    inner_arc = [inner_start % (2 * math.pi) - (2 * (inner_start % (2 * math.pi)) - 2 * math.pi) * k / n for k in range(1, n)]
+    inner_start = math.atan2(-y, x - offset) % (2 * math.pi)  # the inner arc runs back from (x, -y) to (x, y)
+    inner_arc = [inner_start + (2 * math.pi - 2 * inner_start) * k / n for k in range(1, n)]
     return [(math.cos(a), math.sin(a)) for a in outer] + [(offset + inner * math.cos(a), inner * math.sin(a)) for a in inner_arc]
 
 
