@@ -8,6 +8,8 @@ finished demo folder:
 
     python scripts/sweep_sampling.py --demo-dir runs/demo [--config configs/demo.yaml]   # tables in runs/demo/results/
     python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/k3   # another stage-2 run on the same data
+    python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/img --control-mode image  # f(I_ref) control
+    python scripts/sweep_sampling.py --demo-dir runs/demo --fti4cir runs/fti600  # another FTI4CIR checkpoint
 """
 
 from __future__ import annotations
@@ -57,9 +59,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-dir", required=True, help="a finished `fusion-diff demo` output folder")
     parser.add_argument("--pipeline", default=None, help="a Fusion-Diff pipeline folder to sweep instead of the demo's stage2/")
+    parser.add_argument("--control-mode", default="auto", choices=("auto", "fused", "image"),
+                        help="Fusion-Diff's reference control at query time (image: for an adapter trained on f(I_ref))")
+    parser.add_argument("--fti4cir", default=None, help="an FTI4CIR checkpoint to sweep (default: the demo's, unless --pipeline)")
     parser.add_argument("--config", default=None, help="the demo config that made it (default: configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides used for that run (section.key=value)")
     args = parser.parse_args()
+    if args.fti4cir and not (Path(args.fti4cir) / "config.json").is_file():
+        parser.error(f"--fti4cir {args.fti4cir}: no FTI4CIR checkpoint there (config.json missing)")
 
     config_path = Path(args.config) if args.config else default_config_path(quick=False)
     config = load_dataclass(DemoConfig, config_path, [*args.overrides, f"out_dir={args.demo_dir}"])
@@ -73,15 +80,17 @@ def main() -> None:
     results = [reference]
     for setting in GRID:
         name = "fusion-diff[" + ",".join(f"{key}={value}" for key, value in setting.items()) + "]"
-        method = method_factory("fusion-diff")(pipeline=pipeline, seed=config.seed, name=name, **setting)
+        method = method_factory("fusion-diff")(
+            pipeline=pipeline, seed=config.seed, name=name, control_mode=args.control_mode, **setting
+        )
         start = time.perf_counter()
         result = evaluator.evaluate(method)
         seconds = time.perf_counter() - start
         print(f"{name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}  ({seconds:.0f} s)", flush=True)
         results.append(result)
     best = max(results[1:], key=lambda r: r.metrics["R@1"])
-    fti4cir = demo.path("fti4cir")
-    if args.pipeline is None and (fti4cir / "config.json").is_file():
+    fti4cir = Path(args.fti4cir) if args.fti4cir else demo.path("fti4cir")
+    if (args.fti4cir or not args.pipeline) and (fti4cir / "config.json").is_file():
         for mix in FTI4CIR_MIX:
             name = f"fti4cir[mix_reference={mix}]"
             method = create_method("fti4cir", checkpoint=str(fti4cir), mix_reference=mix, name=name)

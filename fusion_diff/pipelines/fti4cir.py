@@ -25,7 +25,7 @@ from fusion_diff.embedding.base import ImageInput, JointEmbedder
 from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.models.fti4cir import FTI4CIRMapper, FTI4CIRMapperOutput
-from fusion_diff.retrieval.method import QueryContext, mix_toward_reference
+from fusion_diff.retrieval.method import QueryContext, check_mix_weight, mix_toward_reference
 
 PLACEHOLDER = "*"
 PREFIX_TEMPLATE = "a photo of {subject} with"
@@ -325,8 +325,7 @@ class FTI4CIRMethod:
     def __init__(
         self, checkpoint: str | os.PathLike, batch_size: int = 64, mix_reference: float = 0.0, name: str = "fti4cir"
     ):
-        if not 0.0 <= mix_reference <= 1.0:
-            raise ConfigError(f"mix_reference={mix_reference} must be in [0, 1].")
+        check_mix_weight(mix_reference)
         self.checkpoint = Path(checkpoint)
         self.batch_size = batch_size
         self.mix_reference = mix_reference

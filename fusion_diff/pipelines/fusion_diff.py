@@ -25,7 +25,7 @@ from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
 from fusion_diff.models.prior import FusionPrior
-from fusion_diff.retrieval.method import mix_toward_reference
+from fusion_diff.retrieval.method import check_mix_weight, mix_toward_reference
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
 
 # Denoiser compute precision -> autocast dtype (None: the weights' own dtype).
@@ -341,8 +341,7 @@ class FusionDiffPipeline(DiffusionPipeline):
                 "One-step sampling predicts z0 from pure noise, which an epsilon-prediction prior cannot do; "
                 "use >= 10 steps, or a prior trained with prediction_type='sample' or 'v_prediction'."
             )
-        if not 0.0 <= mix_reference <= 1.0:
-            raise ConfigError(f"mix_reference={mix_reference} must be in [0, 1].")
+        check_mix_weight(mix_reference)
         if mix_reference > 0 and control is None:
             raise ValueError("mix_reference > 0 needs the reference: pass control_embeds.")
         if precision not in PRECISIONS:

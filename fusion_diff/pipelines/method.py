@@ -13,7 +13,7 @@ import torch
 
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
-from fusion_diff.retrieval.method import GalleryMode, QueryContext, mix_toward_reference
+from fusion_diff.retrieval.method import GalleryMode, QueryContext, check_mix_weight, mix_toward_reference
 
 ControlMode = Literal["auto", "fused", "image"]
 CONTROL_MODES = ("auto", "fused", "image")
@@ -40,8 +40,7 @@ class _SamplingMethod:
     ):
         if control_mode not in CONTROL_MODES:
             raise ConfigError(f"control_mode={control_mode!r}; choose one of {CONTROL_MODES}.")
-        if not 0.0 <= mix_reference <= 1.0:
-            raise ConfigError(f"mix_reference={mix_reference} must be in [0, 1].")
+        check_mix_weight(mix_reference)
         self.pipeline = pipeline
         self.control_mode = control_mode
         self.seed = seed

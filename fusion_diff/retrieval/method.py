@@ -49,13 +49,18 @@ class RetrievalMethod(Protocol):
     def query_embeddings(self, context: QueryContext) -> torch.Tensor: ...
 
 
+def check_mix_weight(weight: float) -> None:
+    """Refuse a ``mix_reference`` outside [0, 1] (methods call it at construction, before any work)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"mix_reference={weight} must be in [0, 1].")
+
+
 def mix_toward_reference(queries: torch.Tensor, reference: torch.Tensor, weight: float) -> torch.Tensor:
     """``normalize((1 - w) q + w ref)``: pulls unit-norm queries toward the (normalised) reference embedding.
 
     The reference should live in the gallery's space (``f(I_ref)`` for an image gallery), so that the
     mixed query keeps what the target shares with the reference in the space it is matched in."""
-    if not 0.0 <= weight <= 1.0:
-        raise ConfigError(f"mix_reference={weight} must be in [0, 1].")
+    check_mix_weight(weight)
     if weight == 0.0:
         return queries
     mixed = (1 - weight) * queries + weight * F.normalize(reference.to(queries.dtype), dim=-1)
