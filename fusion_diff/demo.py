@@ -5,11 +5,12 @@ Steps, each cached or resumable in ``out_dir`` (run it again and finished steps 
 1. the world backbone (a small CLIP trained on rendered scenes; cached under the cache root);
 2. the CIR benchmark (CIRR format; held-out scenes and phrasings);
 3. the image-caption pair set and its embeddings (image / text / fused caches);
-4. the synthetic triplet set and its embeddings;
+   the world's scene captioner, trained on the pair set (when ``evaluation.captioner`` is ``type: scene``);
+4. the synthetic triplet set and its embeddings (fused with captioner captions, as at test time);
 5. stage 1 (prior) and stage 2 (Control-Adapter) training, validated on the benchmark's *val* split;
 6. FTI4CIR training on the pair set's images;
 7. evaluation on the *test* split: baselines, emb2emb, Fusion-Diff, FTI4CIR and the oracle rows, with
-   reference and gallery captions from the retrieval captioner (never from annotations), plus
+   reference and gallery captions from the captioner (never from annotations), plus
    Fusion-Diff on the same test edits in the training phrasing; a markdown + JSON table;
 8. the joint-space plots.
 
@@ -82,6 +83,7 @@ class TrainingSection:
     stage2_overrides: list[str] = field(default_factory=list)
     fti4cir_overrides: list[str] = field(default_factory=list)
     validate: bool = True  # score Fusion-Diff on the benchmark's val split during / after stage 2
+    scene_captioner_steps: int = 1500  # training steps of the world's captioner (evaluation.captioner type scene)
 
 
 @dataclass
@@ -89,7 +91,9 @@ class EvaluationSection:
     """What the table shows. ``methods`` maps each row to its method's options (see ``fusion-diff eval``); the
     row's name is the method's, or, for a variant row, any name with ``method: <name>`` among its options."""
 
-    captioner: dict[str, Any] = field(default_factory=lambda: {"type": "retrieval", "top_k": 1})  # bank: the pair set
+    # The world's trained scene captioner (the demo trains it on the pair set); {"type": "retrieval"} ranks the
+    # pair set's captions with the backbone instead.
+    captioner: dict[str, Any] = field(default_factory=lambda: {"type": "scene"})
     methods: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "image-only": {},
@@ -161,6 +165,9 @@ class Demo:
             self.build_benchmark()
         with self.step("pair set + embeddings"):
             self.build_pairs()
+        if self.config.evaluation.captioner.get("type") == "scene":
+            with self.step("scene captioner"):
+                self.build_scene_captioner()
         with self.step("triplets + embeddings"):
             self.build_triplets()
         with self.step("stage 1: prior"):
@@ -220,6 +227,13 @@ class Demo:
         for cache in caches.values():
             cache.compact()  # one shard: training memory-maps it
 
+    def build_scene_captioner(self) -> None:
+        """The world's trained captioner, on the pair set (training scenes only); before the triplets, which it captions."""
+        from data_synth.shapes.captioner import build_scene_captioner
+
+        steps = self.config.training.scene_captioner_steps
+        build_scene_captioner(self.path("pairs"), self.path("captioner"), steps, self.config.seed, self.progress)
+
     def build_triplets(self) -> None:
         from data_synth.triplets.embed import embed_triplets
         from data_synth.triplets.shapes_builder import build_shapes_triplets
@@ -270,6 +284,8 @@ class Demo:
             spec = dict(self.config.evaluation.captioner)
             if spec.get("type") == "retrieval":
                 spec.setdefault("bank", str(self.path("pairs")))  # the pair set's captions (training scenes only)
+            if spec.get("type") == "scene":
+                spec.setdefault("model", str(self.path("captioner")))  # trained on the pair set by the demo
             self.captioner = create_captioner(spec, self.embedder)
         return self.captioner
 

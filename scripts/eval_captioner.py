@@ -1,11 +1,12 @@
 """How good are the shapes world's captioner captions? Exact-match rate and per-attribute accuracy.
 
 Held-out scenes (never in any training set, so their own captions are never in the bank) are rendered,
-captioned by the retrieval captioner over the pair set's captions with the world backbone, and the
-captions are parsed back into attributes (``data_synth.shapes.captions.parse_caption``) and compared
-with the scene graph.
+captioned by the retrieval captioner over the pair set's captions with the world backbone, or by the
+world's trained scene captioner, and the captions are parsed back into attributes
+(``data_synth.shapes.captions.parse_caption``) and compared with the scene graph.
 
     python scripts/eval_captioner.py --pairs DIR [--n 1000] [--top-k 1] [--include-truth] [--out FILE.json]
+    python scripts/eval_captioner.py --scene-captioner runs/demo/captioner [--n 1000] [--out FILE.json]
 
 Metrics (top-1 caption):
 * ``exact_match``: the caption is true of the scene and names every object once
@@ -32,7 +33,7 @@ from typing import Any
 from data_synth.shapes.captions import ParsedCaption, ParsedObject, canonical_caption, caption_matches, parse_caption
 from data_synth.shapes.render import render
 from data_synth.shapes.scene import Scene, SceneObject, sample_scene_in_split
-from fusion_diff.captioning import RetrievalCaptioner, load_caption_bank
+from fusion_diff.captioning import Captioner, RetrievalCaptioner, load_caption_bank
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.utils.io import write_json_atomic
 
@@ -125,18 +126,20 @@ def evaluate_retrieval_captioner(
     start = time.perf_counter()
     captioner.bank_embeddings(progress=True)
     bank_seconds = time.perf_counter() - start
+    result = evaluate_captioner(captioner, scenes, images, seed)
+    result["protocol"].update(backbone=embedder.identity.as_dict(), include_truth=include_truth)
+    result["timing_s"]["bank_embedding"] = round(bank_seconds, 1)
+    return result
+
+
+def evaluate_captioner(captioner: Captioner, scenes: Sequence[Scene], images: Sequence, seed: int) -> dict[str, Any]:
+    """Caption ``images`` (renders of ``scenes``) and score the captions, with the protocol and timing."""
     start = time.perf_counter()
     captions = captioner.caption(images, batch_size=250, progress=True)
     caption_seconds = time.perf_counter() - start
     return {
-        "protocol": {
-            "captioner": captioner.describe(),
-            "backbone": embedder.identity.as_dict(),
-            "heldout_scenes": n,
-            "seed": seed,
-            "include_truth": include_truth,
-        },
-        "timing_s": {"bank_embedding": round(bank_seconds, 1), "captioning": round(caption_seconds, 1)},
+        "protocol": {"captioner": captioner.describe(), "heldout_scenes": len(scenes), "seed": seed},
+        "timing_s": {"captioning": round(caption_seconds, 1)},
         **score_captions(scenes, captions),
         "examples": [
             {"scene": canonical_caption(s), "caption": c} for s, c in list(zip(scenes, captions, strict=True))[:8]
@@ -146,9 +149,9 @@ def evaluate_retrieval_captioner(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--pairs", required=True, help="pair-set folder (its pairs.jsonl captions are the bank) or a caption file"
-    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pairs", help="retrieval captioner: pair-set folder (its captions are the bank) or a caption file")
+    which.add_argument("--scene-captioner", help="the world's trained scene captioner: its folder (the demo's captioner/)")
     parser.add_argument("--n", type=int, default=1000, help="held-out scenes to caption")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--top-k", type=int, default=1)
@@ -160,13 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
 
-    from data_synth.shapes.backbone import load_world_embedder
+    if args.scene_captioner:
+        from data_synth.shapes.captioner import SceneCaptioner
 
-    embedder = load_world_embedder(args.backbone_cache, train_if_missing=False)
-    bank, _ = load_caption_bank(args.pairs)
-    result = evaluate_retrieval_captioner(
-        embedder, bank, args.n, args.seed, args.top_k, args.include_truth, args.bank_cache
-    )
+        result = evaluate_captioner(SceneCaptioner(args.scene_captioner), *heldout_scenes(args.n, args.seed), args.seed)
+    else:
+        from data_synth.shapes.backbone import load_world_embedder
+
+        embedder = load_world_embedder(args.backbone_cache, train_if_missing=False)
+        bank, _ = load_caption_bank(args.pairs)
+        result = evaluate_retrieval_captioner(
+            embedder, bank, args.n, args.seed, args.top_k, args.include_truth, args.bank_cache
+        )
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
     if args.out:
         write_json_atomic(args.out, result)

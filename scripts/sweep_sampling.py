@@ -37,7 +37,9 @@ def _setting(
 
 GRID = [
     *[_setting(1, 1, c, t) for c, t in itertools.product((1.0, 1.5, 2.0, 3.0), (1.0, 1.5, 2.0, 3.0))],
-    *[_setting(1, n, 1.0, 1.5) for n in (4, 8)],  # averaging one-step predictions from several noises
+    *[  # averaging one-step predictions from several noises, with and without a small mix-back
+        _setting(1, n, c, t, m) for (c, t), n, m in itertools.product(((1.0, 1.5), (1.5, 2.0)), (4, 8), (0.0, 0.1))
+    ],
     *[  # mix-back toward the reference
         _setting(1, 1, c, t, m)
         for (c, t), m in itertools.product(((1.0, 1.5), (1.5, 2.0)), (0.1, 0.2, 0.3, 0.4, 0.5, 0.6))

@@ -26,6 +26,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     training["stage1_overrides"] = tiny + ["checkpointing.every_n_steps=0"]
     training["stage2_overrides"] = tiny + ["checkpointing.every_n_steps=0"]
     training["fti4cir_overrides"] = tiny + ["validation.every_n_steps=0", "data.max_images=64"]
+    training["scene_captioner_steps"] = 2
     config["evaluation"]["plot_queries"] = 4
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -33,7 +34,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     table = run_demo(config_path=path, progress=False)
     rows = {row["method"] for row in json.loads(table.with_suffix(".json").read_text())}
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
-    assert {"fusion-diff[fused gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
+    assert {"fusion-diff[image gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
     assert (tmp_path / "demo" / "results" / "plots" / "query_space.png").stat().st_size > 0
 
     timings = tmp_path / "demo" / "results" / "timings.json"

@@ -1,10 +1,12 @@
-"""``fusion-diff world``: benchmark and pair-set commands (the backbone command is the long job: not run here)."""
+"""``fusion-diff world``: benchmark, pair-set and captioner commands (the backbone command is the long job: not run here)."""
 
 from __future__ import annotations
 
 import argparse
 
+from data_synth.shapes.captions import parse_caption
 from data_synth.shapes.pairs import read_pair_set
+from fusion_diff.captioning import create_captioner
 from fusion_diff.cli import world
 
 
@@ -22,10 +24,15 @@ def test_cli_writes_a_benchmark(tmp_path, capsys):
     assert "7 queries" in capsys.readouterr().out
 
 
-def test_cli_writes_a_pair_set(tmp_path, capsys):
-    assert run_world_cli(["pairs", "--out", str(tmp_path), "--n", "6", "--workers", "1"]) == 0
-    assert len(read_pair_set(tmp_path)) == 6
-    assert str(tmp_path) in capsys.readouterr().out
+def test_cli_writes_a_pair_set_and_trains_the_scene_captioner_on_it(tmp_path, capsys):
+    pairs = tmp_path / "pairs"
+    assert run_world_cli(["pairs", "--out", str(pairs), "--n", "6", "--workers", "1"]) == 0
+    assert len(read_pair_set(pairs)) == 6
+    assert str(pairs) in capsys.readouterr().out
+    assert run_world_cli(["captioner", "--pairs", str(pairs), "--out", str(tmp_path / "captioner"), "--steps", "2"]) == 0
+    captioner = create_captioner({"type": "scene", "model": str(tmp_path / "captioner")})
+    (caption,) = captioner.caption([read_pair_set(pairs)[0].image])
+    assert parse_caption(caption).objects  # a caption of the world's grammar, whatever two steps learned
 
 
 def test_backbone_command_is_registered_with_library_defaults():

@@ -2,7 +2,7 @@
 
 from fusion_diff.captioning.base import Captioner, identity_digest
 from fusion_diff.captioning.cache import CaptionCache, caption_with_cache, default_caption_cache_path
-from fusion_diff.captioning.factory import CAPTIONER_TYPES, create_captioner
+from fusion_diff.captioning.factory import CAPTIONER_NAMES, CAPTIONER_TYPES, create_captioner
 from fusion_diff.captioning.generative import GenerativeCaptioner
 from fusion_diff.captioning.modes import (
     EMBEDDING_MODES,
@@ -17,6 +17,7 @@ from fusion_diff.captioning.modes import (
 from fusion_diff.captioning.retrieval import RetrievalCaptioner, load_caption_bank
 
 __all__ = [
+    "CAPTIONER_NAMES",
     "CAPTIONER_TYPES",
     "EMBEDDING_MODES",
     "CaptionCache",

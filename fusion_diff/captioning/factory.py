@@ -13,27 +13,39 @@ from fusion_diff.errors import ConfigError
 
 CAPTIONER_TYPES: dict[str, type[Captioner]] = {"retrieval": RetrievalCaptioner, "generative": GenerativeCaptioner}
 # Spec keys that differ from the constructor's argument names.
-_ALIASES = {"generative": {"model": "model_id_or_path"}}
+_ALIASES = {"generative": {"model": "model_id_or_path"}, "scene": {"model": "checkpoint"}}
+
+CAPTIONER_NAMES: tuple[str, ...] = (*CAPTIONER_TYPES, "scene")
+
+
+def captioner_class(kind: str) -> type[Captioner] | None:
+    """The class of a captioner type; ``scene`` (the shapes world's trained captioner) lives with the world,
+    in ``data_synth``, and is imported only when asked for."""
+    if kind == "scene":
+        from data_synth.shapes.captioner import SceneCaptioner
+
+        return SceneCaptioner
+    return CAPTIONER_TYPES.get(kind)
 
 
 def create_captioner(spec: dict[str, Any] | None, embedder: JointEmbedder | None = None) -> Captioner | None:
-    """``{"type": "retrieval", "bank": ..., "top_k": 1, ...}`` or ``{"type": "generative", "model": ..., ...}``.
+    """``{"type": "retrieval", "bank": ..., "top_k": 1, ...}``, ``{"type": "generative", "model": ..., ...}`` or
+    ``{"type": "scene", "model": <SceneParser folder>}`` (the shapes world's trained captioner).
 
-    Keys other than ``type`` are the constructor's arguments (``model`` stands for ``model_id_or_path``).
+    Keys other than ``type`` are the constructor's arguments (``model`` stands for ``model_id_or_path``,
+    or the scene captioner's ``checkpoint``).
     A retrieval captioner ranks with ``embedder`` (the retrieval backbone). ``None`` or
     ``{"type": "none"}`` means no captioner. Unknown types and keys raise ``ConfigError`` naming them.
     """
     if spec is None or spec.get("type") in (None, "none"):
         return None
     kind = spec["type"]
-    if kind not in CAPTIONER_TYPES:
-        raise ConfigError(
-            f"Unknown captioner type {kind!r} in {spec}; choose one of {sorted(CAPTIONER_TYPES)} or 'none'."
-        )
+    cls = captioner_class(kind)
+    if cls is None:
+        raise ConfigError(f"Unknown captioner type {kind!r} in {spec}; choose one of {sorted(CAPTIONER_NAMES)} or 'none'.")
     aliases = _ALIASES.get(kind, {})
     spec_name = {arg: key for key, arg in aliases.items()}  # constructor argument -> spec key
     kwargs = {aliases.get(k, k): v for k, v in spec.items() if k != "type"}
-    cls = CAPTIONER_TYPES[kind]
     params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n not in ("self", "embedder")}
     unknown = sorted(spec_name.get(k, k) for k in kwargs if k not in params)
     if unknown:

@@ -21,16 +21,16 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
     group = parser.add_argument_group("captioner")
     group.add_argument(
         "--captioner",
-        choices=(("none",) if allow_none else ()) + ("retrieval", "generative"),
+        choices=(("none",) if allow_none else ()) + ("retrieval", "generative", "scene"),
         default="none" if allow_none else None,
         required=not allow_none,
         help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class transformers model "
-        "(--captioner-model)",
+        "(--captioner-model); scene: the shapes world's trained captioner (--captioner-model: its folder)",
     )
     group.add_argument("--caption-bank", help="retrieval: text file (a caption per line), .jsonl, or pair-set folder")
     group.add_argument("--caption-bank-cache", help="retrieval: folder caching the bank's text embeddings (resumable)")
     group.add_argument(
-        "--captioner-model", help="generative: Hugging Face id in the local cache, or save_pretrained dir"
+        "--captioner-model", help="generative: Hugging Face id in the local cache, or save_pretrained dir; scene: its folder"
     )
     group.add_argument(
         "--caption-top-k",
@@ -65,9 +65,11 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
         return create_captioner(spec, embedder)
     if not args.captioner_model:
         raise ConfigError(
-            "--captioner generative needs --captioner-model (a Hugging Face id in the local cache, or a "
+            f"--captioner {args.captioner} needs --captioner-model (a Hugging Face id in the local cache, or a "
             "save_pretrained folder)."
         )
+    if args.captioner == "scene":
+        return create_captioner({"type": "scene", "model": args.captioner_model})
     spec = {
         "type": "generative",
         "model": args.captioner_model,

@@ -43,8 +43,10 @@ def build_captioner(args: argparse.Namespace, embedder):
         return create_captioner({"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}, embedder)
     if not args.captioner_model:
         raise ConfigError(
-            "--captioner generative needs --captioner-model (a local Hugging Face id or save_pretrained folder)."
+            f"--captioner {args.captioner} needs --captioner-model (a local Hugging Face id or save_pretrained folder)."
         )
+    if args.captioner == "scene":
+        return create_captioner({"type": "scene", "model": args.captioner_model})
     spec = {
         "type": "generative",
         "model": args.captioner_model,
@@ -202,13 +204,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
     captioning.add_argument(
         "--captioner",
-        choices=("none", "retrieval", "generative"),
+        choices=("none", "retrieval", "generative", "scene"),
         default="none",
-        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model",
+        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model; scene: the shapes "
+        "world's trained captioner (--captioner-model: the demo's captioner/ folder)",
     )
     captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
     captioning.add_argument(
-        "--captioner-model", help="generative captioner: local Hugging Face id or save_pretrained folder"
+        "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
     )
     captioning.add_argument(
         "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"

@@ -1,4 +1,4 @@
-"""``fusion-diff world``: the shapes world's backbone, image-caption pairs and CIR benchmark."""
+"""``fusion-diff world``: the shapes world's backbone, image-caption pairs, scene captioner and CIR benchmark."""
 
 from __future__ import annotations
 
@@ -69,9 +69,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pairs.add_argument("--embed", type=Path, default=None, help="also embed them with the world backbone into this folder")
     pairs.set_defaults(func=_pairs)
 
+    captioner = commands.add_parser(
+        "captioner",
+        help="train the world's scene captioner on a pair set",
+        description="Train a small CNN that reads the scene graph (per grid cell: empty or shape, colour, size; the "
+        "background) off an image, on a pair set's images and scene graphs (training scenes only), and save it "
+        "with save_pretrained. Use it with `--captioner scene --captioner-model DIR`. Cached: the same pair set "
+        "and steps reuse the folder.",
+    )
+    captioner.add_argument("--pairs", type=Path, required=True, help="a finished pair set (`fusion-diff world pairs`)")
+    captioner.add_argument("--out", type=Path, required=True, help="output folder")
+    captioner.add_argument("--steps", type=int, default=1000, help="training steps of batch 128 (default %(default)s)")
+    captioner.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    captioner.set_defaults(func=_captioner)
+
 
 def _backbone(args: argparse.Namespace) -> int:
-    from data_synth.shapes.backbone import BackboneCache, BackboneConfig, build_backbone, evaluate_backbone, load_world_embedder
+    from data_synth.shapes.backbone import (
+        BackboneCache,
+        BackboneConfig,
+        build_backbone,
+        evaluate_backbone,
+        load_world_embedder,
+    )
 
     if args.eval_only:
         embedder = load_world_embedder(args.cache, train_if_missing=False)
@@ -128,4 +148,12 @@ def _pairs(args: argparse.Namespace) -> int:
 
         caches = embed_pair_set(root, load_world_embedder(), args.embed)
         print("embeddings: " + ", ".join(f"{kind}={cache.root}" for kind, cache in caches.items()))
+    return 0
+
+
+def _captioner(args: argparse.Namespace) -> int:
+    from data_synth.shapes.captioner import build_scene_captioner
+
+    out = build_scene_captioner(args.pairs, args.out, steps=args.steps, seed=args.seed)
+    print(f"scene captioner: {out} (score it: python scripts/eval_captioner.py --scene-captioner {out})")
     return 0
