@@ -2,8 +2,8 @@
 
 A sampled query embedding carries diffusion noise, and noise costs retrieval: this script measures
 Fusion-Diff's steps, sample averaging, the one-step z0 prediction, the two guidance scales, the
-gallery (fused or image embeddings) and the mix-back toward the reference; and FTI4CIR's mix-back
-toward the reference image. The demo's defaults are chosen here, on val (never on test). It reuses a
+gallery (fused or image embeddings) and the mix-back toward the reference; and FTI4CIR's gallery and
+mix-back toward the reference. The demo's defaults are chosen here, on val (never on test). It reuses a
 finished demo folder:
 
     python scripts/sweep_sampling.py --demo-dir runs/demo [--config configs/demo.yaml]   # tables in runs/demo/results/
@@ -54,7 +54,7 @@ GRID = [
         for (c, t), m in itertools.product(((1.0, 1.5), (1.5, 2.0), (2.0, 2.0)), (0.0, 0.2, 0.3, 0.4))
     ],
 ]
-FTI4CIR_MIX = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+FTI4CIR_MIX = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def main() -> None:
@@ -93,9 +93,9 @@ def main() -> None:
     best = max(results[1:], key=lambda r: r.metrics["R@1"])
     fti4cir = Path(args.fti4cir) if args.fti4cir else demo.path("fti4cir")
     if (args.fti4cir or not args.pipeline) and (fti4cir / "config.json").is_file():
-        for mix in FTI4CIR_MIX:
-            name = f"fti4cir[mix_reference={mix}]"
-            method = create_method("fti4cir", checkpoint=str(fti4cir), mix_reference=mix, name=name)
+        for gallery, mix in itertools.product(("image", "fused"), FTI4CIR_MIX):
+            name = f"fti4cir[gallery_mode={gallery},mix_reference={mix}]"
+            method = create_method("fti4cir", checkpoint=str(fti4cir), mix_reference=mix, gallery_mode=gallery, name=name)
             result = evaluator.evaluate(method)
             print(f"{method.name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}", flush=True)
             results.append(result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from pathlib import Path
 
@@ -245,6 +246,17 @@ def test_retrieval_method_returns_unit_norm_queries(tiny_openclip, tmp_path):
     )
     assert torch.allclose(mixed.query_embeddings(context), expected, atol=1e-5)
     assert mixed.name == "fti4cir+mix" and mixed.protocol()["mix_reference"] == 0.4
+    # A fused gallery: the same pseudo-sentence, mixed toward the fused reference (the gallery's space).
+    fused = FTI4CIRMethod(tmp_path / "ckpt", batch_size=2, mix_reference=0.4, gallery_mode="fused")
+    with pytest.raises(ConfigError, match="captioner"):
+        fused.query_embeddings(context)  # no fused references without a captioner
+    reference_fused = torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)
+    expected = torch.nn.functional.normalize(0.6 * queries + 0.4 * reference_fused, dim=-1)
+    with_captions = dataclasses.replace(context, reference_fused_embeds=reference_fused)
+    assert torch.allclose(fused.query_embeddings(with_captions), expected, atol=1e-5)
+    assert fused.gallery_mode == "fused" and fused.protocol()["mix_anchor"] == "f(I_ref, caption)"
+    with pytest.raises(ConfigError, match="gallery_mode"):
+        FTI4CIRMethod(tmp_path / "ckpt", gallery_mode="text")
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from fusion_diff.embedding.base import ImageInput, JointEmbedder
 from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.models.fti4cir import FTI4CIRMapper, FTI4CIRMapperOutput
-from fusion_diff.retrieval.method import QueryContext, check_mix_weight, mix_toward_reference
+from fusion_diff.retrieval.method import GalleryMode, QueryContext, check_mix_weight, mix_toward_reference
 
 PLACEHOLDER = "*"
 PREFIX_TEMPLATE = "a photo of {subject} with"
@@ -312,20 +312,29 @@ class FTI4CIRPipeline:
 
 
 class FTI4CIRMethod:
-    """FTI4CIR as a ``RetrievalMethod``: pseudo-sentence queries matched against gallery *image* embeddings.
+    """FTI4CIR as a ``RetrievalMethod``: pseudo-sentence queries matched against gallery *image* embeddings
+    (the paper's protocol) or, with ``gallery_mode="fused"``, against ``f(I, caption)`` of a captioner.
 
     ``mix_reference`` (0 = the paper's query) pulls the pseudo-sentence embedding toward the reference
-    image's: ``normalize((1 - m) q + m f(I_ref))``. The text query carries the edit, the image
-    embedding what the target keeps from the reference; choose ``m`` on a validation split.
+    in the gallery's space: ``normalize((1 - m) q + m r)`` with ``r = f(I_ref)`` (image gallery) or
+    ``f(I_ref, caption)`` (fused). The text query carries the edit, the reference what the target keeps;
+    choose ``m`` on a validation split.
     """
 
     name = "fti4cir"
-    gallery_mode = "image"
 
     def __init__(
-        self, checkpoint: str | os.PathLike, batch_size: int = 64, mix_reference: float = 0.0, name: str = "fti4cir"
+        self,
+        checkpoint: str | os.PathLike,
+        batch_size: int = 64,
+        mix_reference: float = 0.0,
+        name: str = "fti4cir",
+        gallery_mode: GalleryMode = "image",
     ):
         check_mix_weight(mix_reference)
+        if gallery_mode not in ("image", "fused"):
+            raise ConfigError(f"FTI4CIR: gallery_mode={gallery_mode!r}; choose 'image' or 'fused'.")
+        self.gallery_mode = gallery_mode
         self.checkpoint = Path(checkpoint)
         self.batch_size = batch_size
         self.mix_reference = mix_reference
@@ -344,8 +353,9 @@ class FTI4CIRMethod:
             "score_temperature": cfg.score_temperature,
             "max_attributes": cfg.max_attributes,
             "num_queries": cfg.num_queries,
-            "gallery": "image embeddings",
+            "gallery_mode": self.gallery_mode,
             "mix_reference": self.mix_reference,
+            "mix_anchor": "f(I_ref)" if self.gallery_mode == "image" else "f(I_ref, caption)",
         }
 
     def _pipeline(self, embedder: JointEmbedder) -> FTI4CIRPipeline:
@@ -365,4 +375,7 @@ class FTI4CIRMethod:
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
         pipeline = self._pipeline(context.embedder)
         queries = pipeline(context.reference_image_paths, context.modification_texts, self.batch_size)
-        return mix_toward_reference(queries, context.reference_image_embeds, self.mix_reference)
+        reference = context.reference_image_embeds if self.gallery_mode == "image" else context.reference_fused_embeds
+        if reference is None:  # the evaluator gives fused references whenever it has a captioner
+            raise ConfigError("FTI4CIR with gallery_mode='fused' needs a captioner for the reference (--captioner).")
+        return mix_toward_reference(queries, reference, self.mix_reference)
