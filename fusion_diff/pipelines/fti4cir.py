@@ -375,7 +375,9 @@ class FTI4CIRMethod:
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
         pipeline = self._pipeline(context.embedder)
         queries = pipeline(context.reference_image_paths, context.modification_texts, self.batch_size)
+        if self.mix_reference == 0.0:
+            return queries
         reference = context.reference_image_embeds if self.gallery_mode == "image" else context.reference_fused_embeds
         if reference is None:  # the evaluator gives fused references whenever it has a captioner
-            raise ConfigError("FTI4CIR with gallery_mode='fused' needs a captioner for the reference (--captioner).")
+            raise ConfigError("FTI4CIR: mixing toward a fused reference needs a captioner (--captioner).")
         return mix_toward_reference(queries, reference, self.mix_reference)
