@@ -83,7 +83,7 @@ class TrainingSection:
     stage2_overrides: list[str] = field(default_factory=list)
     fti4cir_overrides: list[str] = field(default_factory=list)
     validate: bool = True  # score Fusion-Diff on the benchmark's val split during / after stage 2
-    scene_captioner_steps: int = 800  # training steps of the world's captioner (evaluation.captioner type scene)
+    scene_captioner_steps: int = 800  # the world's captioner (evaluation.captioner type scene); captioner.DEFAULT_STEPS
 
 
 @dataclass

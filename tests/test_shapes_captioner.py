@@ -106,7 +106,10 @@ def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
     assert build_scene_captioner(pairs, out, steps=3, progress=False) == out
     assert weights.stat().st_mtime_ns == stamp  # same pair set and steps: reused
     build_scene_captioner(pairs, out, steps=4, progress=False)
-    assert next(out.glob("*.safetensors")).stat().st_mtime_ns != stamp  # another setting: retrained
+    retrained = next(out.glob("*.safetensors")).stat().st_mtime_ns
+    assert retrained != stamp  # another setting: retrained
+    build_scene_captioner(pairs, out, steps=4, seed=1, progress=False)
+    assert next(out.glob("*.safetensors")).stat().st_mtime_ns != retrained  # another seed too
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     with pytest.raises(MissingFileError, match="pair set"):
         build_scene_captioner(tmp_path / "empty", tmp_path / "c2", steps=1, progress=False)

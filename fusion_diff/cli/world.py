@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     captioner.add_argument("--pairs", type=Path, required=True, help="a finished pair set (`fusion-diff world pairs`)")
     captioner.add_argument("--out", type=Path, required=True, help="output folder")
-    captioner.add_argument("--steps", type=int, default=1000, help="training steps of batch 128 (default %(default)s)")
+    captioner.add_argument("--steps", type=int, default=None, help="training steps of batch 128 (default: the demo's)")
     captioner.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
     captioner.set_defaults(func=_captioner)
 
@@ -152,8 +152,8 @@ def _pairs(args: argparse.Namespace) -> int:
 
 
 def _captioner(args: argparse.Namespace) -> int:
-    from data_synth.shapes.captioner import build_scene_captioner
+    from data_synth.shapes.captioner import DEFAULT_STEPS, build_scene_captioner
 
-    out = build_scene_captioner(args.pairs, args.out, steps=args.steps, seed=args.seed)
+    out = build_scene_captioner(args.pairs, args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed)
     print(f"scene captioner: {out} (score it: python scripts/eval_captioner.py --scene-captioner {out})")
     return 0
