@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-quick test bench install clean
+.PHONY: demo demo-quick test bench install browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_sampling.py
 	$(BIN)/python scripts/bench_training.py
+
+# Debian's Chromium for the web page's browser test (Playwright drives it; its own browser download needs the
+# internet). Without it that one test is skipped, saying so.
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: /usr/bin/chromium"; else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y chromium; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",  # the end-to-end shapes-world demo
     "viz",  # joint-space plots
     "bench",  # speed benchmarks
+    "serve",  # the composed-search web page
 )
 
 

@@ -1,7 +1,7 @@
 """Joint-space figures: 2-D projections of reference / generated query / target / gallery, and sampling walks."""
 
 from fusion_diff.viz.inputs import VIZ_FILE, VizInputs, load_viz_inputs, save_viz_inputs
-from fusion_diff.viz.plots import plot_query_space, plot_trajectory, render_figures
+from fusion_diff.viz.plots import plot_query_space, plot_query_walk, plot_trajectory, render_figures
 from fusion_diff.viz.projection import PROJECTIONS, project_2d, umap_available
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "VizInputs",
     "load_viz_inputs",
     "plot_query_space",
+    "plot_query_walk",
     "plot_trajectory",
     "project_2d",
     "render_figures",

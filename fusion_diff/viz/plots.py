@@ -166,3 +166,54 @@ def render_figures(
     if chosen.trajectory is not None:
         written.append(plot_trajectory(chosen, out_dir / "trajectory.png", method, seed))
     return written
+
+
+def plot_query_walk(
+    reference: torch.Tensor,
+    query: torch.Tensor,
+    hits: torch.Tensor,
+    out_path: str | os.PathLike,
+    walk: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    target_rank: int | None = None,
+    method: str = "pca",
+    title: str | None = None,
+) -> Path:
+    """Where one composed query landed: reference ``[d]``, the sampling walk ``[S, d]`` (if any), the final
+    query ``[d]``, its top hits ``[K, d]`` numbered by rank, and the true target ``[d]`` when known.
+
+    PCA by default: one query and its hits are a few dozen points, too few for t-SNE or UMAP to keep
+    distances, and a linear map keeps what is near what."""
+    walk = walk if walk is not None else query.new_zeros(0, query.shape[-1])
+    parts = [reference[None], walk, query[None], hits] + ([target[None]] if target is not None else [])
+    xy = project_2d(torch.cat(parts), method=method)
+    s, k = len(walk), len(hits)
+    ref, path, final, near = xy[0], xy[1 : 1 + s], xy[1 + s], xy[2 + s : 2 + s + k]
+
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot()
+    ax.scatter(near[:, 0], near[:, 1], s=26, c=NEIGHBOUR_COLOUR, edgecolors="black", linewidths=0.3, zorder=1)
+    for rank, (x, y) in enumerate(near, start=1):
+        ax.annotate(str(rank), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color="#505050")
+    colour = _colours(1)[0]
+    line = np.vstack([ref[None], path, final[None]])
+    ax.plot(line[:, 0], line[:, 1], "--", color=colour, linewidth=1, zorder=2)
+    if s:
+        ax.scatter(path[:, 0], path[:, 1], s=12, color=colour, zorder=3)
+    ax.scatter(*ref, marker=MARKERS["reference"], s=70, color="white", edgecolors="black", zorder=4)
+    ax.scatter(*final, marker=MARKERS["query"], s=180, color=colour, edgecolors="black", linewidths=0.5, zorder=4)
+    entries = [("reference", MARKERS["reference"], "black"), ("query", MARKERS["query"], colour)]
+    if s:
+        entries.append((f"sampling walk ({s} step{'s' if s > 1 else ''})", "o", colour))
+    entries.append((f"top {k} hits (by rank)", "o", NEIGHBOUR_COLOUR))
+    if target is not None:
+        ax.scatter(*xy[-1], marker=MARKERS["target"], s=90, color="#2ca02c", edgecolors="black", zorder=5)
+        rank_note = f"rank {target_rank}" if target_rank else "not in the top hits"
+        entries.append((f"true target ({rank_note})", MARKERS["target"], "#2ca02c"))
+    _legend(ax, entries)
+    cos = float(F.normalize(query, dim=-1) @ F.normalize(reference, dim=-1))
+    ax.set_title(title or "Where the query landed in the joint space", fontsize=10)
+    ax.set_xlabel(f"{method.upper()} of the joint space   cos(query, reference) {cos:.3f}", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, out_path)
