@@ -112,9 +112,13 @@ def build_app(service: SearchService, max_batch_size: int = 8):
                 load = gr.Button("Load", scale=1)
 
         # ---------------------------------------------------------------- handlers
-        def run_search(refs, ref_ids, target_ids, texts, negatives, methods_, compares, ks, steps_, cgs, tgs, ns, mixes, modes):
+        def run_search(reference, reference_id, target_id, text, negative_text, method, compare, k, num_inference_steps,
+                       control_guidance, text_guidance, num_samples, mix_reference, gallery_mode):  # fmt: skip
+            """Batched: every argument is a list, one entry per query of the batch."""
             requests, messages = [], []
-            for row in zip(refs, ref_ids, target_ids, texts, negatives, methods_, compares, ks, steps_, cgs, tgs, ns, mixes, modes):
+            columns_in = (reference, reference_id, target_id, text, negative_text, method, compare, k,
+                          num_inference_steps, control_guidance, text_guidance, num_samples, mix_reference, gallery_mode)  # fmt: skip
+            for row in zip(*columns_in):
                 ref, ref_id, tgt, txt, neg, m, cmp, kk, st, cg, tg, n, mx, mode = row
                 try:
                     settings = QuerySettings(m, int(kk), int(st), float(cg), float(tg), int(n), float(mx), mode)
