@@ -22,7 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--retriever", type=Path, default=None, help="a saved ComposedRetriever folder")
+    source.add_argument(
+        "--retriever", type=Path, action="append", default=None,
+        help="a saved ComposedRetriever folder; give two (a fused and an image gallery) to switch gallery modes",
+    )  # fmt: skip
     source.add_argument(
         "--demo-dir", type=Path, default=None,
         help=f"a `fusion-diff demo` output folder: its retriever, benchmark and FTI4CIR (default {DEFAULT_DEMO_DIR})",

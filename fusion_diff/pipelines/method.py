@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 
 from fusion_diff.errors import ConfigError, DataError
-from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
+from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline, FusionDiffPipelineOutput
 from fusion_diff.retrieval.method import GalleryMode, QueryContext, check_mix_weight, mix_toward_reference
 
 ControlMode = Literal["auto", "fused", "image"]
@@ -116,6 +116,7 @@ class FusionDiffMethod(_SamplingMethod):
         batch_size: int = 1024,
         precision: str = "fp32",
         name: str = "fusion-diff",
+        negative_text: str = "",
     ):
         if pipeline.adapter is None:
             raise ConfigError(
@@ -136,6 +137,7 @@ class FusionDiffMethod(_SamplingMethod):
         self.name = name
         self.control_guidance = control_guidance
         self.conditioning_scale = conditioning_scale
+        self.negative_text = negative_text  # replaces the null text of the unconditional branches ("" = none)
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -143,12 +145,19 @@ class FusionDiffMethod(_SamplingMethod):
             "control_guidance": self.control_guidance,
             "conditioning_scale": self.conditioning_scale,
             "adapter_blocks": self.pipeline.adapter.config.num_blocks,
+            "negative_text": self.negative_text,
         }
 
-    def query_embeddings(self, context: QueryContext) -> torch.Tensor:
-        queries = self.pipeline.sample(
+    def sample(self, context: QueryContext, return_trajectory: bool = False) -> FusionDiffPipelineOutput:
+        """The pipeline's output for ``context`` before the mix toward the reference; with ``return_trajectory``
+        also z after every step (the web page draws that walk)."""
+        negative = None
+        if self.negative_text:
+            negative = context.embedder.embed_texts([self.negative_text]).expand(len(context.query_ids), -1)
+        return self.pipeline.sample(
             context.modification_text_embeds,
             control_embeds=self.reference_embeds(context),
+            negative_text_embeds=negative,
             num_inference_steps=self.num_inference_steps,
             control_guidance=self.control_guidance,
             text_guidance=self.text_guidance,
@@ -157,8 +166,11 @@ class FusionDiffMethod(_SamplingMethod):
             batch_size=self.batch_size,
             precision=self.precision,
             conditioning_scale=self.conditioning_scale,
-        ).embeddings
-        return self.mix(queries, context)
+            return_trajectory=return_trajectory,
+        )
+
+    def query_embeddings(self, context: QueryContext) -> torch.Tensor:
+        return self.mix(self.sample(context).embeddings, context)
 
 
 class Emb2EmbMethod(_SamplingMethod):

@@ -83,7 +83,12 @@ def build_app(service: SearchService, max_batch_size: int = 8):
                     with gr.Row():
                         steps = gr.Slider(1, 50, value=defaults.num_inference_steps, step=1, label="Sampling steps")
                         samples = gr.Slider(1, 16, value=defaults.num_samples, step=1, label="Averaged samples")
-                        gallery_mode = gr.Radio(["fused", "image"], value=defaults.gallery_mode, label="Gallery")
+                        modes = service.gallery_modes()
+                        gallery_mode = gr.Radio(
+                            modes, value=defaults.gallery_mode, label="Gallery", interactive=len(modes) > 1,
+                            info="fused: image + caption; image: image alone" + ("" if len(modes) > 1 else
+                                  " (one index served; serve a second --retriever for the other mode)"),
+                        )  # fmt: skip
                     with gr.Row():
                         control_guidance = gr.Slider(0, 5, value=defaults.control_guidance, step=0.1, label="Control guidance")
                         text_guidance = gr.Slider(0, 5, value=defaults.text_guidance, step=0.1, label="Text guidance")

@@ -41,7 +41,7 @@ DEMO_RETRIEVER = "retriever"  # the folder `fusion-diff demo` leaves its ready r
 
 @dataclass(frozen=True)
 class QuerySettings:
-    """The page's knobs. Defaults are replaced by the retriever's own method settings when it has them."""
+    """The page's knobs (the service fills the defaults in from the served retriever's own method)."""
 
     method: str = "fusion-diff"
     k: int = 10
@@ -61,6 +61,12 @@ class QuerySettings:
     def options(self, method: str | None = None) -> dict[str, Any]:
         """The knobs ``method`` (default: this one) reads, as ``search`` keyword options."""
         return {knob: getattr(self, knob) for knob in METHOD_KNOBS[method or self.method]}
+
+    @classmethod
+    def of_method(cls, method: Any, name: str, gallery_mode: str) -> QuerySettings:
+        """Defaults taken from a method object's own settings (a knob it lacks keeps this class's default)."""
+        knobs = {knob: getattr(method, knob) for knob in METHOD_KNOBS["fusion-diff"] if hasattr(method, knob)}
+        return cls(**{**knobs, "method": name if name in METHOD_LABELS else "fusion-diff", "gallery_mode": gallery_mode})
 
 
 @dataclass
@@ -128,35 +134,63 @@ class TestQuery:
 
 
 class SearchService:
-    """Holds one ``ComposedRetriever`` (loaded once) and answers batches of page queries with it.
+    """Holds the served ``ComposedRetriever``s (loaded once; one per gallery mode, usually one) and answers
+    batches of page queries with them.
 
-    ``method_options`` adds per-method options the retriever folder does not hold (e.g. FTI4CIR's
+    ``method_options`` adds per-method options the retriever folder does not hold (FTI4CIR's
     ``checkpoint``); ``test_queries`` feeds the 'random test query' button.
     """
 
     def __init__(
         self,
-        retriever: Any,
+        retrievers: Any,
         source: str | Path,
         *,
         method_options: dict[str, dict[str, Any]] | None = None,
         test_queries: list[TestQuery] | None = None,
-        defaults: QuerySettings | None = None,
     ) -> None:
-        self.retriever = retriever
-        self.source = str(source)
         self.method_options = method_options or {}
         self.test_queries = test_queries or []
-        self.defaults = defaults or QuerySettings()
         self._lock = threading.Lock()  # one model, one caller at a time: batching, not threads, gives throughput
         self._figures = Path(tempfile.mkdtemp(prefix="fusion-diff-serve-"))
+        self._use(retrievers, source)
+
+    def _use(self, retrievers: Any, source: str | Path) -> None:
+        retrievers = list(retrievers) if isinstance(retrievers, (list, tuple)) else [retrievers]
+        by_mode = {r.gallery_mode: r for r in retrievers}
+        if len(by_mode) != len(retrievers):
+            raise ConfigError("Serve at most one retriever per gallery mode (fused, image).")
+        primary = retrievers[0]
+        options = {k: dict(v) for k, v in self.method_options.items() if k != "fusion-diff"}
+        if primary.method_name == "fusion-diff":  # share its loaded pipeline: other knobs must not reload it
+            options["fusion-diff"] = {"pipeline": primary.method.pipeline}
+        self.retrievers, self.primary, self.source = by_mode, primary, str(source)
+        self.method_options = {**self.method_options, **options}
+        self.defaults = QuerySettings.of_method(primary.method, primary.method_name or "", primary.gallery_mode)
         self._gallery: list[GalleryItem] | None = None
 
     # ------------------------------------------------------------------ what the page shows around the queries
+    def methods(self) -> dict[str, str]:
+        """Methods the page can run, name -> label: FTI4CIR only with a checkpoint, Fusion-Diff with a pipeline."""
+        needs = {"fti4cir": "checkpoint", "fusion-diff": "pipeline"}
+        return {
+            name: label
+            for name, label in METHOD_LABELS.items()
+            if name not in needs or needs[name] in self.method_options.get(name, {})
+        }
+
+    def gallery_modes(self) -> list[str]:
+        return list(self.retrievers)
+
     def gallery_items(self) -> list[GalleryItem]:
-        """Every gallery item in index order (the strip shows the first ones)."""
+        """The primary retriever's gallery items with an image file, in index order (the strip shows the first)."""
         if self._gallery is None:
-            self._gallery = _gallery_items(self.retriever)
+            items = getattr(self.primary.index, "items", None) or []  # a remote (Qdrant) index lists nothing
+            self._gallery = [
+                GalleryItem(item["id"], Path(item["path"]), item.get("caption"))
+                for item in items
+                if item.get("path") and Path(item["path"]).is_file()
+            ]
         return self._gallery
 
     def file_roots(self) -> list[Path]:
@@ -165,28 +199,44 @@ class SearchService:
         return sorted({Path(p).resolve().parent for p in paths})
 
     def load(self, folder: str | Path) -> None:
-        """Swap in another retriever folder; on any error the current one keeps serving."""
+        """Serve another retriever folder instead; on any error the current one keeps serving."""
         retriever = load_retriever(folder)
         with self._lock:
-            self.retriever, self.source, self._gallery = retriever, str(folder), None
+            self._use(retriever, folder)
+            self.test_queries = [q for q in self.test_queries if q.reference_id in self._gallery_ids()]
 
-    def methods(self) -> dict[str, str]:
-        """Methods the page can run (FTI4CIR only with a checkpoint), name -> label."""
-        return {
-            name: label
-            for name, label in METHOD_LABELS.items()
-            if name != "fti4cir" or "checkpoint" in self.method_options.get("fti4cir", {})
-        }
+    def _gallery_ids(self) -> set[str]:
+        return {item.id for item in self.gallery_items()}
 
     def random_test_query(self, rng: random.Random | None = None) -> TestQuery:
         if not self.test_queries:
             raise ConfigError("This page has no benchmark queries; start it with --benchmark DIR or --demo-dir.")
         return (rng or random).choice(self.test_queries)
 
+    def describe(self) -> str:
+        """Markdown naming the retriever folder, its parts, its index and the default query settings."""
+        lines = [f"**Retriever** `{self.source}`"]
+        for mode, retriever in self.retrievers.items():
+            embedder = retriever.embedder.identity.describe()
+            captioner = retriever.captioner.describe() if retriever.captioner is not None else "none"
+            index = retriever.index
+            summary = index.describe() if hasattr(index, "describe") else {}
+            settings = summary.get("settings") or {}
+            kind = settings.get("type") if isinstance(settings, dict) else getattr(settings, "type", None)
+            lines.append(
+                f"**{mode} gallery** {len(index)} items, index `{kind or type(index).__name__}` "
+                f"at `{getattr(index, 'root', '')}` · embedder `{embedder}` · captioner `{captioner}` · "
+                f"method `{retriever.method_name}`"
+            )
+        knobs = ", ".join(f"{k} {v}" for k, v in asdict(self.defaults).items() if k not in ("method", "k"))
+        lines.append(f"**Default query** {METHOD_LABELS[self.defaults.method]}: {knobs}")
+        return "  \n".join(lines)
+
     # ------------------------------------------------------------------ queries
     def search(self, requests: list[SearchRequest]) -> list[SearchResponse]:
         """Answer a batch: each request is checked on its own (a bad one gets its message, the others still
-        run); the valid ones are grouped by (method, settings, k) and each group is one retriever call."""
+        run); the valid ones are grouped by (gallery, method, settings, k) and each group is one
+        ``ComposedRetriever.search`` call."""
         responses = [SearchResponse(request) for request in requests]
         images: dict[int, Any] = {}
         for i, response in enumerate(responses):
@@ -202,38 +252,42 @@ class SearchService:
             for i in images:
                 request = responses[i].request
                 for method in dict.fromkeys(filter(None, (request.settings.method, request.compare))):
-                    groups[self._group_key(request, method)].append(i)
-            for (method, options, k, with_negative), members in groups.items():
-                self._run_group(responses, images, members, method, dict(options), k, with_negative)
+                    options = tuple(sorted(self._options(request, method).items()))
+                    groups[(request.settings.gallery_mode, method, options, request.settings.k)].append(i)
+            for (mode, method, options, k), members in groups.items():
+                self._run_group(responses, images, members, self.retrievers[mode], method, dict(options), k)
         return responses
 
     def _check(self, request: SearchRequest) -> Any:
-        if request.compare and request.compare not in self.methods():
-            raise ConfigError(f"Cannot compare with {request.compare!r}; this page offers {list(self.methods())}.")
-        if request.settings.method not in self.methods():
-            raise ConfigError(f"Method {request.settings.method!r} is not available here; use one of {list(self.methods())}.")
+        methods = self.methods()
+        for name in filter(None, (request.settings.method, request.compare)):
+            if name not in methods:
+                raise ConfigError(f"Method {name!r} is not available on this page; use one of {list(methods)}.")
+        if request.settings.gallery_mode not in self.retrievers:
+            raise ConfigError(
+                f"No {request.settings.gallery_mode} gallery is served here; choose {self.gallery_modes()}."
+            )
         image = read_reference(request.reference)
         needs_text = {request.settings.method, request.compare or request.settings.method} - set(TEXT_FREE_METHODS)
         request.text = check_text(request.text, required=bool(needs_text))
         request.negative_text = check_text(request.negative_text, "negative text", required=False)
         return image
 
-    @staticmethod
-    def _group_key(request: SearchRequest, method: str) -> tuple:
-        options = tuple(sorted(request.settings.options(method).items()))
-        return method, options, request.settings.k, bool(request.negative_text) and method == "fusion-diff"
+    def _options(self, request: SearchRequest, method: str) -> dict[str, Any]:
+        options = request.settings.options(method)
+        if method == "fusion-diff" and request.negative_text:
+            options["negative_text"] = request.negative_text
+        return options
 
-    def _run_group(self, responses, images, members, method, options, k, with_negative) -> None:
+    def _run_group(self, responses, images, members, retriever, method, options, k) -> None:
         requests = [responses[i].request for i in members]
-        options = {**self.method_options.get(method, {}), **options}
-        if with_negative:
-            options["negative_texts"] = [r.negative_text for r in requests]
         exclude = [[r.reference_id] if r.reference_id else [] for r in requests]
         start = time.perf_counter()
         try:
-            hits = self.retriever.search(
-                [images[i] for i in members], [r.text for r in requests], k=k, exclude=exclude, method=method, **options
-            )
+            hits = retriever.search(
+                [images[i] for i in members], [r.text for r in requests], k=k, exclude=exclude, method=method,
+                **self.method_options.get(method, {}), **options,
+            )  # fmt: skip
         except FusionDiffError as err:
             for i in members:
                 responses[i].message = f"{METHOD_LABELS[method]}: {err}"
@@ -243,48 +297,44 @@ class SearchService:
             responses[i].rankings.append(Ranking(method, list(row), seconds, len(members)))
 
     def _caption_references(self, responses: list[SearchResponse], images: dict[int, Any]) -> None:
-        captioner = getattr(self.retriever, "captioner", None)
+        captioner = self.primary.captioner
         if captioner is None:
             return
         order = list(images)
         for i, caption in zip(order, captioner.caption([images[i] for i in order])):
             responses[i].reference_caption = caption
 
-    # ------------------------------------------------------------------ identity
-    def describe(self) -> str:
-        """Markdown naming the retriever folder, its parts and the default query settings."""
-        lines = [f"**Retriever** `{self.source}`"]
-        describe = getattr(self.retriever, "describe", None)
-        if callable(describe):
-            lines.append(describe())
-        settings = ", ".join(f"{k} {v}" for k, v in asdict(self.defaults).items() if k not in ("method", "k"))
-        lines.append(f"**Default query** {METHOD_LABELS[self.defaults.method]}: {settings}")
-        return "  \n".join(lines)
-
-    def with_defaults(self, **changes: Any) -> QuerySettings:
-        return replace(self.defaults, **changes)
-
     # ------------------------------------------------------------------ the joint-space picture
     def joint_space_figure(self, response: SearchResponse) -> Path:
         """PNG of where the response's first query landed: reference, sampling walk, query, top hits, target."""
+        from fusion_diff.retrieval.method import run_method
         from fusion_diff.viz import plot_query_walk
 
         request, ranking = response.request, response.rankings[0]
+        retriever = self.retrievers[request.settings.gallery_mode]
+        index = retriever.index
+        if not hasattr(index, "embeddings"):
+            raise ConfigError("this index keeps its vectors remotely, so the page cannot place its hits")
         with self._lock:
-            walk = _query_walk(self.retriever, read_reference(request.reference), request, ranking.method)
-            ids = [hit.id for hit in ranking.hits] + ([request.target_id] if request.target_id else [])
-            gallery = _gallery_embeddings(self.retriever, ids, request.settings.gallery_mode)
+            method = retriever.method_for(
+                ranking.method, **self.method_options.get(ranking.method, {}), **self._options(request, ranking.method)
+            )
+            context = retriever.query_context([read_reference(request.reference)], [request.text])
+            walk = method.sample(context, return_trajectory=True).trajectory[:, 0] if hasattr(method, "sample") else None
+            query = run_method(method, context)[0]
+        reference = (context.reference_image_embeds if retriever.gallery_mode == "image" else context.reference_fused_embeds)[0]
+        ids = [hit.id for hit in ranking.hits] + ([request.target_id] if request.target_id else [])
+        gallery = index.embeddings[[index.position[i] for i in ids]].float()
         k = len(ranking.hits)
-        out = self._figures / f"walk-{time.time_ns()}.png"
         return plot_query_walk(
-            walk.reference, walk.query, gallery[:k], out, walk=walk.trajectory,
+            reference, query, gallery[:k], self._figures / f"walk-{time.time_ns()}.png", walk=walk,
             target=gallery[k] if request.target_id else None, target_rank=ranking.target_rank(request.target_id),
             title=f"{ranking.label}: where the query landed",
         )  # fmt: skip
 
 
 # ---------------------------------------------------------------------- building a service from folders
-def load_retriever(folder: str | Path) -> Any:
+def load_retriever(folder: str | Path, embedder: Any = None) -> Any:
     """``ComposedRetriever.from_pretrained(folder)``, with a message naming the folder when it is not one."""
     from fusion_diff.retrieval import ComposedRetriever
 
@@ -292,9 +342,9 @@ def load_retriever(folder: str | Path) -> Any:
     if not folder.is_dir():
         raise MissingFileError(
             f"Retriever folder not found: {folder}. Build one with `fusion-diff index build` (or `make demo`, which "
-            "leaves runs/demo/retriever), or pass the right --retriever."
+            f"leaves runs/demo/{DEMO_RETRIEVER}), or pass the right --retriever."
         )
-    return ComposedRetriever.from_pretrained(folder)
+    return ComposedRetriever.from_pretrained(folder, embedder=embedder)
 
 
 def benchmark_test_queries(root: str | Path, gallery_ids: set[str]) -> list[TestQuery]:
@@ -310,19 +360,26 @@ def benchmark_test_queries(root: str | Path, gallery_ids: set[str]) -> list[Test
 
 
 def service_from_folder(
-    retriever: str | Path, benchmark: str | Path | None = None, fti4cir: str | Path | None = None
+    retrievers: str | Path | list[str | Path],
+    benchmark: str | Path | None = None,
+    fti4cir: str | Path | None = None,
 ) -> SearchService:
-    """A service over a saved retriever; ``benchmark`` feeds the random-test-query button, ``fti4cir`` adds FTI4CIR."""
-    service = SearchService(load_retriever(retriever), retriever)
+    """A service over saved retriever folder(s) (one per gallery mode; they share the first one's embedder);
+    ``benchmark`` feeds the random-test-query button, ``fti4cir`` adds FTI4CIR to the method picker."""
+    folders = [Path(p) for p in (retrievers if isinstance(retrievers, (list, tuple)) else [retrievers])]
+    loaded = [load_retriever(folders[0])]
+    loaded += [load_retriever(folder, embedder=loaded[0].embedder) for folder in folders[1:]]
+    options = {}
     if fti4cir is not None:
         if not Path(fti4cir).is_dir():
             raise MissingFileError(f"FTI4CIR checkpoint folder not found: {fti4cir}. Train one or drop --fti4cir.")
-        service.method_options["fti4cir"] = {"checkpoint": str(fti4cir)}
+        options["fti4cir"] = {"checkpoint": str(fti4cir)}
+    service = SearchService(loaded, " + ".join(map(str, folders)), method_options=options)
     if benchmark is not None:
-        service.test_queries = benchmark_test_queries(benchmark, {item.id for item in service.gallery_items()})
+        service.test_queries = benchmark_test_queries(benchmark, service._gallery_ids())
         if not service.test_queries:
             raise DataError(
-                f"No test query of {benchmark} has its reference and target in the gallery of {retriever}; "
+                f"No test query of {benchmark} has its reference and target in the gallery of {folders[0]}; "
                 "serve the retriever built on that benchmark's gallery, or drop --benchmark."
             )
     return service
@@ -336,54 +393,10 @@ def service_from_demo(
     retriever = demo_dir / DEMO_RETRIEVER
     if not retriever.is_dir():
         raise MissingFileError(
-            f"{retriever} not found: run `make demo` (or `fusion-diff demo --out ...`) first, or pass "
-            "--retriever DIR for a retriever of your own gallery."
+            f"{retriever} not found: run `make demo` first (it leaves the shapes gallery's retriever there), or "
+            "pass --retriever DIR for a retriever of your own gallery."
         )
-    default_fti4cir = demo_dir / "fti4cir"
+    trained_fti4cir = demo_dir / "fti4cir"
     return service_from_folder(
-        retriever,
-        benchmark or demo_dir / "benchmark",
-        fti4cir or (default_fti4cir if default_fti4cir.is_dir() else None),
+        retriever, benchmark or demo_dir / "benchmark", fti4cir or (trained_fti4cir if trained_fti4cir.is_dir() else None)
     )
-
-
-# ---------------------------------------------------------------------- what the page reads from the retriever
-@dataclass
-class QueryWalk:
-    reference: Any  # [d], the reference as the gallery embeds it
-    query: Any  # [d], the final query
-    trajectory: Any | None  # [S, d], z after each sampling step (sampling methods only)
-
-
-def _gallery_items(retriever: Any) -> list[GalleryItem]:  # PROVISIONAL until issue 15's API
-    return [GalleryItem(i, retriever.paths[i], retriever.captions[i]) for i in retriever.ids]
-
-
-def _gallery_embeddings(retriever: Any, ids: list[str], mode: str) -> Any:  # PROVISIONAL
-    import torch
-
-    index = retriever.indexes[mode]
-    return index.embeddings[torch.tensor([index.position[i] for i in ids])]
-
-
-def _query_walk(retriever: Any, image: Any, request: SearchRequest, method: str) -> QueryWalk:  # PROVISIONAL
-    import torch.nn.functional as F
-
-    from fusion_diff.captioning.modes import fuse_with_captions
-    from fusion_diff.retrieval import QueryContext
-
-    embedder = retriever.embedder
-    img = embedder.embed_images([image])
-    caption = retriever.captioner.caption([image])
-    fused = fuse_with_captions(embedder, [caption], [image], img, 1)
-    settings = request.settings
-    reference = fused[0] if settings.gallery_mode == "fused" else img[0]
-    text = embedder.embed_texts([request.text])
-    if method != "fusion-diff":
-        m = retriever._method(method, **settings.options(method))
-        ctx = QueryContext(embedder, ["q"], [request.text], text, img, [], caption, fused)
-        return QueryWalk(reference, m.query_embeddings(ctx)[0], None)
-    m = retriever._method(method, **settings.options(method))
-    out = m.pipeline.sample(text, fused, num_inference_steps=settings.num_inference_steps, control_guidance=settings.control_guidance,
-                            text_guidance=settings.text_guidance, num_samples=settings.num_samples, generator=m.generator(), return_trajectory=True)
-    return QueryWalk(reference, m.mix(out.embeddings, QueryContext(embedder, ["q"], [request.text], text, img, [], caption, fused))[0], out.trajectory[:, 0])
