@@ -169,3 +169,55 @@ def test_tar_shards_cache_source_and_fused_gallery(bench, tiny_openclip, tmp_pat
     assert all(hit.caption in bank for row in top for hit in row)
     with pytest.raises(CacheMismatchError, match="kind: cache has 'image', retriever needs 'fused'"):
         fused_gallery.index_gallery(tmp_path / "cache", tmp_path / "bad")
+
+
+def test_qdrant_local_mode_matches_exact_search_with_exclusion(tmp_path):
+    pytest.importorskip("qdrant_client")  # an optional extra; CI installs it through .[dev]
+    from fusion_diff.retrieval.qdrant import QdrantIndex
+
+    vectors = _clustered(300)
+    items = [{"id": f"g{i}", "path": f"/img/{i}.png", "caption": None} for i in range(300)]
+    exact = PersistentIndex.write(tmp_path / "faiss", {"space": "test"}, vectors[:250], items[:250], IndexSettings("exact"))
+    qdrant = QdrantIndex.upload(exact, "gallery", path=str(tmp_path / "qdrant"))
+    queries, exclude = vectors[::25][:8], [[f"g{25 * n}", "g1"] for n in range(8)]
+    want, got = exact.search(queries, k=10, exclude=exclude), qdrant.search(queries, k=10, exclude=exclude)
+    assert got.ids == want.ids and torch.allclose(got.scores, want.scores, atol=1e-5)
+    assert got.items[0][0]["path"] == f"/img/{want.ids[0][0][1:]}.png"
+    del qdrant  # local mode holds a file lock: one client per folder
+    reopened = QdrantIndex.open("gallery", path=str(tmp_path / "qdrant"), identity={"space": "test"})
+    reopened.add(vectors[250:], items[250:])
+    assert len(reopened) == 300 and reopened.search(vectors[260:261], k=1).ids == [["g260"]]
+    reopened.client.close()
+    with pytest.raises(CacheMismatchError, match="space: index has 'test', requested 'other'"):
+        QdrantIndex.open("gallery", path=str(tmp_path / "qdrant"), identity={"space": "other"})
+
+
+def test_cli_index_build_query_add_info_upload(bench, tiny_openclip_checkpoint, tmp_path, capsys):
+    """End to end through the CLI. The gallery holds an exact copy of the query's reference, so the image-only
+    method must rank it first: this proves the wiring (folder -> index -> saved retriever -> query), not quality."""
+    from fusion_diff.cli import main as cli_main
+
+    name, checkpoint = tiny_openclip_checkpoint
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for path in sorted((bench / "imgs").glob("*.png"))[:16]:
+        (gallery / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "retriever"
+    embedder = ["--embedder", "openclip", "--model", name, "--pretrained", str(checkpoint)]
+    assert cli_main(["index", "build", "--out", str(out), "--images", str(gallery), "--quiet", *embedder]) == 0
+    reference = bench / "imgs" / "s03.png"
+    assert cli_main(["query", "--index", str(out), "--image", str(reference), "--text", "make it red", "-k", "10", "--json"]) == 0
+    printed = capsys.readouterr().out
+    hits = json.loads(printed[printed.index("{") :])["hits"]
+    assert len(hits) == 10 and hits[0]["path"] == str(gallery / "s03.png") and hits[0]["score"] > 0.999
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "s20.png").write_bytes((bench / "imgs" / "s20.png").read_bytes())
+    assert cli_main(["index", "add", "--index", str(out), "--images", str(tmp_path / "more"), "--quiet"]) == 0
+    assert cli_main(["index", "info", "--index", str(out), "--json"]) == 0
+    info = capsys.readouterr().out
+    assert json.loads(info[info.index("{") :])["count"] == 17
+    pytest.importorskip("qdrant_client")
+    assert cli_main(["index", "upload", "--index", str(out), "--path", str(tmp_path / "qdrant"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["query", "--index", str(out), "--image", str(bench / "imgs" / "s20.png"), "--text", "x"]) == 0
+    assert f"   1  1.0000  {tmp_path / 'more' / 's20.png'}" in capsys.readouterr().out

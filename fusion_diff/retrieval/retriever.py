@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fusion_diff.captioning.base import Captioner
+from fusion_diff.captioning.base import Captioner, identity_digest
 from fusion_diff.captioning.cache import CaptionCache, caption_with_cache
 from fusion_diff.captioning.modes import fuse_with_captions, require_captioner
 from fusion_diff.captioning.retrieval import RetrievalCaptioner
@@ -28,6 +29,7 @@ from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_meth
 from fusion_diff.retrieval.sources import TAR_MEMBER, GalleryItems, gallery_items
 from fusion_diff.retrieval.store import STAGING, IndexSettings, PersistentIndex, space_differences
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
+from fusion_diff.utils.paths import cache_dir
 
 RETRIEVER_FILE = "retriever.json"
 RETRIEVER_KIND = "composed_retriever"
@@ -259,9 +261,13 @@ class ComposedRetriever:
         if self.index is None or not hasattr(self.index, "add"):
             raise ConfigError("add() needs a persisted index: call index_gallery(...) or load one first.")
         gallery = gallery_items(source, ids)
-        staging = Path(getattr(self.index, "root", Path.cwd())) / STAGING
+        if isinstance(self.index, PersistentIndex):
+            staging = self.index.root / STAGING  # removed when the new generation is committed
+        else:  # a Qdrant collection: resumable work kept in the user cache until the upload is done
+            staging = cache_dir("index-staging") / identity_digest(self.index.reference())
         embeds, captions = self._embed(gallery, staging)
         self.attach(self.index.add(embeds, _items(gallery, captions)))
+        shutil.rmtree(staging, ignore_errors=True)
 
     def _embed(self, gallery: GalleryItems, staging: Path) -> tuple[torch.Tensor, list[str] | None]:
         """Gallery embeddings in the method's mode (resumable caches under ``staging``) and the captions used."""
