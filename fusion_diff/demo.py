@@ -184,6 +184,8 @@ class Demo:
             table = self.evaluate(stage1, stage2, fti4cir)
         with self.step("plots"):
             self.plot(stage2)
+        with self.step("query index (fusion-diff query)"):
+            self.build_query_index(stage2)
         write_json_atomic(self.path("results") / "timings.json", self.timings)
         print(f"\nTotal {sum(self.timings.values()) / 60:.1f} min. Table: {table}")
         return table
@@ -281,13 +283,16 @@ class Demo:
         from fusion_diff.captioning import create_captioner
 
         if self.captioner is None:
-            spec = dict(self.config.evaluation.captioner)
-            if spec.get("type") == "retrieval":
-                spec.setdefault("bank", str(self.path("pairs")))  # the pair set's captions (training scenes only)
-            if spec.get("type") == "scene":
-                spec.setdefault("model", str(self.path("captioner")))  # trained on the pair set by the demo
-            self.captioner = create_captioner(spec, self.embedder)
+            self.captioner = create_captioner(self.captioner_spec(), self.embedder)
         return self.captioner
+
+    def captioner_spec(self) -> dict[str, Any]:
+        spec = dict(self.config.evaluation.captioner)
+        if spec.get("type") == "retrieval":
+            spec.setdefault("bank", str(self.path("pairs")))  # the pair set's captions (training scenes only)
+        if spec.get("type") == "scene":
+            spec.setdefault("model", str(self.path("captioner")))  # trained on the pair set by the demo
+        return spec
 
     def evaluator(self, split: str, phrasing: str = "benchmark"):
         from fusion_diff.benchmarks import load_benchmark
@@ -383,6 +388,38 @@ class Demo:
         save_viz_inputs(self.path("results"), inputs)  # `fusion-diff viz --inputs <out>/results` redraws them
         for path in render_figures(inputs, self.path("results") / "plots", seed=self.config.seed):
             print(f"    wrote {path}")
+
+
+    def build_query_index(self, stage2: Path) -> None:
+        """A saved retriever over the test gallery (Fusion-Diff with the demo's query settings) for
+        ``fusion-diff query --index <out>/retriever``; kept when it already holds this gallery and method."""
+        from fusion_diff.benchmarks import load_benchmark
+        from fusion_diff.retrieval.retriever import INDEX_FOLDER, RETRIEVER_FILE, ComposedRetriever
+
+        (unit,) = load_benchmark("shapes", self.path("benchmark"), "test")
+        out = self.path("retriever")
+        options = {**self.fusion_diff_options(), "pipeline": str(stage2)}
+        saved = json.loads((out / RETRIEVER_FILE).read_text()) if (out / RETRIEVER_FILE).is_file() else None
+        if saved and saved["method"]["options"] == options and (out / INDEX_FOLDER / "manifest.json").is_file():
+            retriever = ComposedRetriever.from_pretrained(out, embedder=self.embedder)
+            print(f"    cached ({out})")
+        else:
+            backbone = {"backend": "world", "cache": str(self.backbone_root()), "train_if_missing": False}
+            retriever = ComposedRetriever(
+                backbone, "fusion-diff", captioner=self.captioner_spec(), method_options=options, progress=self.progress
+            )
+            missing = set(unit.missing)
+            gallery = [g for g in unit.gallery if g not in missing]
+            retriever.index_gallery([unit.image_paths[g] for g in gallery], out / INDEX_FOLDER, ids=gallery)
+            retriever.save_pretrained(out)
+        query = unit.queries[0]
+        exclude = [[query.reference]] if unit.exclude_reference else None
+        hits = retriever.search(unit.image_paths[query.reference], query.texts[0], k=10, exclude=exclude)[0]
+        rank = next((n for n, hit in enumerate(hits, start=1) if hit.id in query.positives), None)
+        print(
+            f"    fusion-diff query --index {out} --image {unit.image_paths[query.reference]} --text {query.texts[0]!r}\n"
+            f"    test query {query.query_id}: target {'at rank ' + str(rank) if rank else 'not in the top 10'}"
+        )
 
 
 def run_demo(quick: bool = False, config_path: str | Path | None = None, overrides: list[str] | None = None,

@@ -38,7 +38,7 @@ from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.retrieval.index import build_index
-from fusion_diff.retrieval.method import QueryContext, RetrievalMethod
+from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method
 from fusion_diff.utils.paths import cache_dir
 
 IMAGE_TABLE = "image_table"  # QueryContext.extra key: an ``EmbeddingTable`` of f(I) for every usable image
@@ -253,14 +253,7 @@ class Evaluator:
                 reference_fused_embeds=ref_fused.index_select(0, index) if ref_fused is not None else None,
                 extra={IMAGE_TABLE: table, "benchmark": unit.name},
             )
-            embeds = method.query_embeddings(context)
-            if embeds.ndim != 2 or embeds.shape != (len(chunk), self.embedder.dim) or not torch.isfinite(embeds).all():
-                raise DataError(
-                    f"method {method.name!r} returned {tuple(embeds.shape)} query embeddings (finite: "
-                    f"{bool(torch.isfinite(embeds).all())}) for {len(chunk)} queries; "
-                    f"finite [Q, {self.embedder.dim}] expected."
-                )
-            out.append(F.normalize(embeds.detach().float().cpu(), dim=-1))
+            out.append(run_method(method, context))
         embeds = torch.cat(out)
         if len(rows) != len(queries):  # both FashionIQ orders: the mean of the normalised embeddings
             embeds = embeds[: len(queries)] + embeds[len(queries) :]

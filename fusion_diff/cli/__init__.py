@@ -12,6 +12,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "embed",  # embed images / texts / pairs into a cache
     "sample",  # sample query embeddings with a Fusion-Diff pipeline
     "search",  # top-K search of a gallery cache
+    "index",  # gallery indexes (saved retrievers) and composed queries (fusion-diff query)
     "world",  # the shapes world: backbone, benchmark
     "synth",  # synthetic triplet sets
     "caption",  # captioners and the caption cache

@@ -41,6 +41,11 @@ def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) ->
 
 def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
     """Build the embedder named by ``add_embedder_args`` flags."""
+    return create_embedder(embedder_spec(args))
+
+
+def embedder_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``create_embedder`` spec of ``add_embedder_args`` flags (what a saved retriever records)."""
     spec: dict[str, Any] = {"backend": args.embedder, "device": args.device}
     if args.embedder == "openclip":
         spec.update(model_name=args.model, pretrained=args.pretrained, fusion_weight=args.fusion_weight)
@@ -52,7 +57,7 @@ def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
             spec["instruction"] = args.instruction
         if args.precision:
             spec["dtype"] = args.precision
-    return create_embedder(spec)
+    return spec
 
 
 def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -19,19 +19,29 @@ WORLD = "world"  # --model value of the shapes world's backbone
 
 def build_backbone(args: argparse.Namespace):
     """The joint embedder: the shapes world's own backbone (``--model world``, the default) or ``--embedder``'s."""
+    from fusion_diff.embedding.factory import create_embedder
+
+    return create_embedder(backbone_spec(args))
+
+
+def backbone_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``create_embedder`` spec of the backbone flags (``--model world``: the world's cached backbone)."""
     if args.model in (None, WORLD):
-        from data_synth.shapes.backbone import load_world_embedder
+        return {"backend": "world", "train_if_missing": False, "fusion_weight": args.fusion_weight}
+    from fusion_diff.cli.embed import embedder_spec
 
-        return load_world_embedder(train_if_missing=False, fusion_weight=args.fusion_weight)
-    from fusion_diff.cli.embed import embedder_from_args
-
-    return embedder_from_args(args)
+    return embedder_spec(args)
 
 
 def build_captioner(args: argparse.Namespace, embedder):
     """The captioner of references and fused galleries (never annotation captions), or None."""
     from fusion_diff.captioning import create_captioner
 
+    return create_captioner(captioner_spec(args), embedder)
+
+
+def captioner_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``create_captioner`` spec of ``add_captioner_args`` flags (None: no captioner)."""
     if args.captioner == "none":
         return None
     if args.captioner == "retrieval":
@@ -40,20 +50,19 @@ def build_captioner(args: argparse.Namespace, embedder):
                 "--captioner retrieval needs --caption-bank (a text file, a .jsonl with 'caption', "
                 "or a pair-set folder)."
             )
-        return create_captioner({"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}, embedder)
+        return {"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}
     if not args.captioner_model:
         raise ConfigError(
             f"--captioner {args.captioner} needs --captioner-model (a local Hugging Face id or save_pretrained folder)."
         )
     if args.captioner == "scene":
-        return create_captioner({"type": "scene", "model": args.captioner_model})
-    spec = {
+        return {"type": "scene", "model": args.captioner_model}
+    return {
         "type": "generative",
         "model": args.captioner_model,
         "device": args.device,
         "num_candidates": args.caption_top_k,
     }
-    return create_captioner(spec)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -138,6 +147,25 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_captioner_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick a captioner (read by ``captioner_spec``); shared by eval, index build and query."""
+    captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
+    captioning.add_argument(
+        "--captioner",
+        choices=("none", "retrieval", "generative", "scene"),
+        default="none",
+        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model; scene: the shapes "
+        "world's trained captioner (--captioner-model: the demo's captioner/ folder)",
+    )
+    captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
+    captioning.add_argument(
+        "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
+    )
+    captioning.add_argument(
+        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
+    )
+
+
 def _data_arguments(parser: argparse.ArgumentParser, benchmarks: tuple[str, ...]) -> None:
     parser.add_argument(
         "--benchmark",
@@ -201,21 +229,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="shapes world: the benchmark's held-out phrasing, or the same edits in the training phrasing",
     )
     add_embedder_args(parser, required=False)  # --model world (default): the shapes world's backbone
-    captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
-    captioning.add_argument(
-        "--captioner",
-        choices=("none", "retrieval", "generative", "scene"),
-        default="none",
-        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model; scene: the shapes "
-        "world's trained captioner (--captioner-model: the demo's captioner/ folder)",
-    )
-    captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
-    captioning.add_argument(
-        "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
-    )
-    captioning.add_argument(
-        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
-    )
+    add_captioner_args(parser)
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument(
         "--gallery-mode",

@@ -13,6 +13,7 @@ from fusion_diff.errors import ConfigError
 BACKENDS = {
     "openclip": ("fusion_diff.embedding.openclip", "OpenCLIPEmbedder"),
     "vlm": ("fusion_diff.embedding.vlm", "VLMEmbedder"),
+    "world": ("data_synth.shapes.backbone", "load_world_embedder"),  # the shapes world's trained backbone
 }
 
 
@@ -27,7 +28,7 @@ def create_embedder(spec: dict[str, Any]) -> JointEmbedder:
         raise ConfigError(f"Unknown embedder backend {backend!r}; choose one of {sorted(BACKENDS)}.")
     module, name = BACKENDS[backend]
     cls = getattr(importlib.import_module(module), name)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = set(inspect.signature(cls).parameters)
     unknown = sorted(set(spec) - accepted)
     if unknown:
         raise ConfigError(f"Unknown key(s) {unknown} for the {backend!r} embedder; accepted: {sorted(accepted)}.")

@@ -19,11 +19,13 @@ from fusion_diff.errors import ConfigError, DataError
 
 @dataclass
 class SearchResult:
-    """Top-k per query: ``scores`` / ``indices`` are ``[Q, k]`` (``-inf`` / ``-1`` past the valid items)."""
+    """Top-k per query: ``scores`` / ``indices`` are ``[Q, k]`` (``-inf`` / ``-1`` past the valid items);
+    ``items`` the hits' metadata (id, path, caption) where the index stores any."""
 
     scores: torch.Tensor
     indices: torch.Tensor
     ids: list[list[str]]
+    items: list[list[dict]] | None = None
 
 
 class _Index:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_diff.embedding.base import JointEmbedder
-from fusion_diff.errors import ConfigError
+from fusion_diff.errors import ConfigError, DataError
 
 GalleryMode = Literal["image", "fused"]
 
@@ -65,3 +65,18 @@ def mix_toward_reference(queries: torch.Tensor, reference: torch.Tensor, weight:
         return queries
     mixed = (1 - weight) * queries + weight * F.normalize(reference.to(queries.dtype), dim=-1)
     return F.normalize(mixed, dim=-1)
+
+
+def run_method(method: RetrievalMethod, context: QueryContext) -> torch.Tensor:
+    """``[Q, d]`` unit-norm float32 CPU query embeddings of ``method`` on ``context``, checked.
+
+    The one place queries become embeddings: the evaluator and ``ComposedRetriever.search`` both call it.
+    """
+    embeds = method.query_embeddings(context)
+    expected = (len(context.query_ids), context.embedder.dim)
+    if embeds.ndim != 2 or tuple(embeds.shape) != expected or not torch.isfinite(embeds).all():
+        raise DataError(
+            f"method {method.name!r} returned {tuple(embeds.shape)} query embeddings (finite: "
+            f"{bool(torch.isfinite(embeds).all())}) for {expected[0]} queries; finite [Q, {expected[1]}] expected."
+        )
+    return F.normalize(embeds.detach().float().cpu(), dim=-1)
