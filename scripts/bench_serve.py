@@ -28,11 +28,14 @@ RESULT_IMAGES = "#results-a img"
 
 
 def run_query(page, k: int) -> float:
-    """Click Search, wait for ``k`` fresh result images; seconds."""
-    page.evaluate("document.querySelectorAll('#results-a img').forEach(e => e.remove())")  # no stale images count
+    """Set k, click Search, wait until exactly ``k`` result images are on the page; seconds from the click.
+
+    Successive queries alternate k (10, 9, 10, ...), so that the images of the previous answer never count."""
+    page.fill("#k input[type=number]", str(k))
+    page.press("#k input[type=number]", "Enter")
     start = time.perf_counter()
     page.click("#search")
-    page.wait_for_function(f"document.querySelectorAll('{RESULT_IMAGES}').length >= {k}", timeout=120_000)
+    page.wait_for_function(f"document.querySelectorAll('{RESULT_IMAGES}').length === {k}", timeout=120_000)
     return time.perf_counter() - start
 
 
@@ -54,8 +57,8 @@ def bench_serve(serve_args: list[str], repeats: int = 5, k: int = 10) -> dict[st
             page.goto(url)
             page.click("#random-query")
             page.wait_for_function("document.querySelector('#text textarea').value.length > 0")
-            run_query(page, k)  # warm-up: first call loads lazily built parts
-            queries = [run_query(page, k) for _ in range(repeats)]
+            run_query(page, k)  # warm-up: the first call builds the method with the page's settings
+            queries = [run_query(page, k - 1 if n % 2 == 0 else k) for n in range(repeats)]
         finally:
             browser.close()
     return {

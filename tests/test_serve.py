@@ -18,18 +18,18 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
-from data_synth.shapes.benchmark import BenchmarkConfig, write_benchmark  # noqa: E402
-from data_synth.shapes.captions import canonical_caption  # noqa: E402
-from data_synth.shapes.scene import sample_scene  # noqa: E402
-from fusion_diff.benchmarks import load_shapes  # noqa: E402
-from fusion_diff.embedding import OpenCLIPEmbedder  # noqa: E402
-from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError  # noqa: E402
-from fusion_diff.models import ControlAdapter, FusionPrior, sampling_scheduler  # noqa: E402
-from fusion_diff.pipelines import FusionDiffPipeline  # noqa: E402
-from fusion_diff.retrieval import ComposedRetriever  # noqa: E402
-from fusion_diff.serve import inputs  # noqa: E402
-from fusion_diff.serve.inputs import check_text, read_reference  # noqa: E402
-from fusion_diff.serve.service import (  # noqa: E402
+from data_synth.shapes.benchmark import BenchmarkConfig, write_benchmark
+from data_synth.shapes.captions import canonical_caption
+from data_synth.shapes.scene import sample_scene
+from fusion_diff.benchmarks import load_shapes
+from fusion_diff.embedding import OpenCLIPEmbedder
+from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.models import ControlAdapter, FusionPrior, sampling_scheduler
+from fusion_diff.pipelines import FusionDiffPipeline
+from fusion_diff.retrieval import ComposedRetriever
+from fusion_diff.serve import inputs
+from fusion_diff.serve.inputs import check_text, read_reference
+from fusion_diff.serve.service import (
     QuerySettings,
     SearchRequest,
     TestQuery,
@@ -82,19 +82,20 @@ def build_serve_world(root: Path, model_name: str, checkpoint: Path) -> ServeWor
     paths = [unit.image_paths[i] for i in unit.gallery]
     retriever.index_gallery(paths, root / "retriever" / "index", ids=unit.gallery)
     retriever.save_pretrained(root / "retriever")
-    # The known query: the first whose target the library itself (image-only, reference excluded) ranks in the
-    # top K. The random backbone is no retriever; tests on it prove the page shows the library's ranking.
+    # The known query: the first whose target the library itself ranks in the top K with image-only, the
+    # reference not excluded (as for an upload; excluding it only moves the target up). The random backbone is no
+    # retriever: tests on it prove that the page shows the library's ranking, not that the ranking is good.
     for query in unit.queries:
-        hits = retriever.search([unit.image_paths[query.reference]], [query.texts[0]], k=K,
-                                exclude=[[query.reference]], method="image-only", gallery_mode="fused")[0]  # fmt: skip
+        hits = retriever.search([unit.image_paths[query.reference]], [query.texts[0]], k=K, method="image-only",
+                                gallery_mode="fused")[0]  # fmt: skip
         if query.positives[0] in [hit.id for hit in hits]:
             known = TestQuery(query.query_id, query.reference, unit.image_paths[query.reference], query.texts[0],
                               query.positives[0])  # fmt: skip
             break
     else:
         raise AssertionError("no test query of the tiny world has its target in the image-only top 10")
-    return ServeWorld(root, root / "retriever", root / "benchmark", root / "fti4cir", checkpoint.parent / "model_configs",
-                      known)  # fmt: skip
+    configs = checkpoint.parent / "model_configs"  # where conftest registered the tiny architecture
+    return ServeWorld(root, root / "retriever", root / "benchmark", root / "fti4cir", configs, known)
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,15 @@ from typing import Any
 from fusion_diff.serve.offline import disable_telemetry, offline_theme
 
 disable_telemetry()  # before gradio is imported: its import may already read the setting
-import gradio as gr  # noqa: E402  (the serve extra; fusion_diff.cli.serve turns its absence into a message)
+import gradio as gr
 
-from fusion_diff.errors import FusionDiffError  # noqa: E402
-from fusion_diff.serve.inputs import read_reference  # noqa: E402
-from fusion_diff.serve.service import MAX_K, METHOD_LABELS, QuerySettings, Ranking, SearchRequest, SearchService
+from fusion_diff.errors import FusionDiffError
+from fusion_diff.serve.inputs import read_reference
+from fusion_diff.serve.service import MAX_K, QuerySettings, Ranking, SearchRequest, SearchService
 
 NO_COMPARE = "(none)"
 STRIP_SIZE = 48  # gallery images in the clickable strip
+RESULT_HEIGHT = 300  # px: two rows of five at the default k; more results scroll
 MAX_UPLOAD = "50mb"
 EXAMPLE_TEXT = "make the star blue and move it to the left"
 CSS = ".fd-small {font-size: 0.85em}"
@@ -78,7 +79,7 @@ def build_app(service: SearchService, max_batch_size: int = 8):
                         [(NO_COMPARE, NO_COMPARE), *method_choices], value=NO_COMPARE,
                         label="Side by side with", elem_id="compare",
                     )  # fmt: skip
-                    k = gr.Slider(1, MAX_K, value=defaults.k, step=1, label="Results (k)")
+                    k = gr.Slider(1, MAX_K, value=defaults.k, step=1, label="Results (k)", elem_id="k")
                 with gr.Accordion("Query settings", open=False):
                     with gr.Row():
                         steps = gr.Slider(1, 50, value=defaults.num_inference_steps, step=1, label="Sampling steps")
@@ -90,7 +91,9 @@ def build_app(service: SearchService, max_batch_size: int = 8):
                                   " (one index served; serve a second --retriever for the other mode)"),
                         )  # fmt: skip
                     with gr.Row():
-                        control_guidance = gr.Slider(0, 5, value=defaults.control_guidance, step=0.1, label="Control guidance")
+                        control_guidance = gr.Slider(
+                            0, 5, value=defaults.control_guidance, step=0.1, label="Control guidance"
+                        )
                         text_guidance = gr.Slider(0, 5, value=defaults.text_guidance, step=0.1, label="Text guidance")
                         mix = gr.Slider(0, 1, value=defaults.mix_reference, step=0.05, label="Mix toward the reference")
                 with gr.Row():
@@ -102,65 +105,49 @@ def build_app(service: SearchService, max_batch_size: int = 8):
         with gr.Row():
             with gr.Column(scale=3):
                 header_a = gr.Markdown(elem_id="header-a")
-                results_a = gr.Gallery(label="Results", columns=5, height="auto", elem_id="results-a")
+                results_a = gr.Gallery(label="Results", columns=5, height=RESULT_HEIGHT, elem_id="results-a")
                 header_b = gr.Markdown(elem_id="header-b", visible=False)
-                results_b = gr.Gallery(label="Side by side", columns=5, height="auto", elem_id="results-b", visible=False)
+                results_b = gr.Gallery(
+                    label="Side by side", columns=5, height=RESULT_HEIGHT, elem_id="results-b", visible=False
+                )
             with gr.Column(scale=2):
                 joint_space = gr.Image(
-                    label="Where the query landed in the joint space", interactive=False, elem_id="joint-space"
+                    label="Where the query landed in the joint space",
+                    show_label=False,
+                    interactive=False,
+                    elem_id="joint-space",
                 )
         with gr.Accordion("Gallery: click an image to use it as the reference", open=True):
             gallery_strip = gr.Gallery(strip, columns=12, height=230, allow_preview=False, elem_id="gallery-strip")
-        with gr.Accordion("Load another retriever", open=False):
-            with gr.Row():
-                folder = gr.Textbox(label="Retriever folder", placeholder="runs/demo/retriever", scale=4)
-                load = gr.Button("Load", scale=1)
+        with gr.Accordion("Load another retriever", open=False), gr.Row():
+            folder = gr.Textbox(label="Retriever folder", placeholder="runs/demo/retriever", scale=4)
+            load = gr.Button("Load", scale=1)
 
         # ---------------------------------------------------------------- handlers
         def run_search(reference, reference_id, target_id, text, negative_text, method, compare, k, num_inference_steps,
                        control_guidance, text_guidance, num_samples, mix_reference, gallery_mode):  # fmt: skip
-            """Batched: every argument is a list, one entry per query of the batch."""
+            """Batched: every argument is a list, one entry per query of the batch; returns one list per output."""
             requests, messages = [], []
-            columns_in = (reference, reference_id, target_id, text, negative_text, method, compare, k,
-                          num_inference_steps, control_guidance, text_guidance, num_samples, mix_reference, gallery_mode)  # fmt: skip
-            for row in zip(*columns_in):
-                ref, ref_id, tgt, txt, neg, m, cmp, kk, st, cg, tg, n, mx, mode = row
+            for row in zip(reference, reference_id, target_id, text, negative_text, method, compare, k,
+                           num_inference_steps, control_guidance, text_guidance, num_samples, mix_reference,
+                           gallery_mode):  # fmt: skip
                 try:
-                    settings = QuerySettings(m, int(kk), int(st), float(cg), float(tg), int(n), float(mx), mode)
-                except (FusionDiffError, TypeError, ValueError) as err:  # a bad knob from the API: say so, go on
-                    settings, messages = QuerySettings(), messages + [str(err)]
-                else:
+                    requests.append(_request(*row))
                     messages.append("")
-                requests.append(
-                    SearchRequest(ref, txt or "", settings, neg or "", None if cmp in (None, "", NO_COMPARE) else cmp,
-                                  ref_id or None, tgt or None)
-                )  # fmt: skip
-            valid = [i for i, message in enumerate(messages) if not message]
+                except (FusionDiffError, TypeError, ValueError) as err:  # a bad knob from the API: say so, go on
+                    requests.append(None)
+                    messages.append(str(err))
+            valid = [i for i, request in enumerate(requests) if request is not None]
             answered = dict(zip(valid, service.search([requests[i] for i in valid])))
-            columns: list[list[Any]] = [[] for _ in range(7)]
-            for i, request in enumerate(requests):
-                response = answered.get(i)
-                message = messages[i] or (response.message if response else "")
-                first, second = (response.rankings + [None, None])[:2] if response and response.ok else (None, None)
-                row = [
-                    f"⚠️ {message}" if message else _status(response),
-                    (response.reference_caption or "") if response else "",
-                    _header(first, request.target_id),
-                    _gallery(first, request.target_id),
-                    _header(second, request.target_id),
-                    _gallery(second, request.target_id),
-                    response if response is not None and response.ok else None,
-                ]
-                for column, value in zip(columns, row):
-                    column.append(value)
-            return columns
+            rows = [_outputs(answered.get(i), messages[i]) for i in range(len(requests))]
+            return [list(column) for column in zip(*rows)]
 
         def draw_walk(response):
             if response is None:
                 return None
             try:
                 return str(service.joint_space_figure(response))
-            except Exception as err:  # the picture is optional: a failure must not break the page
+            except (FusionDiffError, ValueError, RuntimeError, OSError, KeyError) as err:  # optional: never fatal
                 gr.Warning(f"No joint-space picture: {err}")
                 return None
 
@@ -198,20 +185,50 @@ def build_app(service: SearchService, max_batch_size: int = 8):
         inputs = [upload, reference_id, target_id, text, negative, method, compare, k, steps, control_guidance,
                   text_guidance, samples, mix, gallery_mode]  # fmt: skip
         outputs = [status, reference_caption, header_a, results_a, header_b, results_b, walk_request]
-        search.click(
-            run_search, inputs, outputs, batch=True, max_batch_size=max_batch_size, api_name="search"
-        ).then(draw_walk, walk_request, joint_space, api_name=False)
+        search.click(run_search, inputs, outputs, batch=True, max_batch_size=max_batch_size, api_name="search").then(
+            draw_walk, walk_request, joint_space, api_name=False
+        )
         text.submit(run_search, inputs, outputs, batch=True, max_batch_size=max_batch_size, api_name=False).then(
             draw_walk, walk_request, joint_space, api_name=False
         )
         upload.upload(on_upload, upload, [preview, reference_id, target_id, status], api_name=False)
-        gallery_strip.select(choose_from_strip, None, [upload, preview, reference_id, target_id, status], api_name=False)
+        gallery_strip.select(
+            choose_from_strip, None, [upload, preview, reference_id, target_id, status], api_name=False
+        )
         random_query.click(
             fill_random_query, None, [upload, preview, reference_id, target_id, text, status], api_name=False
         )
         compare.change(toggle_compare, compare, [header_b, results_b], api_name=False)
         load.click(load_retriever, folder, [identity, gallery_strip, status], api_name="load_retriever")
     return app
+
+
+def _request(reference, reference_id, target_id, text, negative_text, method, compare, k, steps, control_guidance,
+             text_guidance, num_samples, mix_reference, gallery_mode) -> SearchRequest:  # fmt: skip
+    """One query of the batch from the widgets' values (the API may send anything: the knobs are checked)."""
+    settings = QuerySettings(method, int(k), int(steps), float(control_guidance), float(text_guidance),
+                             int(num_samples), float(mix_reference), gallery_mode)  # fmt: skip
+    compare = None if compare in (None, "", NO_COMPARE) else compare
+    return SearchRequest(reference, text or "", settings, negative_text or "", compare, reference_id or None,
+                         target_id or None)  # fmt: skip
+
+
+def _outputs(response, message: str) -> list[Any]:
+    """The search event's outputs for one query: status, reference caption, two (header, gallery) rows, and
+    the response for the joint-space picture (None when there is nothing to draw)."""
+    message = message or (response.message if response else "")
+    ok = response is not None and not message
+    first, second = (response.rankings + [None, None])[:2] if ok else (None, None)
+    target_id = response.request.target_id if response else None
+    return [
+        f"⚠️ {message}" if message else _status(response),
+        (response.reference_caption or "") if ok else "",
+        _header(first, target_id),
+        _gallery(first, target_id),
+        _header(second, target_id),
+        _gallery(second, target_id),
+        response if ok else None,
+    ]
 
 
 def _status(response) -> str:

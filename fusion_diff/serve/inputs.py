@@ -43,10 +43,13 @@ def read_reference(path: str | os.PathLike | None, max_pixels: int = MAX_PIXELS)
         ) from err
     except UnidentifiedImageError as err:
         raise DataError(
-            f"The file {name} is not an image this page can read (PNG, JPEG, WebP, GIF, BMP, ...). Upload an image file."
+            f"The file {name} is not an image this page can read (PNG, JPEG, WebP, GIF, BMP, ...). "
+            "Upload an image file."
         ) from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt image data
-        raise DataError(f"The image {name} is damaged and cannot be decoded ({type(err).__name__}). Upload it again.") from err
+        raise DataError(
+            f"The image {name} is damaged and cannot be decoded ({type(err).__name__}). Upload it again."
+        ) from err
 
 
 def check_text(text: str | None, what: str = "modification text", required: bool = True) -> str:

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,9 @@ class QuerySettings:
     def of_method(cls, method: Any, name: str, gallery_mode: str) -> QuerySettings:
         """Defaults taken from a method object's own settings (a knob it lacks keeps this class's default)."""
         knobs = {knob: getattr(method, knob) for knob in METHOD_KNOBS["fusion-diff"] if hasattr(method, knob)}
-        return cls(**{**knobs, "method": name if name in METHOD_LABELS else "fusion-diff", "gallery_mode": gallery_mode})
+        return cls(
+            **{**knobs, "method": name if name in METHOD_LABELS else "fusion-diff", "gallery_mode": gallery_mode}
+        )
 
 
 @dataclass
@@ -320,9 +322,13 @@ class SearchService:
                 ranking.method, **self.method_options.get(ranking.method, {}), **self._options(request, ranking.method)
             )
             context = retriever.query_context([read_reference(request.reference)], [request.text])
-            walk = method.sample(context, return_trajectory=True).trajectory[:, 0] if hasattr(method, "sample") else None
+            walk = (
+                method.sample(context, return_trajectory=True).trajectory[:, 0] if hasattr(method, "sample") else None
+            )
             query = run_method(method, context)[0]
-        reference = (context.reference_image_embeds if retriever.gallery_mode == "image" else context.reference_fused_embeds)[0]
+        reference = (
+            context.reference_image_embeds if retriever.gallery_mode == "image" else context.reference_fused_embeds
+        )[0]
         ids = [hit.id for hit in ranking.hits] + ([request.target_id] if request.target_id else [])
         gallery = index.embeddings[[index.position[i] for i in ids]].float()
         k = len(ranking.hits)
@@ -398,5 +404,7 @@ def service_from_demo(
         )
     trained_fti4cir = demo_dir / "fti4cir"
     return service_from_folder(
-        retriever, benchmark or demo_dir / "benchmark", fti4cir or (trained_fti4cir if trained_fti4cir.is_dir() else None)
+        retriever,
+        benchmark or demo_dir / "benchmark",
+        fti4cir or (trained_fti4cir if trained_fti4cir.is_dir() else None),
     )

@@ -64,15 +64,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextmanager
-def serve_in_subprocess(args: Sequence[str], timeout: float = 180.0, host: str = "127.0.0.1") -> Iterator[str]:
-    """Run ``fusion-diff serve ARGS --host HOST --port <free>`` and yield its URL once the page answers;
-    the server is stopped on exit. Its output goes to a log whose tail is in any startup error."""
+def serve_in_subprocess(
+    args: Sequence[str], timeout: float = 180.0, host: str = "127.0.0.1", cwd: str | os.PathLike | None = None
+) -> Iterator[str]:
+    """Run ``fusion-diff serve ARGS --host HOST --port <free>`` (in ``cwd``) and yield its URL once the page
+    answers; the server is stopped on exit. Its output goes to a log whose tail is in any startup error."""
     port = free_port(host)
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fusion-diff-serve-{port}.log"
     command = [sys.executable, "-m", "fusion_diff.cli", "serve", *args, "--host", host, "--port", str(port)]
     url = f"http://{host}:{port}/"
     with open(log_path, "w+", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if cwd is not None:  # the checkout stays importable from another working directory
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")])
+            )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             deadline = time.monotonic() + timeout
             while True:
