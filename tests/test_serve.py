@@ -30,9 +30,9 @@ from fusion_diff.retrieval import ComposedRetriever
 from fusion_diff.serve import inputs
 from fusion_diff.serve.inputs import check_text, read_reference
 from fusion_diff.serve.service import (
+    BenchmarkQuery,
     QuerySettings,
     SearchRequest,
-    TestQuery,
     service_from_demo,
     service_from_folder,
 )
@@ -47,7 +47,7 @@ class ServeWorld:
     benchmark: Path
     fti4cir: Path
     model_configs: Path
-    query: TestQuery  # a test query whose target the library's image-only ranking puts in the top K
+    query: BenchmarkQuery  # a test query whose target the library's image-only ranking puts in the top K
 
 
 def _caption_bank(path: Path, count: int = 40) -> Path:
@@ -89,7 +89,7 @@ def build_serve_world(root: Path, model_name: str, checkpoint: Path) -> ServeWor
         hits = retriever.search([unit.image_paths[query.reference]], [query.texts[0]], k=K, method="image-only",
                                 gallery_mode="fused")[0]  # fmt: skip
         if query.positives[0] in [hit.id for hit in hits]:
-            known = TestQuery(query.query_id, query.reference, unit.image_paths[query.reference], query.texts[0],
+            known = BenchmarkQuery(query.query_id, query.reference, unit.image_paths[query.reference], query.texts[0],
                               query.positives[0])  # fmt: skip
             break
     else:
@@ -184,6 +184,17 @@ def test_page_identity_methods_and_test_queries(service, serve_world):
     assert len(service.gallery_items()) == 72 and service.gallery_items()[0].path.is_file()
 
 
+def test_the_demo_folder_is_served_with_its_benchmark_and_fti4cir(serve_world, tmp_path):
+    """`fusion-diff serve` with no arguments serves runs/demo: its retriever, test queries and FTI4CIR."""
+    demo = tmp_path / "runs" / "demo"
+    demo.mkdir(parents=True)
+    for name in ("retriever", "benchmark", "fti4cir"):
+        (demo / name).symlink_to(serve_world.root / name, target_is_directory=True)
+    service = service_from_demo(demo)
+    assert "fti4cir" in service.methods() and service.test_queries
+    assert service.source == str(demo / "retriever")
+
+
 def test_missing_folders_are_named(tmp_path):
     with pytest.raises(MissingFileError, match="make demo"):
         service_from_demo(tmp_path / "runs" / "demo")
@@ -207,7 +218,7 @@ def page(service):
 def _ask(client, reference, text, method="image-only", k=K, compare="(none)", reference_id="", target_id=""):
     from gradio_client import handle_file
 
-    d = QuerySettings()
+    d = QuerySettings.library()
     return client.predict(
         handle_file(str(reference)), reference_id, target_id, text, "", method, compare, k, d.num_inference_steps,
         d.control_guidance, d.text_guidance, d.num_samples, d.mix_reference, "fused", api_name="/search",

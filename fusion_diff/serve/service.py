@@ -8,6 +8,7 @@ tests can call it without a browser.
 
 from __future__ import annotations
 
+import inspect
 import random
 import tempfile
 import threading
@@ -36,21 +37,23 @@ METHOD_KNOBS: dict[str, tuple[str, ...]] = {
 }
 TEXT_FREE_METHODS = ("image-only",)  # methods that ignore the modification text
 MAX_K = 50
+DEFAULT_K = 10
 DEMO_RETRIEVER = "retriever"  # the folder `fusion-diff demo` leaves its ready retriever in
 
 
 @dataclass(frozen=True)
 class QuerySettings:
-    """The page's knobs (the service fills the defaults in from the served retriever's own method)."""
+    """The page's knobs. ``of_method`` takes them from the served retriever's method, ``library`` from
+    ``FusionDiffMethod``'s defaults: the page never keeps a third copy of the query settings."""
 
-    method: str = "fusion-diff"
-    k: int = 10
-    num_inference_steps: int = 1
-    control_guidance: float = 1.5
-    text_guidance: float = 2.0
-    num_samples: int = 8
-    mix_reference: float = 0.1
-    gallery_mode: str = "fused"
+    method: str
+    k: int
+    num_inference_steps: int
+    control_guidance: float
+    text_guidance: float
+    num_samples: int
+    mix_reference: float
+    gallery_mode: str
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_LABELS:
@@ -63,12 +66,20 @@ class QuerySettings:
         return {knob: getattr(self, knob) for knob in METHOD_KNOBS[method or self.method]}
 
     @classmethod
+    def library(cls, **changes: Any) -> QuerySettings:
+        """Fusion-Diff with ``FusionDiffMethod``'s default settings, k = 10."""
+        from fusion_diff.pipelines.method import FusionDiffMethod
+
+        parameters = inspect.signature(FusionDiffMethod).parameters
+        knobs = {knob: parameters[knob].default for knob in METHOD_KNOBS["fusion-diff"]}
+        return cls(**{"method": "fusion-diff", "k": DEFAULT_K, **knobs, **changes})
+
+    @classmethod
     def of_method(cls, method: Any, name: str, gallery_mode: str) -> QuerySettings:
-        """Defaults taken from a method object's own settings (a knob it lacks keeps this class's default)."""
+        """The settings of a method object (a knob it lacks keeps the library's default)."""
         knobs = {knob: getattr(method, knob) for knob in METHOD_KNOBS["fusion-diff"] if hasattr(method, knob)}
-        return cls(
-            **{**knobs, "method": name if name in METHOD_LABELS else "fusion-diff", "gallery_mode": gallery_mode}
-        )
+        knobs.update(method=name if name in METHOD_LABELS else "fusion-diff", gallery_mode=gallery_mode)
+        return cls.library(**knobs)
 
 
 @dataclass
@@ -78,7 +89,7 @@ class SearchRequest:
 
     reference: str | None
     text: str
-    settings: QuerySettings = field(default_factory=QuerySettings)
+    settings: QuerySettings = field(default_factory=QuerySettings.library)
     negative_text: str = ""
     compare: str | None = None  # a second method, shown in a second row
     reference_id: str | None = None
@@ -125,7 +136,7 @@ class GalleryItem:
 
 
 @dataclass(frozen=True)
-class TestQuery:
+class BenchmarkQuery:
     """A benchmark query with a known answer, for the 'random test query' button."""
 
     query_id: str
@@ -149,7 +160,7 @@ class SearchService:
         source: str | Path,
         *,
         method_options: dict[str, dict[str, Any]] | None = None,
-        test_queries: list[TestQuery] | None = None,
+        test_queries: list[BenchmarkQuery] | None = None,
     ) -> None:
         self.method_options = method_options or {}
         self.test_queries = test_queries or []
@@ -210,7 +221,7 @@ class SearchService:
     def _gallery_ids(self) -> set[str]:
         return {item.id for item in self.gallery_items()}
 
-    def random_test_query(self, rng: random.Random | None = None) -> TestQuery:
+    def random_test_query(self, rng: random.Random | None = None) -> BenchmarkQuery:
         if not self.test_queries:
             raise ConfigError("This page has no benchmark queries; start it with --benchmark DIR or --demo-dir.")
         return (rng or random).choice(self.test_queries)
@@ -353,13 +364,13 @@ def load_retriever(folder: str | Path, embedder: Any = None) -> Any:
     return ComposedRetriever.from_pretrained(folder, embedder=embedder)
 
 
-def benchmark_test_queries(root: str | Path, gallery_ids: set[str]) -> list[TestQuery]:
+def benchmark_test_queries(root: str | Path, gallery_ids: set[str]) -> list[BenchmarkQuery]:
     """The shapes benchmark's test queries whose reference and target are both in the served gallery."""
     from fusion_diff.benchmarks import load_shapes
 
     unit = load_shapes(root, "test")
     return [
-        TestQuery(q.query_id, q.reference, unit.image_paths[q.reference], q.texts[0], q.positives[0])
+        BenchmarkQuery(q.query_id, q.reference, unit.image_paths[q.reference], q.texts[0], q.positives[0])
         for q in unit.queries
         if q.positives and q.reference in gallery_ids and q.positives[0] in gallery_ids
     ]
