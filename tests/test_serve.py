@@ -175,6 +175,25 @@ def test_side_by_side_negative_text_and_the_joint_space_picture(service, serve_w
     assert figure.stat().st_size > 0 and Image.open(figure).size[0] > 300
 
 
+def test_shared_noise_makes_a_query_independent_of_its_batch(serve_world):
+    """The page samples every query from one noise block, so a query batched with others gets the answer it
+    gets alone; with independent noise per query (the evaluation's default) it does not."""
+    from fusion_diff.baselines.registry import load_pipeline
+
+    pipeline = load_pipeline(serve_world.root / "pipeline")
+    gen = torch.Generator().manual_seed(1)
+    text, control = torch.randn(3, 32, generator=gen), torch.randn(3, 32, generator=gen)
+
+    def sample(rows: slice, shared: bool) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        out = pipeline.sample(text[rows], control[rows], num_inference_steps=1, num_samples=4, shared_noise=shared,
+                              generator=generator)  # fmt: skip
+        return out.embeddings
+
+    assert torch.allclose(sample(slice(0, 3), True)[2], sample(slice(2, 3), True)[0], atol=1e-6)
+    assert not torch.allclose(sample(slice(0, 3), False)[2], sample(slice(2, 3), False)[0], atol=1e-3)
+
+
 def test_page_identity_methods_and_test_queries(service, serve_world):
     text = service.describe()
     assert str(serve_world.retriever) in text and "72 items" in text and "fd-test-tiny" in text
@@ -215,14 +234,19 @@ def page(service):
     app.close()
 
 
-def _ask(client, reference, text, method="image-only", k=K, compare="(none)", reference_id="", target_id=""):
+def _arguments(reference, text, settings: QuerySettings, reference_id="", target_id="") -> list:
+    """The /search endpoint's inputs, in the page's order."""
     from gradio_client import handle_file
 
-    d = QuerySettings.library()
-    return client.predict(
-        handle_file(str(reference)), reference_id, target_id, text, "", method, compare, k, d.num_inference_steps,
-        d.control_guidance, d.text_guidance, d.num_samples, d.mix_reference, "fused", api_name="/search",
-    )  # fmt: skip
+    s = settings
+    knobs = [s.num_inference_steps, s.control_guidance, s.text_guidance, s.num_samples, s.mix_reference]
+    return [handle_file(str(reference)), reference_id, target_id, text, "", s.method, "(none)", s.k, *knobs,
+            s.gallery_mode]  # fmt: skip
+
+
+def _ask(client, reference, text, method="image-only", k=K, reference_id="", target_id=""):
+    settings = QuerySettings.library(method=method, k=k)
+    return client.predict(*_arguments(reference, text, settings, reference_id, target_id), api_name="/search")
 
 
 def test_gradio_client_query_returns_k_results_and_bad_input_a_message(page, serve_world, tmp_path):
@@ -249,6 +273,23 @@ def test_gradio_client_query_returns_k_results_and_bad_input_a_message(page, ser
                                        target_id=query.target_id)  # fmt: skip
     assert len(results) == K and any(item["caption"].startswith("★ TRUE TARGET") for item in results)
     assert f"true target `{query.target_id}` at rank" in header
+
+
+def test_queries_sent_together_are_answered_as_one_batch(page, service):
+    """Six visitors at once: the first query runs alone, the others queue and run as one batch (Gradio's
+    batch=True), and each gets the answer it would have got alone."""
+    from gradio_client import Client
+
+    client = Client(page, verbose=False)
+    d = service.defaults
+    queries = service.test_queries[:6]
+    jobs = [client.submit(*_arguments(q.reference_path, q.text, d, reference_id=q.reference_id), api_name="/search")
+            for q in queries]  # fmt: skip
+    answers = [job.result(timeout=120) for job in jobs]
+    assert any("(batch of" in header for _, _, header, *_ in answers)
+    for q, (_, _, _, results, _, _) in zip(queries, answers, strict=True):
+        alone = service.search([SearchRequest(str(q.reference_path), q.text, d, reference_id=q.reference_id)])[0]
+        assert [item["caption"].rsplit(" · ", 1)[-1] for item in results] == [h.id for h in alone.rankings[0].hits]
 
 
 def test_a_retriever_of_another_embedder_is_refused_on_the_page(page, service, serve_world, tmp_path):

@@ -162,6 +162,7 @@ class FusionDiffPipeline(DiffusionPipeline):
         batch_size: int = 1024,
         conditioning_scale: float = 1.0,
         precision: str = "fp32",
+        shared_noise: bool = False,
     ) -> FusionDiffPipelineOutput:
         """Query embeddings ``[B, d]`` from modification-text embeddings and reference (control) embeddings.
 
@@ -175,6 +176,9 @@ class FusionDiffPipeline(DiffusionPipeline):
             num_samples: samples per query, averaged (on the unit sphere) into one embedding.
             mix_reference: ``normalize((1 - m) z + m ref)`` pulls the result toward the reference.
             generator: makes the result reproducible; results do not depend on ``batch_size``.
+            shared_noise: every query starts from the same ``num_samples`` noise draws, so that a query's result
+                does not depend on the other queries of the call (a served page batches whoever asks at once;
+                deterministic samplers such as DDIM). Off: independent noise per query, as evaluated.
             return_trajectory: also return the (sample-averaged, unit-norm) latent after every step.
             batch_size: rows (queries x samples) per chunk, before the guidance branches multiply it.
             conditioning_scale: scales the adapter's residuals.
@@ -207,6 +211,7 @@ class FusionDiffPipeline(DiffusionPipeline):
             batch_size=batch_size,
             conditioning_scale=conditioning_scale,
             precision=precision,
+            shared_noise=shared_noise,
         )
 
     def emb2emb(
@@ -332,6 +337,7 @@ class FusionDiffPipeline(DiffusionPipeline):
         strength: float = 1.0,
         control_guidance: float = 1.0,
         conditioning_scale: float = 1.0,
+        shared_noise: bool = False,
     ) -> FusionDiffPipelineOutput:
         """Shared loop of ``sample`` (``init`` None: start from noise) and ``emb2emb`` (start from noised ``init``)."""
         if num_inference_steps < 1 or num_samples < 1 or batch_size < 1:
@@ -356,7 +362,9 @@ class FusionDiffPipeline(DiffusionPipeline):
 
         text_r, control_r, negative_r = rows(text), rows(control), rows(negative)
         init_r = None if init is None else self.prior.standardize(rows(init))
-        noise = randn_tensor((b * num_samples, d), generator=generator, device=self.device, dtype=self.prior.dtype)
+        draws = num_samples if shared_noise else b * num_samples  # rows are query-major: repeat the shared block
+        noise = randn_tensor((draws, d), generator=generator, device=self.device, dtype=self.prior.dtype)
+        noise = noise.repeat(b, 1) if shared_noise else noise
 
         chunks = range(0, b * num_samples, batch_size)
         outputs, trajectories = [], []

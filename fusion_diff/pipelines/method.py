@@ -117,6 +117,7 @@ class FusionDiffMethod(_SamplingMethod):
         precision: str = "fp32",
         name: str = "fusion-diff",
         negative_text: str = "",
+        shared_noise: bool = False,
     ):
         if pipeline.adapter is None:
             raise ConfigError(
@@ -138,6 +139,7 @@ class FusionDiffMethod(_SamplingMethod):
         self.control_guidance = control_guidance
         self.conditioning_scale = conditioning_scale
         self.negative_text = negative_text  # replaces the null text of the unconditional branches ("" = none)
+        self.shared_noise = shared_noise  # one noise block for all queries: answers independent of the batch
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -146,6 +148,7 @@ class FusionDiffMethod(_SamplingMethod):
             "conditioning_scale": self.conditioning_scale,
             "adapter_blocks": self.pipeline.adapter.config.num_blocks,
             "negative_text": self.negative_text,
+            "shared_noise": self.shared_noise,
         }
 
     def sample(self, context: QueryContext, return_trajectory: bool = False) -> FusionDiffPipelineOutput:
@@ -167,6 +170,7 @@ class FusionDiffMethod(_SamplingMethod):
             precision=self.precision,
             conditioning_scale=self.conditioning_scale,
             return_trajectory=return_trajectory,
+            shared_noise=self.shared_noise,
         )
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:

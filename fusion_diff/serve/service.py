@@ -176,7 +176,10 @@ class SearchService:
         primary = retrievers[0]
         options = {k: dict(v) for k, v in self.method_options.items() if k != "fusion-diff"}
         if primary.method_name == "fusion-diff":  # share its loaded pipeline: other knobs must not reload it
-            options["fusion-diff"] = {"pipeline": primary.method.pipeline}
+            # and one noise block for every query: an answer must not depend on who else asked at that moment
+            options["fusion-diff"] = {"pipeline": primary.method.pipeline, "shared_noise": True}
+        if primary.method_name == "fti4cir":  # its own checkpoint, unless another was given
+            options.setdefault("fti4cir", {"checkpoint": str(primary.method.checkpoint)})
         self.retrievers, self.primary, self.source = by_mode, primary, str(source)
         self.method_options = {**self.method_options, **options}
         self.defaults = QuerySettings.of_method(primary.method, primary.method_name or "", primary.gallery_mode)
