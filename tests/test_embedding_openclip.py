@@ -179,9 +179,11 @@ def test_issue20_checkpoint_identity_is_content(tiny_openclip_checkpoint, tiny_o
     with pytest.raises(CacheMismatchError, match="pretrained: cache has 'sha256:0000000000000000'"):
         EmbeddingCache.open(tmp_path / "other", current)
 
-    prior = FusionPrior(embedding_dim=tiny_openclip.dim, hidden_dim=16, num_layers=1, num_heads=2, embedder_identity=legacy)
-    FusionDiffPipeline(prior, sampling_scheduler("ddim", prior), embedder=tiny_openclip)  # same weights: accepted
-    prior = FusionPrior(embedding_dim=tiny_openclip.dim, hidden_dim=16, num_layers=1, num_heads=2, embedder_identity=wrong)
+    def pipeline(trained_on):
+        prior = FusionPrior(embedding_dim=32, hidden_dim=16, num_layers=1, num_heads=2, embedder_identity=trained_on)
+        return FusionDiffPipeline(prior, sampling_scheduler("ddim", prior), embedder=tiny_openclip)
+
+    pipeline(legacy)  # the same weights: accepted
     with pytest.raises(ConfigError, match=r"differing: \['pretrained'\]"):
-        FusionDiffPipeline(prior, sampling_scheduler("ddim", prior), embedder=tiny_openclip)
+        pipeline(wrong)
 

@@ -20,6 +20,7 @@ from fusion_diff.captioning import RetrievalCaptioner
 from fusion_diff.cli import main as cli_main
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
+from test_pipeline_cli import saved_pipeline  # noqa: F401  (a pipeline whose prior records the tiny backbone)
 
 COLOURS = ["red", "green", "blue", "yellow", "pink", "cyan", "orange", "purple"]
 SHAPES = ["circle", "square", "star"]
@@ -300,33 +301,14 @@ def _eval_argv(root: Path, checkpoint: tuple[str, Path], tmp_path: Path, *extra:
             *extra]  # fmt: skip
 
 
-@pytest.fixture
-def trained_pipeline(tmp_path, tiny_openclip) -> Path:
-    """A saved Fusion-Diff pipeline whose prior records the tiny backbone (fusion weight 0.5)."""
-    from fusion_diff.models import ControlAdapter, FusionPrior, sampling_scheduler
-    from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
-
-    torch.manual_seed(0)
-    prior = FusionPrior(
-        embedding_dim=tiny_openclip.dim,
-        hidden_dim=32,
-        num_layers=2,
-        num_heads=2,
-        embedder_identity=tiny_openclip.identity.as_dict(),
-    )
-    pipeline = FusionDiffPipeline(prior, sampling_scheduler("ddim", prior), ControlAdapter.from_prior(prior, 1))
-    pipeline.save_pretrained(tmp_path / "pipeline")
-    return tmp_path / "pipeline"
-
-
 def test_issue20_eval_refuses_pipeline_of_another_backbone(
-    tiny_root, tiny_openclip_checkpoint, tiny_openclip, trained_pipeline, tmp_path
+    tiny_root, tiny_openclip_checkpoint, tiny_openclip, saved_pipeline, tmp_path
 ):
     """A prior trained at fusion weight 0.5 is not scored against a 0.6 backbone, neither by the CLI nor the API."""
     from fusion_diff.embedding import OpenCLIPEmbedder
 
     argv = _eval_argv(tiny_root, tiny_openclip_checkpoint, tmp_path, "--method", "fusion-diff",
-                      "--checkpoint", str(trained_pipeline), "--set", "gallery_mode=image",
+                      "--checkpoint", str(saved_pipeline), "--set", "gallery_mode=image",
                       "--set", "num_inference_steps=2")  # fmt: skip
     with pytest.raises(ConfigError, match=r"prior was trained on .*\(differing: \['fusion_weight'\]\)"):
         cli_main(argv + ["--fusion-weight", "0.6"])
@@ -336,20 +318,22 @@ def test_issue20_eval_refuses_pipeline_of_another_backbone(
     assert record["protocol"]["method"]["embedder"] == tiny_openclip.identity.as_dict()
 
     other = OpenCLIPEmbedder(tiny_openclip_checkpoint[0], pretrained=tiny_openclip_checkpoint[1], fusion_weight=0.6)
-    method = create_method("fusion-diff", pipeline=str(trained_pipeline), gallery_mode="image", num_inference_steps=2)
+    method = create_method("fusion-diff", pipeline=str(saved_pipeline), gallery_mode="image", num_inference_steps=2)
     evaluator = Evaluator(load_shapes(tiny_root, "test"), other, cache_root=tmp_path / "api", progress=False)
     with pytest.raises(ConfigError, match=r"differing: \['fusion_weight'\]"):
         evaluator.evaluate(method)
 
 
-def test_issue20_per_method_options(tiny_root, tiny_openclip_checkpoint, trained_pipeline, tmp_path):
+def test_issue20_per_method_options(tiny_root, tiny_openclip_checkpoint, saved_pipeline, tmp_path):
     """One command compares baselines and Fusion-Diff: options go to the methods that take them."""
     base = _eval_argv(tiny_root, tiny_openclip_checkpoint, tmp_path, "--method", "image-only", "--method", "sum",
                       "--method", "fusion-diff", "--set", "seed=3", "--set", "sum.image_weight=0.7",
-                      "--set", "fusion-diff.num_inference_steps=2", "--set", "fusion-diff.gallery_mode=image")  # fmt: skip
-    for weights in (["--checkpoint", str(trained_pipeline)], ["--set", f"fusion-diff.pipeline={trained_pipeline}"]):
+                      "--set", "fusion-diff.num_inference_steps=2",
+                      "--set", "fusion-diff.gallery_mode=image")  # fmt: skip
+    for weights in (["--checkpoint", str(saved_pipeline)], ["--set", f"fusion-diff.pipeline={saved_pipeline}"]):
         assert cli_main(base + weights) == 0
-        records = {r["method"]: r["protocol"]["method"] for r in json.loads((tmp_path / "out" / "shapes-test1.json").read_text())}
+        written = json.loads((tmp_path / "out" / "shapes-test1.json").read_text())
+        records = {r["method"]: r["protocol"]["method"] for r in written}
         assert list(records) == ["image-only", "sum", "fusion-diff"]
         assert records["sum"]["image_weight"] == 0.7 and "seed" not in records["sum"]
         assert (records["fusion-diff"]["steps"], records["fusion-diff"]["seed"]) == (2, 3)
@@ -360,12 +344,12 @@ def test_issue20_per_method_options(tiny_root, tiny_openclip_checkpoint, trained
         (["--set", "=1"], "expects KEY=VALUE or METHOD.KEY=VALUE"),
     ):
         with pytest.raises(ConfigError, match=message):
-            cli_main(base + ["--checkpoint", str(trained_pipeline)] + bad)
+            cli_main(base + ["--checkpoint", str(saved_pipeline)] + bad)
     baselines_only = _eval_argv(tiny_root, tiny_openclip_checkpoint, tmp_path, "--method", "sum")
     with pytest.raises(ConfigError, match="none of .* takes trained weights"):
-        cli_main(baselines_only + ["--checkpoint", str(trained_pipeline)])
+        cli_main(baselines_only + ["--checkpoint", str(saved_pipeline)])
     with pytest.raises(ConfigError, match="--checkpoint is ambiguous"):
-        cli_main(base + ["--method", "fti4cir", "--checkpoint", str(trained_pipeline)])
+        cli_main(base + ["--method", "fti4cir", "--checkpoint", str(saved_pipeline)])
 
 
 def test_issue20_missing_targets_cap_recall(tiny_root, tiny_openclip, tmp_path, caplog):
@@ -432,6 +416,7 @@ def test_issue20_partial_test_submission(tiny_openclip_checkpoint, tmp_path, cap
     assert sorted(set(subset) - {"version", "metric"}) == ["500", "503", "504", "505"]
     assert "PARTIAL test-server file" in printed and "5 of 6 queries; the other 1 have missing images" in printed
     assert "server will score them as misses" in printed and "cirr/test1 has no ground truth here" in printed
+    assert "| method |\n|---|\n| image-only |\n" in printed  # no metric columns on a test split
     validate = ["validate-submission", str(out / "image-only.cirr.test1.recall_subset.json"), "--benchmark", "cirr",
                 "--split", "test", "--root", str(root)]  # fmt: skip
     with pytest.raises(DataError, match="2 queries have no entry"):

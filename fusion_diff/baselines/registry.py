@@ -106,7 +106,9 @@ def create_method(name: str, /, *, embedder: JointEmbedder | None = None, **opti
         if isinstance(pipeline, (str, os.PathLike)):
             pipeline = load_pipeline(pipeline, sampler, embedder)
         elif sampler:
-            raise ConfigError(f"{name}: `sampler` applies to a pipeline folder; call pipeline.set_sampler({sampler!r}).")
+            raise ConfigError(
+                f"{name}: `sampler` applies to a pipeline folder; call pipeline.set_sampler({sampler!r}) instead."
+            )
         elif embedder is not None:
             pipeline.bind_embedder(embedder)
         options["pipeline"] = pipeline

@@ -372,7 +372,6 @@ class Evaluator:
                 protocol["circo_shared_concept_template"] = CIRCO_CONCEPT_TEMPLATE
         return protocol
 
-
     def _target_coverage(self) -> dict[str, Any]:
         """Evaluated queries that lost a ground truth to missing images, and the best score left to each metric
         (FashionIQ: the mean over categories, as the averaged metrics are)."""

@@ -60,12 +60,12 @@ def markdown_table(results: Sequence[EvalResult], digits: int = 2) -> str:
     """One row per result (columns: every metric, in first-seen order), then each row's protocol line."""
     columns = list(dict.fromkeys(name for result in results for name in result.metrics))
     lines = [
-        "| method | " + " | ".join(columns) + " |",
+        "| " + " | ".join(["method", *columns]) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for result in results:
         cells = [f"{result.metrics[c]:.{digits}f}" if c in result.metrics else "" for c in columns]
-        lines.append(f"| {result.method} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([result.method, *cells]) + " |")
     lines.append("")
     lines += [f"- **{result.method}**: {result.protocol_line()}" for result in results]
     return "\n".join(lines) + "\n"
@@ -90,4 +90,3 @@ def write_rankings(results: Sequence[EvalResult], out_dir: str | Path, stem: str
     ]
     write_json_atomic(path, records, indent=None)
     return path
-

@@ -196,7 +196,10 @@ def write_result_submissions(
         stem = out_dir / f"{result.method}.{unit.benchmark}.{unit.split}"
         if unit.benchmark in ("cirr", "shapes"):
             subset = result.subset_rankings.get(unit.name, {})
-            files = [(f"{stem}.recall.json", "recall", ranking), (f"{stem}.recall_subset.json", "recall_subset", subset)]
+            files = [
+                (f"{stem}.recall.json", "recall", ranking),
+                (f"{stem}.recall_subset.json", "recall_subset", subset),
+            ]
         elif unit.benchmark == "circo":
             files = [(f"{stem}.json", None, ranking)]
         else:

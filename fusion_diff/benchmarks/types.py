@@ -93,8 +93,9 @@ class BenchmarkData:
         if not lost:
             return {}
         if self.benchmark == "circo":
+            totals = [len(q.positives) for q in queries]
             best = {
-                f"mAP@{k}": 100 * sum(min(k, n) / min(k, len(q.positives)) for n, q in zip(present, queries)) / len(queries)
+                f"mAP@{k}": 100 * sum(min(k, n) / min(k, t) for n, t in zip(present, totals)) / len(totals)
                 for k in CIRCO_KS
             }
         else:

@@ -93,7 +93,9 @@ def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         elif target not in methods:
             raise ConfigError(f"--set {pair}: {target!r} is not one of the evaluated methods {methods} (--method).")
         elif target not in takers(key):
-            raise ConfigError(f"--set {pair}: method {target!r} does not take {key!r}; it takes {sorted(accepted[target])}.")
+            raise ConfigError(
+                f"--set {pair}: method {target!r} does not take {key!r}; it takes {sorted(accepted[target])}."
+            )
         else:
             specific.append((target, key, _option_value(value)))
     if args.gallery_mode:
