@@ -230,14 +230,24 @@ def _sample_composite(scene: Scene, rng: random.Random, kinds: Sequence[str]) ->
     first = _sample_single(scene, rng, kinds)
     if first is None:
         return None
+    second = _sample_single(apply_edit(scene, first), rng, kinds)
+    return None if second is None else make_composite(scene, first, second)
+
+
+def make_composite(scene: Scene, first: Edit, second: Edit) -> CompositeEdit | None:
+    """``first`` then ``second`` (an edit of the scene after ``first``) as a composite, or None when it is not
+    a real one: ``second`` touches what ``first`` changed or added, or the result is reachable in one edit
+    (e.g. add + remove = move) or is the scene itself."""
     middle = apply_edit(scene, first)
     changed = first.touched() | (frozenset(middle.objects) - frozenset(scene.objects))
-    second = _sample_single(middle, rng, kinds)
-    if second is None or second.touched() & changed:
+    if second.touched() & changed:
         return None
-    result = apply_edit(middle, second)
+    try:
+        result = apply_edit(middle, second)
+    except ValueError:  # the second edit does not fit the scene after the first
+        return None
     if result == scene or _explain_single(scene, result) is not None:
-        return None  # reachable in one edit (e.g. add + remove = move): not a real composite
+        return None
     return CompositeEdit(first, second)
 
 
