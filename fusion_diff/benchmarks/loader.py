@@ -8,7 +8,7 @@ from pathlib import Path
 from fusion_diff.benchmarks.circo import load_circo
 from fusion_diff.benchmarks.cirr import load_cirr
 from fusion_diff.benchmarks.fashioniq import CATEGORIES, load_fashioniq
-from fusion_diff.benchmarks.shapes import load_shapes
+from fusion_diff.benchmarks.shapes import load_shapes, load_shapes_open
 from fusion_diff.benchmarks.types import BENCHMARKS, BenchmarkData
 from fusion_diff.errors import DataError
 
@@ -37,4 +37,6 @@ def load_benchmark(
         return load_fashioniq(root, split, categories=categories, **common)
     if benchmark == "circo":
         return [load_circo(root, split, gallery=circo_gallery, **common)]
+    if benchmark == "shapes-open":
+        return [load_shapes_open(root, split, **common)]
     raise DataError(f"unknown benchmark {benchmark!r}: use one of {list(BENCHMARKS)}.")

@@ -4,6 +4,10 @@ Written by ``fusion-diff world benchmark --out DIR`` (``data_synth.shapes.benchm
 CIRR files it holds ``oracle/captions.{val,test1}.json`` ({image name: ground-truth caption}), read
 ONLY by the oracle rows, and ``captions_train_phrasing/cap.rc2.test1.json`` (the same test edits in
 the training generator's phrasing, for the phrasing-gap figure).
+
+The open-edit benchmark (``fusion-diff world benchmark-open``, ``data_synth.shapes.benchmark_open``) is
+written in CIRCO's format and read by the CIRCO loader as ``shapes-open``: several ground truths per query,
+mAP@K.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from fusion_diff.benchmarks.circo import load_circo
 from fusion_diff.benchmarks.cirr import annotation_dir, cirr_split, load_cirr
 from fusion_diff.benchmarks.report import EvalResult
 from fusion_diff.benchmarks.types import BenchmarkData
@@ -45,6 +50,15 @@ def load_shapes(
     if phrasing != "benchmark":
         data.subset = f"{phrasing}-phrasing"
     return data
+
+
+def load_shapes_open(
+    root: str | Path, split: str = "test", *, image_root: str | Path | None = None, allow_missing: bool = False
+) -> BenchmarkData:
+    """Load a split of the open-edit benchmark through the CIRCO loader (gallery: its COCO-style info file)."""
+    return load_circo(
+        root, split, gallery="coco-info", image_root=image_root, allow_missing=allow_missing, benchmark="shapes-open"
+    )
 
 
 def oracle_captions_path(root: str | Path, split: str) -> Path:
