@@ -15,6 +15,7 @@ from data_synth.shapes.blip import (
     build_processor,
     caption_labels,
     normalise_pixels,
+    save_blip,
     train_blip,
 )
 from data_synth.shapes.captioner import load_pixels
@@ -69,8 +70,7 @@ def test_training_lowers_the_loss_and_the_saved_folder_captions_alike(tmp_path: 
         images, captions, steps=60, batch_size=16, learning_rate=3e-3, model_config=TINY, progress=False, losses=losses
     )
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3
-    model.save_pretrained(tmp_path / "blip")
-    processor.save_pretrained(tmp_path / "blip")
+    save_blip(model, processor, tmp_path / "blip")
     captioner = GenerativeCaptioner(tmp_path / "blip", generation=GENERATION)
     with torch.no_grad():
         assert captioner.caption(images[:4], batch_size=3) == _generate(model, processor, images[:4])
@@ -112,3 +112,23 @@ def test_world_cli_and_quality_script(tmp_path: Path, capsys) -> None:
     out = tmp_path / "quality.json"
     assert load_script("eval_captioner").main(["--generative-captioner", str(tmp_path / "blip"), "--n", "2", "--out", str(out)]) == 0
     assert out.is_file() and "exact_match" in capsys.readouterr().out
+
+
+def test_caption_command_keeps_the_checkpoints_caption_length(tmp_path: Path) -> None:
+    """Without --caption-max-new-tokens the world BLIP's own generation config holds (four-object captions
+    need ~45 tokens; the library default of 30 would cut them)."""
+    import json
+
+    from fusion_diff.cli import main
+
+    images, captions = _pairs(2)
+    model, processor = train_blip(images, captions, steps=1, batch_size=2, model_config=TINY, progress=False)
+    folder = save_blip(model, processor, tmp_path / "blip")
+    (tmp_path / "images").mkdir()
+    images[0].save(tmp_path / "images" / "0.png")
+    out = tmp_path / "caps.json"
+    argv = ["caption", "--images", str(tmp_path / "images"), "--out", str(out), "--captioner", "generative",
+            "--captioner-model", str(folder), "--caption-num-beams", "1"]  # fmt: skip
+    assert main(argv) == 0
+    generation = json.loads(out.read_text())["captioner"]["generation"]
+    assert generation == {"max_new_tokens": TINY.max_length - 1, "num_beams": 1}
