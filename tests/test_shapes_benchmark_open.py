@@ -16,6 +16,7 @@ from data_synth.shapes.open_edits import OpenComposite, open_edit_from_dict, sat
 from data_synth.shapes.scene import Scene
 from fusion_diff.benchmarks import circo_submission, load_benchmark, load_circo, validate_submission
 from fusion_diff.benchmarks.evaluate import Evaluator
+from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
 from fusion_diff.baselines.registry import create_method
 from fusion_diff.errors import DataError
 
@@ -109,6 +110,10 @@ def test_the_evaluator_scores_it_with_circo_metrics(bench, tiny_openclip):
     assert sorted(result.metrics) == ["mAP@10", "mAP@25", "mAP@5", "mAP@50"]
     assert all(0.0 <= v <= 100.0 for v in result.metrics.values())
     assert result.protocol["benchmark"] == "shapes-open" and not result.protocol["ranking"]["reference_removed"]
+    kinds = edit_kinds(bench, "test", benchmark="shapes-open")
+    assert sorted(kinds) == sorted(q.query_id for q in unit.queries)
+    table = kind_table([result], unit, kinds)
+    assert "| add_anywhere | 1 |" in table and "| composite | 1 |" in table
 
 
 def test_world_and_eval_commands(tmp_path, tiny_openclip_checkpoint, capsys):

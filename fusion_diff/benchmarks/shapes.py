@@ -74,8 +74,14 @@ def load_oracle_captions(path: str | Path) -> dict[str, str]:
     return captions
 
 
-def edit_kinds(root: str | Path, split: str) -> dict[str, str]:
-    """{query id: edit kind} from the benchmark's per-query metadata; two-edit queries are all "composite"."""
+def edit_kinds(root: str | Path, split: str, benchmark: str = "shapes") -> dict[str, str]:
+    """{query id: edit kind} from the benchmark's per-query metadata; two-edit queries are all "composite".
+
+    ``benchmark="shapes-open"`` reads the open-edit benchmark's (kinds such as ``recolour_any``)."""
+    if benchmark == "shapes-open":
+        from data_synth.shapes.benchmark_open import load_open_meta
+
+        return {str(m["id"]): m["kind"] for m in load_open_meta(root, split)}
     from data_synth.shapes.benchmark import load_meta  # the writer's own reader (imported late: no cycle)
 
     meta = load_meta(annotation_dir(Path(root)), cirr_split(split))
@@ -83,7 +89,8 @@ def edit_kinds(root: str | Path, split: str) -> dict[str, str]:
 
 
 def recall_at_1_by_kind(result: EvalResult, unit: BenchmarkData, kinds: dict[str, str]) -> dict[str, float]:
-    """R@1 (%) of ``result`` on ``unit`` per edit kind: where a method wins and loses against image-only."""
+    """R@1 (%) of ``result`` on ``unit`` per edit kind: where a method wins and loses against image-only
+    (with several ground truths: the share of queries whose first result is one of them)."""
     ranking = result.rankings[unit.name]
     hits: Counter[str] = Counter()
     totals: Counter[str] = Counter()
