@@ -13,10 +13,11 @@ CONFIG (YAML)::
     backbone: world          # the shapes world's backbone, or an embedder spec {backend: openclip, model_name: ...}
     heldout_scenes: 1000     # held-out scenes each captioner is scored on (0: skip)
     metric: R@1              # the table's number (default: R@1; mAP@5 on CIRCO-format benchmarks)
-    methods:                 # `fusion-diff eval` method names -> constructor options
-      image-only: {}
+    methods:                 # row label -> constructor options (`method:` names the method when the label
+      image-only: {}         # is not its name, as in configs/demo.yaml)
       sum: {}
       fusion-diff: {pipeline: runs/demo/stage2}
+      fti4cir+mix: {method: fti4cir, checkpoint: runs/demo/fti4cir, gallery_mode: fused, mix_reference: 0.4}
     captioners:              # table rows; per-row `methods` override the options (settings selected on val)
       - {name: retrieval, spec: {type: retrieval, bank: runs/demo/pairs}}
       - {name: blip-2k, spec: {type: generative, model: runs/blip-2k}, methods: {fusion-diff: {pipeline: runs/fd-blip}}}
@@ -122,10 +123,13 @@ def caption_curve(config: dict[str, Any], out_dir: str | Path, progress: bool = 
             quality = {}
         evaluator = Evaluator(units, embedder, captioner=captioner, cache_root=out / "cache", progress=progress)
         scores = {}
-        for method, options in {**methods, **row.get("methods", {})}.items():
-            options = dict(options or {}, **({"data": units[0]} if method.startswith(ORACLE) else {}))
+        for label, options in {**methods, **row.get("methods", {})}.items():
+            options = dict(options or {})
+            method = options.pop("method", label)  # "fti4cir+mix: {method: fti4cir, ...}", as in configs/demo.yaml
+            if method.startswith(ORACLE):
+                options["data"] = units[0]
             result = evaluator.evaluate(create_method(method, **options))
-            scores[method] = {"metrics": result.metrics, "protocol": result.protocol}
+            scores[label] = {"metrics": result.metrics, "protocol": result.protocol}
         results.append({"captioner": row["name"], "describe": captioner.describe(), "quality": quality, "methods": scores})
     return results
 

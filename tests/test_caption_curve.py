@@ -31,7 +31,7 @@ def test_caption_curve_table_for_every_captioner(tmp_path, tiny_openclip_checkpo
         "benchmark": {"name": "shapes", "root": str(root), "split": "test"},
         "backbone": {"backend": "openclip", "model_name": name, "pretrained": str(checkpoint)},
         "heldout_scenes": 3,
-        "methods": {"image-only": {}, "sum": {}},
+        "methods": {"image-only": {}, "sum": {}, "sum[text-heavy]": {"method": "sum", "image_weight": 0.1}},
         "captioners": [
             {"name": "tiny blip", "spec": {"type": "generative", "model": str(tmp_path / "blip"),
                                            "generation": {"max_new_tokens": 8}}},  # fmt: skip
@@ -47,5 +47,6 @@ def test_caption_curve_table_for_every_captioner(tmp_path, tiny_openclip_checkpo
     assert rows["tiny blip"]["quality"]["scenes"] == 3 and rows["truth"]["quality"]["exact_match"] == 1.0
     assert rows["truth"]["methods"]["sum"]["protocol"]["method"]["image_weight"] == 0.25  # per-row settings
     assert rows["truth"]["methods"]["sum"]["protocol"]["captioner_identity"]["type"] == "oracle"
+    assert rows["truth"]["methods"]["sum[text-heavy]"]["protocol"]["method"]["image_weight"] == 0.1
     table = (out / "caption_curve.md").read_text()
     assert "| tiny blip |" in table and "image-only R@1" in table and (out / "caption_curve.png").stat().st_size > 0
