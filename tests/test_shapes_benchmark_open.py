@@ -131,3 +131,16 @@ def test_world_and_eval_commands(tmp_path, tiny_openclip_checkpoint, capsys):
     records = json.loads((out / "shapes-open-test.json").read_text())
     assert [r["method"] for r in records] == ["image-only", "oracle-target-text"]
     assert all("mAP@5" in r["metrics"] for r in records) and not list(out.glob("*submission*"))
+
+
+def test_same_seed_same_files(bench, tmp_path):
+    write_open_benchmark(tmp_path, OpenBenchmarkConfig(val_queries=6, test_queries=6, seed=4), workers=2, progress=False)
+    for rel in ("annotations/val.json", "annotations/test.json", "meta/gallery.json"):
+        assert (tmp_path / rel).read_bytes() == (bench / rel).read_bytes()
+    images = sorted(p.name for p in (bench / "COCO2017_unlabeled" / "unlabeled2017").iterdir())
+    assert images == sorted(p.name for p in (tmp_path / "COCO2017_unlabeled" / "unlabeled2017").iterdir())
+    assert all(
+        (bench / "COCO2017_unlabeled" / "unlabeled2017" / n).read_bytes()
+        == (tmp_path / "COCO2017_unlabeled" / "unlabeled2017" / n).read_bytes()
+        for n in images
+    )
