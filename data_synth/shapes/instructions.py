@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from data_synth.shapes.captions import SIZE_WORDS, definite_words
@@ -204,7 +204,9 @@ def describe_open_edit(scene: Scene, edit: AnyOpenEdit, rng: random.Random) -> s
     return rng.choice(OPEN_TEMPLATES[key]).format(**slots)
 
 
-def open_slots(scene: Scene, edit: OpenEdit, refer_to, rng: random.Random) -> tuple[str, dict[str, str]]:
+def open_slots(
+    scene: Scene, edit: OpenEdit, refer_to: Callable[[Scene, SceneObject, random.Random], str], rng: random.Random
+) -> tuple[str, dict[str, str]]:
     """The template key and slots of an open edit (``refer_to(scene, obj, rng)`` names one object); shared by
     the training and benchmark phrasings, whose templates differ."""
     if edit.kind == "add_anywhere":

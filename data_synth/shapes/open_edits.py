@@ -31,11 +31,11 @@ from data_synth.shapes.edits import (
     ALL_KINDS,
     CompositeEdit,
     Edit,
-    _object_from_dict,
-    _object_to_dict,
     apply_edit,
     edit_from_dict,
     make_composite,
+    object_from_dict,
+    object_to_dict,
     sample_edit,
     scene_difference,
 )
@@ -107,7 +107,7 @@ class OpenEdit:
 
     def to_dict(self) -> dict[str, Any]:
         value = list(self.value) if isinstance(self.value, tuple) else self.value
-        return {"kind": self.kind, "objects": [_object_to_dict(o) for o in self.objects], "value": value}
+        return {"kind": self.kind, "objects": [object_to_dict(o) for o in self.objects], "value": value}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ def open_edit_from_dict(data: dict[str, Any]) -> AnyOpenEdit:
     """Inverse of ``to_dict``."""
     if data["kind"] == "open_composite":
         return OpenComposite(edit_from_dict(data["closed"]), open_edit_from_dict(data["open"]))  # type: ignore[arg-type]
-    objects = tuple(_object_from_dict(o) for o in data["objects"])
+    objects = tuple(object_from_dict(o) for o in data["objects"])
     return OpenEdit(data["kind"], objects, data["value"])
 
 
