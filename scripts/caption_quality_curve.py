@@ -63,7 +63,9 @@ class OracleCaptioner(Captioner):
     def describe(self) -> str:
         return f"oracle(ground-truth captions, {self.path.name})"
 
-    def caption_candidates(self, images: Sequence[ImageInput], batch_size: int = 32, progress: bool = False) -> list[list[str]]:
+    def caption_candidates(
+        self, images: Sequence[ImageInput], batch_size: int = 32, progress: bool = False
+    ) -> list[list[str]]:
         out = []
         for image in images:
             stem = Path(str(image)).stem
@@ -106,7 +108,9 @@ def caption_curve(config: dict[str, Any], out_dir: str | Path, progress: bool = 
         bench, methods, rows = config["benchmark"], config["methods"], config["captioners"]
         root, name, split = Path(bench["root"]), bench["name"], bench.get("split", "test")
     except (KeyError, TypeError) as err:
-        raise ConfigError(f"caption-curve config lacks {err}: it needs benchmark {{name, root}}, methods, captioners.") from err
+        raise ConfigError(
+            f"caption-curve config lacks {err}: it needs benchmark {{name, root}}, methods, captioners."
+        ) from err
     units = load_benchmark(name, root, split)
     embedder = _backbone(config.get("backbone"))
     n_scenes = int(config.get("heldout_scenes", 1000))
@@ -130,7 +134,9 @@ def caption_curve(config: dict[str, Any], out_dir: str | Path, progress: bool = 
                 options["data"] = units[0]
             result = evaluator.evaluate(create_method(method, **options))
             scores[label] = {"metrics": result.metrics, "protocol": result.protocol}
-        results.append({"captioner": row["name"], "describe": captioner.describe(), "quality": quality, "methods": scores})
+        results.append(
+            {"captioner": row["name"], "describe": captioner.describe(), "quality": quality, "methods": scores}
+        )
     return results
 
 
@@ -142,7 +148,9 @@ def markdown(results: list[dict[str, Any]], metric: str) -> str:
     ]
     for r in results:
         exact = r["quality"].get("exact_match")
-        cells = [f"{r['methods'][m]['metrics'].get(metric, float('nan')):.2f}" if m in r["methods"] else "" for m in methods]
+        cells = [
+            f"{r['methods'][m]['metrics'].get(metric, float('nan')):.2f}" if m in r["methods"] else "" for m in methods
+        ]
         lines.append(f"| {r['captioner']} | {'' if exact is None else f'{exact:.1%}'} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
@@ -156,7 +164,11 @@ def plot(results: list[dict[str, Any]], metric: str, path: Path) -> None:
     rows = [r for r in results if "exact_match" in r["quality"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(m for r in rows for m in r["methods"]):
-        points = [(r["quality"]["exact_match"] * 100, r["methods"][method]["metrics"][metric]) for r in rows if method in r["methods"]]
+        points = [
+            (r["quality"]["exact_match"] * 100, r["methods"][method]["metrics"][metric])
+            for r in rows
+            if method in r["methods"]
+        ]
         ax.plot(*zip(*points), marker="o", label=method)
     for r in rows:
         ax.annotate(r["captioner"], (r["quality"]["exact_match"] * 100, 0), fontsize=7, rotation=45)

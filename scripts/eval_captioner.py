@@ -27,6 +27,7 @@ from fusion_diff.captioning import RetrievalCaptioner, create_captioner, load_ca
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.utils.io import write_json_atomic
 
+
 def evaluate_retrieval_captioner(
     embedder: JointEmbedder,
     bank: Sequence[str],

@@ -33,8 +33,10 @@ def test_caption_curve_table_for_every_captioner(tmp_path, tiny_openclip_checkpo
         "heldout_scenes": 3,
         "methods": {"image-only": {}, "sum": {}, "sum[text-heavy]": {"method": "sum", "image_weight": 0.1}},
         "captioners": [
-            {"name": "tiny blip", "spec": {"type": "generative", "model": str(tmp_path / "blip"),
-                                           "generation": {"max_new_tokens": 8}}},  # fmt: skip
+            {
+                "name": "tiny blip",
+                "spec": {"type": "generative", "model": str(tmp_path / "blip"), "generation": {"max_new_tokens": 8}},
+            },
             {"name": "truth", "spec": "oracle", "methods": {"sum": {"image_weight": 0.25}}},
         ],
     }

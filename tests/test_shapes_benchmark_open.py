@@ -14,10 +14,10 @@ from data_synth.shapes.edits import apply_edit
 from data_synth.shapes.instructions import matches_training_phrasing, open_instruction_matches
 from data_synth.shapes.open_edits import OpenComposite, open_edit_from_dict, satisfies
 from data_synth.shapes.scene import Scene
+from fusion_diff.baselines.registry import create_method
 from fusion_diff.benchmarks import circo_submission, load_benchmark, load_circo, validate_submission
 from fusion_diff.benchmarks.evaluate import Evaluator
 from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
-from fusion_diff.baselines.registry import create_method
 from fusion_diff.errors import DataError
 
 # The official CIRCO val annotation's fields, less the optional ``semantic_aspects``.
@@ -134,7 +134,9 @@ def test_world_and_eval_commands(tmp_path, tiny_openclip_checkpoint, capsys):
 
 
 def test_same_seed_same_files(bench, tmp_path):
-    write_open_benchmark(tmp_path, OpenBenchmarkConfig(val_queries=6, test_queries=6, seed=4), workers=2, progress=False)
+    write_open_benchmark(
+        tmp_path, OpenBenchmarkConfig(val_queries=6, test_queries=6, seed=4), workers=2, progress=False
+    )
     for rel in ("annotations/val.json", "annotations/test.json", "meta/gallery.json"):
         assert (tmp_path / rel).read_bytes() == (bench / rel).read_bytes()
     images = sorted(p.name for p in (bench / "COCO2017_unlabeled" / "unlabeled2017").iterdir())

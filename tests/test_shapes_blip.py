@@ -110,7 +110,12 @@ def test_world_cli_and_quality_script(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "--captioner generative --captioner-model" in printed and "per attribute: shape" in printed
     out = tmp_path / "quality.json"
-    assert load_script("eval_captioner").main(["--generative-captioner", str(tmp_path / "blip"), "--n", "2", "--out", str(out)]) == 0
+    assert (
+        load_script("eval_captioner").main(
+            ["--generative-captioner", str(tmp_path / "blip"), "--n", "2", "--out", str(out)]
+        )
+        == 0
+    )
     assert out.is_file() and "exact_match" in capsys.readouterr().out
 
 

@@ -28,6 +28,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def sample_open_query(rng: random.Random, kind: str, config: OpenBenchmarkConfig
         targets = tuple(heldout[: config.max_targets])
         chosen = next(r for r in realisations if apply_edit(reference, r) == targets[0])
         negatives = hard_negatives(
-            reference, chosen, targets[0], rng, n=config.negatives, is_right=lambda s: satisfies(reference, edit, s)
+            reference, chosen, targets[0], rng, n=config.negatives, is_right=partial(satisfies, reference, edit)
         )
         return OpenQuery(
             reference=reference,
@@ -122,11 +123,16 @@ def _split_queries(split: str, n: int, config: OpenBenchmarkConfig) -> list[Open
 
 
 def write_open_benchmark(
-    out_dir: str | os.PathLike, config: OpenBenchmarkConfig = OpenBenchmarkConfig(), workers: int = 2, progress: bool = True
+    out_dir: str | os.PathLike,
+    config: OpenBenchmarkConfig = OpenBenchmarkConfig(),
+    workers: int = 2,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write the benchmark to ``out_dir`` (see the module docstring); return its manifest."""
     root = Path(out_dir)
-    queries = {split: _split_queries(split, n, config) for split, n in zip(SPLITS, (config.val_queries, config.test_queries))}
+    queries = {
+        split: _split_queries(split, n, config) for split, n in zip(SPLITS, (config.val_queries, config.test_queries))
+    }
     gallery: dict[str, int] = {}  # scene key -> image id, in order of first appearance
     scenes: dict[int, Scene] = {}
     for split in SPLITS:
@@ -141,7 +147,9 @@ def write_open_benchmark(
         entries, meta = [], []
         for number, q in enumerate(queries[split]):
             answers = {apply_edit(q.reference, r).key() for r in q.edit.realisations(q.reference)}
-            gt = [gallery[q.targets[0].key()]] + sorted(gallery[k] for k in answers & gallery.keys() if k != q.targets[0].key())
+            gt = [gallery[q.targets[0].key()]] + sorted(
+                gallery[k] for k in answers & gallery.keys() if k != q.targets[0].key()
+            )
             entries.append(
                 {
                     "id": first_id + number,
@@ -176,7 +184,12 @@ def write_open_benchmark(
             "negatives": dict(Counter(n["reason"] for m in meta for n in m["negatives"])),
         }
     write_json_atomic(root / "meta" / "gallery.json", {str(i): s.to_dict() for i, s in scenes.items()})
-    info = {"images": [{"id": i, "file_name": coco_file_name(i), "width": config.image_size, "height": config.image_size} for i in scenes]}
+    info = {
+        "images": [
+            {"id": i, "file_name": coco_file_name(i), "width": config.image_size, "height": config.image_size}
+            for i in scenes
+        ]
+    }
     write_json_atomic(root / INFO_FILE, info)
     jobs = [
         (scene.to_dict(), config.image_size, f"{config.seed}:open:{i}", str(root / IMAGE_DIR / coco_file_name(i)))

@@ -51,7 +51,7 @@ class BlipWorldConfig:
 
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
-        common = dict(hidden_size=self.width, intermediate_size=4 * self.width, num_attention_heads=self.heads)
+        common = {"hidden_size": self.width, "intermediate_size": 4 * self.width, "num_attention_heads": self.heads}
         return BlipConfig(
             vision_config=dict(
                 **common,
@@ -87,7 +87,10 @@ def build_caption_tokenizer(captions: Sequence[str]):
     from transformers import PreTrainedTokenizerFast
 
     pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(replacement=WORD_MARK, prepend_scheme="always"), pre_tokenizers.Punctuation("isolated")]
+        [
+            pre_tokenizers.Metaspace(replacement=WORD_MARK, prepend_scheme="always"),
+            pre_tokenizers.Punctuation("isolated"),
+        ]
     )
     words = sorted({w for caption in captions for w, _ in pre_tokenizer.pre_tokenize_str(caption.lower())})
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}

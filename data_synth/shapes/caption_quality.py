@@ -97,7 +97,6 @@ def heldout_scenes(n: int, seed: int, size: int = 64) -> tuple[list[Scene], list
     return scenes, [render(scene, size=size, rng=rng.randrange(2**31)) for scene in scenes]
 
 
-
 def evaluate_captioner(captioner: Captioner, scenes: Sequence[Scene], images: Sequence, seed: int) -> dict[str, Any]:
     """Caption ``images`` (renders of ``scenes``) and score the captions, with the protocol and timing."""
     start = time.perf_counter()

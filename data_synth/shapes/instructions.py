@@ -485,7 +485,11 @@ def open_instruction_matches(text: str, scene: Scene, edit: AnyOpenEdit, phrasin
     for reading in phrasing.parse(text):
         if isinstance(edit, OpenEdit) and len(reading) == 1 and open_from_reading(scene, reading[0]) == edit:
             return True
-        if isinstance(edit, OpenComposite) and len(reading) == 2 and parsed_matches(scene, reading[0], edit.closed):
-            if open_from_reading(apply_edit(scene, edit.closed), reading[1]) == edit.open:
-                return True
+        if (
+            isinstance(edit, OpenComposite)
+            and len(reading) == 2
+            and parsed_matches(scene, reading[0], edit.closed)
+            and open_from_reading(apply_edit(scene, edit.closed), reading[1]) == edit.open
+        ):
+            return True
     return False

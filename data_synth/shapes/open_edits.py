@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from data_synth.shapes.edits import (
     ALL_KINDS,
@@ -134,7 +134,7 @@ class OpenComposite:
         return {"kind": "open_composite", "closed": self.closed.to_dict(), "open": self.open.to_dict()}
 
 
-AnyOpenEdit = Union[OpenEdit, OpenComposite]
+AnyOpenEdit = OpenEdit | OpenComposite
 
 
 def open_edit_from_dict(data: dict[str, Any]) -> AnyOpenEdit:
@@ -155,7 +155,9 @@ def satisfies(reference: Scene, edit: AnyOpenEdit, candidate: Scene) -> bool:
                 return True
         elif isinstance(explanation, CompositeEdit):
             first, second = explanation.parts
-            if (first == edit.closed and edit.open.admits(second)) or (second == edit.closed and edit.open.admits(first)):
+            if (first == edit.closed and edit.open.admits(second)) or (
+                second == edit.closed and edit.open.admits(first)
+            ):
                 return True
     return False
 
