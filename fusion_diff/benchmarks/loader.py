@@ -9,7 +9,7 @@ from pathlib import Path
 from fusion_diff.benchmarks.circo import load_circo
 from fusion_diff.benchmarks.cirr import load_cirr
 from fusion_diff.benchmarks.fashioniq import CATEGORIES, load_fashioniq
-from fusion_diff.benchmarks.shapes import load_shapes
+from fusion_diff.benchmarks.shapes import load_shapes, load_shapes_open
 from fusion_diff.benchmarks.types import BENCHMARKS, BenchmarkData
 from fusion_diff.errors import DataError
 
@@ -40,6 +40,8 @@ def load_benchmark(
         units = load_fashioniq(root, split, categories=categories, **common)
     elif benchmark == "circo":
         units = [load_circo(root, split, gallery=circo_gallery, **common)]
+    elif benchmark == "shapes-open":
+        units = [load_shapes_open(root, split, **common)]
     else:
         raise DataError(f"unknown benchmark {benchmark!r}: use one of {list(BENCHMARKS)}.")
     for unit in units:  # what missing images cost, said now rather than discovered in the numbers

@@ -16,7 +16,7 @@ from typing import Any
 from fusion_diff.benchmarks.metrics import CIRCO_KS
 from fusion_diff.errors import MissingFileError
 
-BENCHMARKS: tuple[str, ...] = ("cirr", "fashioniq", "circo", "shapes")
+BENCHMARKS: tuple[str, ...] = ("cirr", "fashioniq", "circo", "shapes", "shapes-open")
 MISSING_SHOWN = 10  # how many missing paths an error message lists
 
 

@@ -209,7 +209,8 @@ def _data_arguments(parser: argparse.ArgumentParser, benchmarks: tuple[str, ...]
         "--benchmark",
         required=True,
         choices=benchmarks,
-        help="benchmark; 'shapes' is the shapes world's benchmark in CIRR's format",
+        help="benchmark; 'shapes' is the shapes world's benchmark in CIRR's format, 'shapes-open' its open-edit "
+        "benchmark in CIRCO's (several ground truths, mAP@K)",
     )
     parser.add_argument("--split", required=True, choices=SPLITS, help="val, or test (CIRR's test1)")
     parser.add_argument(
@@ -244,7 +245,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "id); --model world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
         ),
     )
-    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes"))
+    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes", "shapes-open"))
     parser.add_argument(
         "--method",
         action="append",
