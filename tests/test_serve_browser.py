@@ -108,6 +108,10 @@ def test_query_in_chromium_shows_k_results_with_the_true_target(serve_world, tmp
             _new_picture(page, picture)
             _screenshot(page, shots / "serve-query.png")
 
+            page.locator("#gallery-strip img").first.click()  # a gallery item as the reference
+            page.wait_for_function("document.querySelector('#status').innerText.includes('gallery item')")
+            assert page.locator("#reference-upload").inner_text().strip()  # the strip filled the upload widget
+
             page.click("#random-query")
             page.wait_for_function("document.querySelector('#status').innerText.includes('Test query')")
             _pick(page, "method", "Fusion-Diff")
