@@ -8,9 +8,12 @@ arrive together go to the model as one batch.
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Any
+
+from PIL import Image, ImageDraw
 
 from fusion_diff.serve.offline import disable_telemetry, offline_theme
 
@@ -35,10 +38,21 @@ def _caption(rank: int, hit: Any, target_id: str | None) -> str:
     return f"{mark}#{rank} · {hit.score:.3f}{caption} · {hit.id}"
 
 
-def _gallery(ranking: Ranking | None, target_id: str | None) -> list[tuple[str, str]]:
+@functools.cache
+def _no_image() -> Image.Image:
+    """Shown for a hit whose image is not a file the server can send (an embedding-cache or tar-shard gallery)."""
+    image = Image.new("RGB", (128, 128), "#d0d0d0")
+    ImageDraw.Draw(image).text((18, 58), "no image file", fill="#404040")
+    return image
+
+
+def _gallery(ranking: Ranking | None, target_id: str | None) -> list[tuple[Any, str]]:
     if ranking is None:
         return []
-    return [(str(hit.path), _caption(rank, hit, target_id)) for rank, hit in enumerate(ranking.hits, start=1)]
+    return [
+        (str(hit.path) if hit.path and Path(hit.path).is_file() else _no_image(), _caption(rank, hit, target_id))
+        for rank, hit in enumerate(ranking.hits, start=1)
+    ]
 
 
 def _header(ranking: Ranking | None, target_id: str | None) -> str:
