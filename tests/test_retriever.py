@@ -122,7 +122,7 @@ def _clustered(n: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
 def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
     vectors = _clustered(4000)
     items = [{"id": f"g{i}", "path": None, "caption": None} for i in range(4000)]
-    built = PersistentIndex.write(tmp_path / kind, {"space": "test"}, vectors[:3000], items[:3000], IndexSettings(kind, nprobe=8))
+    built = PersistentIndex.write(tmp_path / kind, {"space": "test"}, vectors[:3000], items[:3000], IndexSettings(kind, nprobe=8, pq_m=8))
     recall = built.manifest["recall"]
     assert recall["protocol"].startswith("pseudo-queries") and recall["recall@50"] >= (0.6 if kind == "ivf-pq" else 0.8)
     queries = vectors[3000:3020]
@@ -138,7 +138,7 @@ def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
 def test_auto_rule_and_bad_settings():
     assert IndexSettings().resolved(1000, 768).type == "exact"
     big = IndexSettings().resolved(1_000_000, 768)
-    assert (big.type, big.factory(), big.search_parameters()) == ("hnsw", "HNSW32,Flat", "efSearch=128")
+    assert (big.type, big.factory(), big.search_parameters()) == ("hnsw", "HNSW32,Flat", "efSearch=256")
     ivf = IndexSettings("ivf-flat").resolved(1_000_000, 768)
     assert (ivf.nlist, ivf.nprobe) == (4096, 64)
     with pytest.raises(ConfigError, match="Unknown index type 'kd-tree'"):

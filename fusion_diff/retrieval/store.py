@@ -50,7 +50,7 @@ class IndexSettings:
     """How the FAISS index is built and searched; ``None`` fields follow the gallery size.
 
     Defaults follow the FAISS guidelines: ``nlist`` ≈ 4·sqrt(N) (a power of two), ``nprobe`` = nlist/64
-    (at least 16), PQ with ``dim/8`` 8-bit sub-quantizers (trained on at least 39·256 vectors), HNSW with M=32 and efSearch=128. IVF-PQ
+    (at least 16), PQ with ``dim/16`` 8-bit sub-quantizers (trained on at least 39·256 vectors), HNSW with M=32 and efSearch=256 (≈5·k for k=50). IVF-PQ
     candidates (``rerank`` × k of them) are rescored exactly against the memory-mapped vectors.
     """
 
@@ -61,9 +61,9 @@ class IndexSettings:
     pq_bits: int | None = None  # 8, or 4 when fewer than 39·256 vectors could train 8-bit codebooks
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 128
+    ef_search: int = 256
     rerank: int = 4
-    train_size: int | None = None  # vectors the coarse quantizer trains on (default 64 per list)
+    train_size: int | None = None  # training vectors: 39 per list (FAISS's minimum), at least 39·256 for PQ
 
     def resolved(self, count: int, dim: int) -> IndexSettings:
         """A copy with ``type`` and every size-dependent field decided for ``count`` vectors of ``dim``."""
@@ -73,7 +73,7 @@ class IndexSettings:
         if kind == "auto":
             kind = "exact" if count <= EXACT_UP_TO else "hnsw" if count <= HNSW_UP_TO else "ivf-pq"
         nlist = self.nlist or max(1, min(2 ** round(math.log2(max(4 * math.sqrt(count), 1))), count // 39 or 1))
-        pq_m = self.pq_m or max(1, dim // 8)
+        pq_m = self.pq_m or max(1, dim // 16)
         if kind == "ivf-pq" and dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide the embedding size {dim}.")
         return IndexSettings(
@@ -86,7 +86,7 @@ class IndexSettings:
             ef_construction=self.ef_construction,
             ef_search=self.ef_search,
             rerank=self.rerank,
-            train_size=self.train_size or min(count, max(64 * nlist, 39 * 256)),
+            train_size=self.train_size or min(count, max(39 * nlist, 39 * 256)),
         )
 
     def factory(self) -> str | None:
@@ -145,7 +145,7 @@ class _PrebuiltFaiss(FaissGalleryIndex):
     def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rerank <= 1:
             return super()._topk(queries, k)
-        _, candidates = super()._topk(queries, min(k * self.rerank, len(self)))
+        _, candidates = super()._topk(queries, min(max(k * self.rerank, 64), len(self)))
         rows = candidates.clamp(min=0)
         vectors = self.embeddings.index_select(0, rows.flatten()).view(*rows.shape, self.dim)
         scores = torch.einsum("qd,qmd->qm", queries, vectors).masked_fill(candidates < 0, float("-inf"))
@@ -289,8 +289,10 @@ class PersistentIndex:
         manifest = cls._manifest(root, identity, embeddings.shape[1], len(items), resolved, generation)
         candidate = cls(root, manifest)
         if resolved.type != "exact":
-            protocol = calibration_protocol or "pseudo-queries: normalize(g_a + g_b) of random gallery pairs"
-            queries = calibration if calibration is not None else pseudo_queries(embeddings)
+            if calibration is None:
+                queries, protocol = pseudo_queries(embeddings), "pseudo-queries: normalize(g_a + g_b) of random gallery pairs"
+            else:
+                queries, protocol = calibration, calibration_protocol or "held-out query embeddings given to the build"
             recall = recall_report(candidate, queries, protocol)
             candidate.manifest["recall"] = manifest["recall"] = recall
         _commit(root, manifest)
