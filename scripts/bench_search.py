@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
@@ -147,9 +145,9 @@ def _search_in_fresh_process(root: Path, queries: Path, k: int, threads: int | N
 
 def _search_only(root: Path, query_file: Path, k: int, ids_out: Path, repeats: int = 3) -> None:
     """Open an index folder, search it (one excluded id per query, as CIRR), print latency and memory as JSON."""
-    from fusion_diff.retrieval.store import PersistentIndex
-
     import faiss  # noqa: F401  (its libraries count in the baseline, not in the index's memory)
+
+    from fusion_diff.retrieval.store import PersistentIndex
 
     baseline = _memory_mib()
     start = time.perf_counter()

@@ -147,3 +147,19 @@ def test_clip_filter_drops_and_counts_failed_edits(tmp_path, monkeypatch):
     manifest = realise_triplets(tmp_path / "edits", tmp_path / "real", config, progress=False)
     assert manifest["dropped"] == {"clip_directional_similarity": 1, "clip_image_similarity": 1}
     assert [t.reference_caption for t in iter_triplets(tmp_path / "real")] == ["a red car"]
+
+
+def test_issue20_text_to_image_default():
+    """The default text-to-image id is one the hub still serves (checked by hand; the README says which ids and
+    when), not one of the Stable Diffusion 2.x repositories Stability AI withdrew in November 2025."""
+    from pathlib import Path
+
+    from fusion_diff.cli import build_parser
+
+    default = RealiseConfig().text_to_image_model
+    assert default == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert not default.startswith(("stabilityai/stable-diffusion-2", "runwayml/"))
+    args = build_parser().parse_args(["synth", "realise", "--triplets", "t", "--out", "o"])
+    assert args.text_to_image_model == default
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"`{default}`" in readme and "checked on 2026-12-02" in readme

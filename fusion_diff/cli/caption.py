@@ -40,8 +40,14 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
         "their text embeddings",
     )
     group.add_argument("--caption-prompt", help="generative: text prefix, e.g. 'a photography of'")
-    group.add_argument("--caption-max-new-tokens", type=int, default=30, help="generative: longest caption, in tokens")
-    group.add_argument("--caption-num-beams", type=int, default=3, help="generative: beam width")
+    group.add_argument(
+        "--caption-max-new-tokens",
+        type=int,
+        help="generative: longest caption, in tokens (default: the checkpoint's generation config, else 30)",
+    )
+    group.add_argument(
+        "--caption-num-beams", type=int, help="generative: beam width (default: the checkpoint's, else 3)"
+    )
     group.add_argument(
         "--caption-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generative: precision"
     )
@@ -49,6 +55,11 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
 
 def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None) -> Captioner | None:
     """The captioner named by ``add_captioner_args`` flags (None for ``--captioner none``)."""
+    return create_captioner(captioner_spec(args), embedder)
+
+
+def captioner_spec(args: argparse.Namespace) -> dict | None:
+    """The ``create_captioner`` spec of ``add_captioner_args`` flags (what a saved retriever records)."""
     if args.captioner in (None, "none"):
         return None
     if args.captioner == "retrieval":
@@ -62,14 +73,14 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
             "top_k": args.caption_top_k,
             "cache_dir": args.caption_bank_cache,
         }
-        return create_captioner(spec, embedder)
+        return spec
     if not args.captioner_model:
         raise ConfigError(
             f"--captioner {args.captioner} needs --captioner-model (a Hugging Face id in the local cache, or a "
             "save_pretrained folder)."
         )
     if args.captioner == "scene":
-        return create_captioner({"type": "scene", "model": args.captioner_model})
+        return {"type": "scene", "model": args.captioner_model}
     spec = {
         "type": "generative",
         "model": args.captioner_model,
@@ -77,9 +88,13 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
         "dtype": args.caption_dtype,
         "prompt": args.caption_prompt,
         "num_candidates": args.caption_top_k,
-        "generation": {"max_new_tokens": args.caption_max_new_tokens, "num_beams": args.caption_num_beams},
+        "generation": {
+            k: v
+            for k, v in (("max_new_tokens", args.caption_max_new_tokens), ("num_beams", args.caption_num_beams))
+            if v is not None
+        },
     }
-    return create_captioner(spec)
+    return spec
 
 
 def image_folder(root: Path) -> tuple[list[str], list[Path]]:

@@ -37,11 +37,6 @@ def build_captioner(args: argparse.Namespace, embedder):
     """The captioner of references and fused galleries (never annotation captions), or None."""
     from fusion_diff.captioning import create_captioner
 
-    return create_captioner(captioner_spec(args), embedder)
-
-
-def captioner_spec(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``create_captioner`` spec of ``add_captioner_args`` flags (None: no captioner)."""
     if args.captioner == "none":
         return None
     if args.captioner == "retrieval":
@@ -50,55 +45,106 @@ def captioner_spec(args: argparse.Namespace) -> dict[str, Any] | None:
                 "--captioner retrieval needs --caption-bank (a text file, a .jsonl with 'caption', "
                 "or a pair-set folder)."
             )
-        return {"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}
+        return create_captioner({"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}, embedder)
     if not args.captioner_model:
         raise ConfigError(
             f"--captioner {args.captioner} needs --captioner-model (a local Hugging Face id or save_pretrained folder)."
         )
     if args.captioner == "scene":
-        return {"type": "scene", "model": args.captioner_model}
-    return {
+        return create_captioner({"type": "scene", "model": args.captioner_model})
+    spec = {
         "type": "generative",
         "model": args.captioner_model,
         "device": args.device,
         "num_candidates": args.caption_top_k,
     }
+    return create_captioner(spec)
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, true/false, lists), else as text."""
-    options = {}
-    for pair in pairs:
+def _option_value(value: str) -> Any:
+    """A ``--set`` value: JSON when it parses (numbers, true/false, lists), else the text itself."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each ``--method``'s options, so that one command compares baselines and trained methods.
+
+    ``--set KEY=VALUE`` goes to every method that takes KEY, ``--set METHOD.KEY=VALUE`` to METHOD alone (and
+    wins over the former); ``--gallery-mode`` likewise to every method that takes it. ``--checkpoint`` goes to
+    the methods that take trained weights (``pipeline`` of fusion-diff / emb2emb, ``checkpoint`` of fti4cir).
+    An option that no method takes fails, named, rather than being dropped.
+    """
+    from fusion_diff.baselines.registry import PIPELINE_METHODS, method_options
+
+    methods = list(dict.fromkeys(args.method))
+    accepted = {name: method_options(name) for name in methods}
+
+    def takers(key: str) -> list[str]:
+        return [name for name in methods if accepted[name] is None or key in accepted[name]]
+
+    shared: list[tuple[str, str, Any]] = []  # (the flag as written, key, value): to every method taking key
+    specific: list[tuple[str, str, Any]] = []  # (method, key, value)
+    for pair in args.set or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}.")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
+        target, dot, key = key.rpartition(".")
+        key = key.replace("-", "_")
+        if not sep or not key or (dot and not target):
+            raise ConfigError(f"--set expects KEY=VALUE or METHOD.KEY=VALUE, got {pair!r}.")
+        if not dot:
+            shared.append((f"--set {pair}", key, _option_value(value)))
+        elif target not in methods:
+            raise ConfigError(f"--set {pair}: {target!r} is not one of the evaluated methods {methods} (--method).")
+        elif target not in takers(key):
+            raise ConfigError(
+                f"--set {pair}: method {target!r} does not take {key!r}; it takes {sorted(accepted[target])}."
+            )
+        else:
+            specific.append((target, key, _option_value(value)))
+    if args.gallery_mode:
+        shared.append(("--gallery-mode", "gallery_mode", args.gallery_mode))
+
+    routed: dict[str, dict[str, Any]] = {name: {} for name in methods}
+    if args.checkpoint:
+        weights = {name: "pipeline" if name in PIPELINE_METHODS else "checkpoint" for name in methods}
+        trained = [name for name in methods if not name.startswith("oracle") and name in takers(weights[name])]
+        if not trained:
+            raise ConfigError(f"--checkpoint: none of {methods} takes trained weights (fusion-diff, emb2emb, fti4cir).")
+        if len({weights[name] for name in trained}) > 1:
+            raise ConfigError(
+                f"--checkpoint is ambiguous for {trained}: give each its own, e.g. "
+                "--set fusion-diff.pipeline=DIR --set fti4cir.checkpoint=DIR."
+            )
+        for name in trained:
+            routed[name][weights[name]] = args.checkpoint
+    for flag, key, value in shared:
+        if not takers(key):
+            raise ConfigError(f"{flag}: none of the methods {methods} takes {key!r}.")
+        for name in takers(key):
+            routed[name][key] = value
+    for name, key, value in specific:
+        routed[name][key] = value
+    return routed
 
 
-def build_method(name: str, args: argparse.Namespace, units):
-    """Method ``name`` with the options that apply to it (an option it does not take is an error)."""
+def build_method(name: str, options: dict[str, Any], args: argparse.Namespace, units, embedder):
+    """Method ``name`` with its routed ``options``; sampling methods check their prior against ``embedder``."""
     from fusion_diff.baselines import create_method
 
-    options = parse_options(args.set or [])
-    if args.gallery_mode:
-        options["gallery_mode"] = args.gallery_mode
+    options = dict(options)
     if name.startswith("oracle"):
         options["data"] = units[0]
         if args.oracle_captions:
             options["captions_file"] = args.oracle_captions
-    elif args.checkpoint:
-        options["pipeline" if name in ("fusion-diff", "emb2emb") else "checkpoint"] = args.checkpoint
-    return create_method(name, **options)
+    return create_method(name, embedder=embedder, **options)
 
 
 def run(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks import load_benchmark
     from fusion_diff.benchmarks.evaluate import Evaluator
-    from fusion_diff.benchmarks.report import markdown_table, write_results
+    from fusion_diff.benchmarks.report import markdown_table, write_rankings, write_results
     from fusion_diff.benchmarks.submission import write_result_submissions
 
     units = load_benchmark(
@@ -111,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
         circo_gallery=args.circo_gallery,
         phrasing=args.phrasing,
     )
-    methods = [build_method(name, args, units) for name in args.method]  # fail on bad options before embedding
+    options = route_options(args)  # bad options fail before any model loads
     embedder = build_backbone(args)
+    # Before anything is embedded: a pipeline trained on another backbone is refused here.
+    methods = [build_method(name, options[name], args, units, embedder) for name in args.method]
     evaluator = Evaluator(
         units,
         embedder,
@@ -123,47 +171,42 @@ def run(args: argparse.Namespace) -> int:
         index_backend=args.index,
         batch_size=args.batch_size,
     )
-    results = [evaluator.evaluate(method) for method in methods]
     out = Path(args.out)
     stem = f"{args.benchmark}-{units[0].split}" + (f"-{args.phrasing}-phrasing" if args.phrasing != "benchmark" else "")
-    json_path, md_path = write_results(results, out, stem)
+    results = []
+    for method in methods:  # written after each method, so a later failure loses nothing done
+        results.append(evaluator.evaluate(method))
+        json_path, md_path = write_results(results, out, stem)
+        rankings_path = write_rankings(results, out, stem)
     print(markdown_table(results))
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and {rankings_path}")
+    if not units[0].has_ground_truth:
+        print(f"{units[0].name} has no ground truth here: no metrics; the rankings are in {rankings_path}.")
     if args.benchmark in ("cirr", "circo") and not units[0].has_ground_truth and not args.no_submission:
         for result in results:
-            for path in write_result_submissions(result, units, out):
-                print(f"wrote test-server file {path}")
+            for written in write_result_submissions(result, units, out):
+                print(written.describe())
     return 0
 
 
 def run_validate(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks import load_benchmark, validate_submission
+    from fusion_diff.utils.io import read_json
 
     (unit,) = load_benchmark(
         args.benchmark, args.root, args.split, allow_missing=True, circo_gallery=args.circo_gallery
     )
-    validate_submission(args.file, unit)
-    print(f"{args.file}: valid {unit.name} submission ({len(unit.queries)} queries)")
+    validate_submission(args.file, unit, partial=args.partial)
+    entries = read_json(args.file, "submission file")
+    answered = sum(q.query_id in entries for q in unit.queries)
+    if answered < len(unit.queries):
+        print(
+            f"{args.file}: valid PARTIAL {unit.name} submission: {answered} of {len(unit.queries)} queries; the server "
+            f"will score the other {len(unit.queries) - answered} (images missing here) as misses"
+        )
+    else:
+        print(f"{args.file}: valid {unit.name} submission ({len(unit.queries)} queries)")
     return 0
-
-
-def add_captioner_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that pick a captioner (read by ``captioner_spec``); shared by eval, index build and query."""
-    captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
-    captioning.add_argument(
-        "--captioner",
-        choices=("none", "retrieval", "generative", "scene"),
-        default="none",
-        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model; scene: the shapes "
-        "world's trained captioner (--captioner-model: the demo's captioner/ folder)",
-    )
-    captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
-    captioning.add_argument(
-        "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
-    )
-    captioning.add_argument(
-        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
-    )
 
 
 def _data_arguments(parser: argparse.ArgumentParser, benchmarks: tuple[str, ...]) -> None:
@@ -171,7 +214,8 @@ def _data_arguments(parser: argparse.ArgumentParser, benchmarks: tuple[str, ...]
         "--benchmark",
         required=True,
         choices=benchmarks,
-        help="benchmark; 'shapes' is the shapes world's benchmark in CIRR's format",
+        help="benchmark; 'shapes' is the shapes world's benchmark in CIRR's format, 'shapes-open' its open-edit "
+        "benchmark in CIRCO's (several ground truths, mAP@K)",
     )
     parser.add_argument("--split", required=True, choices=SPLITS, help="val, or test (CIRR's test1)")
     parser.add_argument(
@@ -206,7 +250,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "id); --model world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
         ),
     )
-    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes"))
+    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes", "shapes-open"))
     parser.add_argument(
         "--method",
         action="append",
@@ -229,7 +273,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="shapes world: the benchmark's held-out phrasing, or the same edits in the training phrasing",
     )
     add_embedder_args(parser, required=False)  # --model world (default): the shapes world's backbone
-    add_captioner_args(parser)
+    captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
+    captioning.add_argument(
+        "--captioner",
+        choices=("none", "retrieval", "generative", "scene"),
+        default="none",
+        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model; scene: the shapes "
+        "world's trained captioner (--captioner-model: the demo's captioner/ folder)",
+    )
+    captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
+    captioning.add_argument(
+        "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
+    )
+    captioning.add_argument(
+        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
+    )
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument(
         "--gallery-mode",
@@ -250,7 +308,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options = parser.add_argument_group("method options")
     options.add_argument(
         "--checkpoint",
-        help="trained weights: a Fusion-Diff pipeline folder (fusion-diff, emb2emb) or FTI4CIR checkpoint",
+        help="trained weights for the methods that take them: a Fusion-Diff pipeline folder (fusion-diff, emb2emb) "
+        "or an FTI4CIR checkpoint (baselines ignore it; for both kinds use --set METHOD.pipeline/checkpoint=...)",
     )
     options.add_argument(
         "--oracle-captions",
@@ -260,7 +319,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="method constructor option, e.g. --set num_inference_steps=10 --set seed=0 (repeatable)",
+        help="method option, repeatable: KEY=VALUE goes to every --method that takes KEY, METHOD.KEY=VALUE to "
+        "that method alone, e.g. --set fusion-diff.pipeline=DIR --set fusion-diff.num_inference_steps=10 --set "
+        "sum.image_weight=0.7",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -281,5 +342,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     validate.add_argument("file", help="submission JSON file")
+    validate.add_argument(
+        "--partial",
+        action="store_true",
+        help="accept a file without the queries whose images are missing under --root (as `eval --allow-missing` "
+        "writes it); the server scores those as misses",
+    )
     _data_arguments(validate, ("cirr", "circo", "shapes"))  # FashionIQ has no test server
     validate.set_defaults(func=run_validate)

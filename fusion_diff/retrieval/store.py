@@ -229,7 +229,9 @@ class PersistentIndex:
     def position(self) -> dict[str, int]:
         return self.backend.position
 
-    def search(self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None) -> SearchResult:
+    def search(
+        self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
+    ) -> SearchResult:
         found = self.backend.search(queries, k=k, exclude=exclude)
         found.items = [[self.items[j] for j in row if j >= 0] for row in found.indices.tolist()]
         return found
@@ -290,7 +292,10 @@ class PersistentIndex:
         candidate = cls(root, manifest)
         if resolved.type != "exact":
             if calibration is None:
-                queries, protocol = pseudo_queries(embeddings), "pseudo-queries: normalize(g_a + g_b) of random gallery pairs"
+                queries, protocol = (
+                    pseudo_queries(embeddings),
+                    "pseudo-queries: normalize(g_a + g_b) of random gallery pairs",
+                )
             else:
                 queries, protocol = calibration, calibration_protocol or "held-out query embeddings given to the build"
             recall = recall_report(candidate, queries, protocol)
@@ -309,7 +314,9 @@ class PersistentIndex:
             )
         embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()
         if embeddings.ndim != 2 or embeddings.shape != (len(items), self.dim):
-            raise DataError(f"Index {self.root}: {tuple(embeddings.shape)} embeddings for {len(items)} new {self.dim}-d items.")
+            raise DataError(
+                f"Index {self.root}: {tuple(embeddings.shape)} embeddings for {len(items)} new {self.dim}-d items."
+            )
         old = self.root / self.manifest["generation"]
         generation = _new_generation(self.root)
         _write_vectors(generation, torch.cat([self.embeddings, embeddings]), [*self.items, *items])
@@ -386,9 +393,8 @@ def _new_generation(root: Path) -> Path:
 
 
 def _write_vectors(generation: Path, embeddings: torch.Tensor, items: Sequence[dict[str, Any]]) -> None:
-    with atomic_path(generation / EMBEDDINGS) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, embeddings.numpy())
+    with atomic_path(generation / EMBEDDINGS) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, embeddings.numpy())
     with atomic_path(generation / ITEMS) as tmp:
         tmp.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
 
