@@ -242,3 +242,12 @@ def test_cli_index_build_query_add_info_upload(bench, tiny_openclip_checkpoint, 
     capsys.readouterr()
     assert cli_main(["query", "--index", str(out), "--image", str(bench / "imgs" / "s20.png"), "--text", "x"]) == 0
     assert f"   1  1.0000  {tmp_path / 'more' / 's20.png'}" in capsys.readouterr().out
+
+
+def test_recall_report_uses_composed_queries_when_texts_are_given(bench, tiny_openclip, tmp_path):
+    retriever = ComposedRetriever(tiny_openclip, "sum")
+    texts = ["make it red", "make it blue", "add a star"]
+    index = retriever.index_gallery(bench / "imgs", tmp_path / "index", settings="hnsw", calibration_texts=texts)
+    report = index.manifest["recall"]
+    assert report["protocol"] == "composed queries of sum: gallery references + given texts" and report["queries"] == 3
+    assert 0.0 <= report["recall@10"] <= 1.0 and index.manifest["factory"] == "HNSW32,Flat"
