@@ -389,7 +389,6 @@ class Demo:
         for path in render_figures(inputs, self.path("results") / "plots", seed=self.config.seed):
             print(f"    wrote {path}")
 
-
     def build_query_index(self, stage2: Path) -> None:
         """A saved retriever over the test gallery (Fusion-Diff with the demo's query settings) for
         ``fusion-diff query --index <out>/retriever``; kept when it already holds this gallery and method."""

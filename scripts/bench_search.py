@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +100,7 @@ def bench_persisted(
     threads: int | None = None,
     workdir: Path | None = None,
     seed: int = 0,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build every index type over one clustered gallery, then search each from a fresh process."""
     from fusion_diff.retrieval.store import IndexSettings, PersistentIndex
@@ -120,7 +119,7 @@ def bench_persisted(
     for kind in types:
         root = work / kind
         start = time.perf_counter()
-        index = PersistentIndex.write(root, {"bench": "clustered"}, gallery, items, IndexSettings(kind), calibration=queries)
+        index = PersistentIndex.write(root, {"bench": "clustered"}, gallery, items, IndexSettings(kind, **(settings or {})), calibration=queries)
         build = time.perf_counter() - start
         info = index.describe()
         del index
@@ -133,6 +132,7 @@ def bench_persisted(
             row[f"recall@{k}"] = float(hit.mean())
         row["build_report"] = info["recall"]
         result[kind] = row
+        print(f"  {kind}: {json.dumps(row)}", flush=True)
     return result
 
 
@@ -145,8 +145,11 @@ def _search_in_fresh_process(root: Path, queries: Path, k: int, threads: int | N
 
 def _search_only(root: Path, query_file: Path, k: int, ids_out: Path, repeats: int = 3) -> None:
     """Open an index folder, search it (one excluded id per query, as CIRR), print latency and memory as JSON."""
+    import faiss  # noqa: F401  (its libraries count in the baseline, not in the index's memory)
+
     from fusion_diff.retrieval.store import PersistentIndex
 
+    baseline = _memory_mib()
     start = time.perf_counter()
     index = PersistentIndex.load(root)
     load = time.perf_counter() - start
@@ -159,9 +162,16 @@ def _search_only(root: Path, query_file: Path, k: int, ids_out: Path, repeats: i
         found = index.search(queries, k=k, exclude=exclude)
         times.append(time.perf_counter() - start)
     np.save(ids_out, found.indices.numpy())
+    mib = _memory_mib()
+    growth = {f"{key}_growth_mib": mib[key] - baseline[key] for key in ("VmRSS", "RssAnon") if key in mib}
+    print(json.dumps({"search_s": statistics.median(times), "all_s": times, "load_s": load,
+                      **{f"{key}_mib": value for key, value in mib.items()}, **growth}))  # fmt: skip
+
+
+def _memory_mib() -> dict[str, float]:
+    """This process's resident memory (MiB): VmRSS in all, RssAnon private, RssFile file-backed (mmap, libraries)."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    mib = {key: int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile") if key in status}
-    print(json.dumps({"search_s": statistics.median(times), "all_s": times, "load_s": load, **{f"{k_}_mib": v for k_, v in mib.items()}}))
+    return {key: int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile") if key in status}
 
 
 def print_persisted(r: dict[str, Any]) -> None:
@@ -169,7 +179,7 @@ def print_persisted(r: dict[str, Any]) -> None:
         f"\n{r['num_queries']} queries, top-{r['k']}, over {r['gallery_size']:,} x {r['dim']}-d "
         f"(raw {r['raw_mib']:.0f} MiB; {r['threads'] or 'default'} threads; synthetic clustered data)"
     )
-    print("| type | factory | build s | disk MiB | search s | VmRSS MiB | RssAnon MiB | recall@50 vs exact | build report R@50 |")
+    print("| type | factory | build s | disk MiB | search s | VmRSS MiB (growth) | RssAnon MiB (growth) | recall@50 vs exact | build report R@50 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kind in ("exact", "ivf-flat", "ivf-pq", "hnsw"):
         if kind in r:
@@ -177,7 +187,8 @@ def print_persisted(r: dict[str, Any]) -> None:
             report = (b["build_report"] or {}).get("recall@50")
             print(
                 f"| {kind} | {b['factory'] or 'memory map'} | {b['build_s']:.1f} | {b['disk_mib']:.0f} | {b['search_s']:.3f} "
-                f"| {b.get('VmRSS_mib', 0):.0f} | {b.get('RssAnon_mib', 0):.0f} | {b.get('recall@50', float('nan')):.4f} "
+                f"| {b.get('VmRSS_mib', 0):.0f} ({b.get('VmRSS_growth_mib', 0):.0f}) "
+                f"| {b.get('RssAnon_mib', 0):.0f} ({b.get('RssAnon_growth_mib', 0):.0f}) | {b.get('recall@50', float('nan')):.4f} "
                 f"| {report if report is not None else '-'} |"
             )
 
@@ -194,6 +205,9 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["exact", "ivf-flat", "ivf-pq", "hnsw"], help="with --persisted")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="with --persisted")
     parser.add_argument("--workdir", type=Path, default=None, help="with --persisted: where data and indexes go")
+    parser.add_argument("--nlist", type=int, default=None, help="with --persisted: IVF lists (default ~4 sqrt(N))")
+    parser.add_argument("--nprobe", type=int, default=None, help="with --persisted: IVF lists searched")
+    parser.add_argument("--ef-search", type=int, default=256, help="with --persisted: HNSW efSearch")
     parser.add_argument("--json-out", type=Path, default=None, help="with --persisted: write all results here")
     parser.add_argument("--search-only", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--query-file", type=Path, default=None, help=argparse.SUPPRESS)
@@ -212,7 +226,10 @@ def main() -> None:
         for size in args.sizes:
             for dim in args.dims:
                 workdir = args.workdir / f"{size}x{dim}" if args.workdir else None
-                results.append(bench_persisted(size, dim, args.queries, args.k, tuple(args.types), args.threads, workdir))
+                settings = {"nlist": args.nlist, "nprobe": args.nprobe, "ef_search": args.ef_search}
+                results.append(
+                    bench_persisted(size, dim, args.queries, args.k, tuple(args.types), args.threads, workdir, settings=settings)
+                )
                 print_persisted(results[-1])
         if args.json_out:
             args.json_out.write_text(json.dumps(results, indent=2))

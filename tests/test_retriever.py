@@ -18,7 +18,7 @@ from fusion_diff.baselines import SumFusion
 from fusion_diff.benchmarks import load_shapes
 from fusion_diff.benchmarks.evaluate import Evaluator
 from fusion_diff.captioning import RetrievalCaptioner
-from fusion_diff.embedding import EmbeddingCache, OpenCLIPEmbedder
+from fusion_diff.embedding import EmbeddingCache
 from fusion_diff.errors import CacheMismatchError, ConfigError
 from fusion_diff.retrieval.store import IndexSettings, PersistentIndex
 
@@ -35,7 +35,9 @@ def spec(tiny_openclip_checkpoint) -> dict:
 
 
 def _queries(bench: Path, n: int = 4) -> tuple[list[Path], list[str]]:
-    return [bench / "imgs" / f"s{i:02d}.png" for i in range(n)], [f"make it {c}" for c in ("red", "blue", "pink", "cyan")][:n]
+    return [bench / "imgs" / f"s{i:02d}.png" for i in range(n)], [
+        f"make it {c}" for c in ("red", "blue", "pink", "cyan")
+    ][:n]
 
 
 def test_saved_retriever_gives_identical_rankings(bench, spec, tmp_path):
@@ -50,9 +52,11 @@ def test_saved_retriever_gives_identical_rankings(bench, spec, tmp_path):
     assert isinstance(after[0][0], Hit) and after[0][0].path.endswith(".png")
     assert all(ref.stem not in [h.id for h in row] for ref, row in zip(refs, after))  # exclusion applied
     saved = json.loads((tmp_path / "r" / "retriever.json").read_text())
-    assert saved["index"] == {"backend": "faiss", "path": "index"} and saved["method"]["options"] == {"image_weight": 0.7}
+    assert saved["index"] == {"backend": "faiss", "path": "index"} and saved["method"]["options"] == {
+        "image_weight": 0.7
+    }
     other = loaded.search(refs, texts, k=5, method="image-only")  # another registry method for one call
-    assert [h.id for h in other[0]][0] == refs[0].stem
+    assert other[0][0].id == refs[0].stem
 
 
 def test_retriever_refuses_index_of_another_embedder(bench, spec, tmp_path):
@@ -62,7 +66,9 @@ def test_retriever_refuses_index_of_another_embedder(bench, spec, tmp_path):
         other.attach(PersistentIndex.load(tmp_path / "index"))
     fused = ComposedRetriever(spec, "sum", captioner=None)
     fused.attach(PersistentIndex.load(tmp_path / "index"))  # same space and mode: accepted
-    ComposedRetriever(spec, "image-only", index=PersistentIndex.load(tmp_path / "index")).save_pretrained(tmp_path / "r")
+    ComposedRetriever(spec, "image-only", index=PersistentIndex.load(tmp_path / "index")).save_pretrained(
+        tmp_path / "r"
+    )
     with pytest.raises(CacheMismatchError, match="embedder does not match"):
         ComposedRetriever.from_pretrained(tmp_path / "r", embedder=other.embedder)
 
@@ -75,7 +81,9 @@ def test_search_equals_evaluator_ranking(bench, tiny_openclip, tmp_path):
     retriever.index_gallery([data.image_paths[g] for g in data.gallery], tmp_path / "index", ids=data.gallery)
     queries = data.queries
     hits = retriever.search(
-        [data.image_paths[q.reference] for q in queries], [q.texts[0] for q in queries], k=50,
+        [data.image_paths[q.reference] for q in queries],
+        [q.texts[0] for q in queries],
+        k=50,
         exclude=[[q.reference] for q in queries],
     )
     assert {q.query_id: [h.id for h in row] for q, row in zip(queries, hits)} == ranking
@@ -115,14 +123,18 @@ def test_killed_build_leaves_old_index_usable_and_rebuild_resumes(bench, tiny_op
 def _clustered(n: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(64, dim, generator=gen)
-    return F.normalize(centres[torch.randint(64, (n,), generator=gen)] + 0.4 * torch.randn(n, dim, generator=gen), dim=-1)
+    return F.normalize(
+        centres[torch.randint(64, (n,), generator=gen)] + 0.4 * torch.randn(n, dim, generator=gen), dim=-1
+    )
 
 
 @pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq", "hnsw"])
 def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
     vectors = _clustered(4000)
     items = [{"id": f"g{i}", "path": None, "caption": None} for i in range(4000)]
-    built = PersistentIndex.write(tmp_path / kind, {"space": "test"}, vectors[:3000], items[:3000], IndexSettings(kind, nprobe=8))
+    built = PersistentIndex.write(
+        tmp_path / kind, {"space": "test"}, vectors[:3000], items[:3000], IndexSettings(kind, nprobe=8, pq_m=8)
+    )
     recall = built.manifest["recall"]
     assert recall["protocol"].startswith("pseudo-queries") and recall["recall@50"] >= (0.6 if kind == "ivf-pq" else 0.8)
     queries = vectors[3000:3020]
@@ -138,7 +150,7 @@ def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
 def test_auto_rule_and_bad_settings():
     assert IndexSettings().resolved(1000, 768).type == "exact"
     big = IndexSettings().resolved(1_000_000, 768)
-    assert (big.type, big.factory(), big.search_parameters()) == ("hnsw", "HNSW32,Flat", "efSearch=128")
+    assert (big.type, big.factory(), big.search_parameters()) == ("hnsw", "HNSW32,Flat", "efSearch=256")
     ivf = IndexSettings("ivf-flat").resolved(1_000_000, 768)
     assert (ivf.nlist, ivf.nprobe) == (4096, 64)
     with pytest.raises(ConfigError, match="Unknown index type 'kd-tree'"):
@@ -163,7 +175,9 @@ def test_tar_shards_cache_source_and_fused_gallery(bench, tiny_openclip, tmp_pat
     cache.append([p.stem for p in images], tiny_openclip.embed_images(images))
     from_cache = fused.index_gallery(tmp_path / "cache", tmp_path / "cache-index")
     assert np.allclose(from_cache.embeddings.numpy(), index.embeddings.numpy(), atol=1e-6)
-    fused_gallery = ComposedRetriever(tiny_openclip, "sum", captioner=captioner, method_options={"gallery_mode": "fused"})
+    fused_gallery = ComposedRetriever(
+        tiny_openclip, "sum", captioner=captioner, method_options={"gallery_mode": "fused"}
+    )
     fused_gallery.index_gallery(images, tmp_path / "fused-index")
     top = fused_gallery.search(images[:2], ["make it red", "make it blue"], k=3)
     assert all(hit.caption in bank for row in top for hit in row)
@@ -177,7 +191,9 @@ def test_qdrant_local_mode_matches_exact_search_with_exclusion(tmp_path):
 
     vectors = _clustered(300)
     items = [{"id": f"g{i}", "path": f"/img/{i}.png", "caption": None} for i in range(300)]
-    exact = PersistentIndex.write(tmp_path / "faiss", {"space": "test"}, vectors[:250], items[:250], IndexSettings("exact"))
+    exact = PersistentIndex.write(
+        tmp_path / "faiss", {"space": "test"}, vectors[:250], items[:250], IndexSettings("exact")
+    )
     qdrant = QdrantIndex.upload(exact, "gallery", path=str(tmp_path / "qdrant"))
     queries, exclude = vectors[::25][:8], [[f"g{25 * n}", "g1"] for n in range(8)]
     want, got = exact.search(queries, k=10, exclude=exclude), qdrant.search(queries, k=10, exclude=exclude)
@@ -206,7 +222,12 @@ def test_cli_index_build_query_add_info_upload(bench, tiny_openclip_checkpoint, 
     embedder = ["--embedder", "openclip", "--model", name, "--pretrained", str(checkpoint)]
     assert cli_main(["index", "build", "--out", str(out), "--images", str(gallery), "--quiet", *embedder]) == 0
     reference = bench / "imgs" / "s03.png"
-    assert cli_main(["query", "--index", str(out), "--image", str(reference), "--text", "make it red", "-k", "10", "--json"]) == 0
+    assert (
+        cli_main(
+            ["query", "--index", str(out), "--image", str(reference), "--text", "make it red", "-k", "10", "--json"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     hits = json.loads(printed[printed.index("{") :])["hits"]
     assert len(hits) == 10 and hits[0]["path"] == str(gallery / "s03.png") and hits[0]["score"] > 0.999
@@ -221,3 +242,12 @@ def test_cli_index_build_query_add_info_upload(bench, tiny_openclip_checkpoint, 
     capsys.readouterr()
     assert cli_main(["query", "--index", str(out), "--image", str(bench / "imgs" / "s20.png"), "--text", "x"]) == 0
     assert f"   1  1.0000  {tmp_path / 'more' / 's20.png'}" in capsys.readouterr().out
+
+
+def test_recall_report_uses_composed_queries_when_texts_are_given(bench, tiny_openclip, tmp_path):
+    retriever = ComposedRetriever(tiny_openclip, "sum")
+    texts = ["make it red", "make it blue", "add a star"]
+    index = retriever.index_gallery(bench / "imgs", tmp_path / "index", settings="hnsw", calibration_texts=texts)
+    report = index.manifest["recall"]
+    assert report["protocol"] == "composed queries of sum: gallery references + given texts" and report["queries"] == 3
+    assert 0.0 <= report["recall@10"] <= 1.0 and index.manifest["factory"] == "HNSW32,Flat"

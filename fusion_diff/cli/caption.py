@@ -55,6 +55,11 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
 
 def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None) -> Captioner | None:
     """The captioner named by ``add_captioner_args`` flags (None for ``--captioner none``)."""
+    return create_captioner(captioner_spec(args), embedder)
+
+
+def captioner_spec(args: argparse.Namespace) -> dict | None:
+    """The ``create_captioner`` spec of ``add_captioner_args`` flags (what a saved retriever records)."""
     if args.captioner in (None, "none"):
         return None
     if args.captioner == "retrieval":
@@ -68,14 +73,14 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
             "top_k": args.caption_top_k,
             "cache_dir": args.caption_bank_cache,
         }
-        return create_captioner(spec, embedder)
+        return spec
     if not args.captioner_model:
         raise ConfigError(
             f"--captioner {args.captioner} needs --captioner-model (a Hugging Face id in the local cache, or a "
             "save_pretrained folder)."
         )
     if args.captioner == "scene":
-        return create_captioner({"type": "scene", "model": args.captioner_model})
+        return {"type": "scene", "model": args.captioner_model}
     spec = {
         "type": "generative",
         "model": args.captioner_model,
@@ -89,7 +94,7 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
             if v is not None
         },
     }
-    return create_captioner(spec)
+    return spec
 
 
 def image_folder(root: Path) -> tuple[list[str], list[Path]]:

@@ -37,11 +37,6 @@ def build_captioner(args: argparse.Namespace, embedder):
     """The captioner of references and fused galleries (never annotation captions), or None."""
     from fusion_diff.captioning import create_captioner
 
-    return create_captioner(captioner_spec(args), embedder)
-
-
-def captioner_spec(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``create_captioner`` spec of ``add_captioner_args`` flags (None: no captioner)."""
     if args.captioner == "none":
         return None
     if args.captioner == "retrieval":
@@ -50,19 +45,20 @@ def captioner_spec(args: argparse.Namespace) -> dict[str, Any] | None:
                 "--captioner retrieval needs --caption-bank (a text file, a .jsonl with 'caption', "
                 "or a pair-set folder)."
             )
-        return {"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}
+        return create_captioner({"type": "retrieval", "bank": args.caption_bank, "top_k": args.caption_top_k}, embedder)
     if not args.captioner_model:
         raise ConfigError(
             f"--captioner {args.captioner} needs --captioner-model (a local Hugging Face id or save_pretrained folder)."
         )
     if args.captioner == "scene":
-        return {"type": "scene", "model": args.captioner_model}
-    return {
+        return create_captioner({"type": "scene", "model": args.captioner_model})
+    spec = {
         "type": "generative",
         "model": args.captioner_model,
         "device": args.device,
         "num_candidates": args.caption_top_k,
     }
+    return create_captioner(spec)
 
 
 def _option_value(value: str) -> Any:
@@ -224,25 +220,6 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_captioner_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that pick a captioner (read by ``captioner_spec``); shared by eval, index build and query."""
-    captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
-    captioning.add_argument(
-        "--captioner",
-        choices=("none", "retrieval", "generative", "scene"),
-        default="none",
-        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model; scene: the shapes "
-        "world's trained captioner (--captioner-model: the demo's captioner/ folder)",
-    )
-    captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
-    captioning.add_argument(
-        "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
-    )
-    captioning.add_argument(
-        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
-    )
-
-
 def _data_arguments(parser: argparse.ArgumentParser, benchmarks: tuple[str, ...]) -> None:
     parser.add_argument(
         "--benchmark",
@@ -307,7 +284,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="shapes world: the benchmark's held-out phrasing, or the same edits in the training phrasing",
     )
     add_embedder_args(parser, required=False)  # --model world (default): the shapes world's backbone
-    add_captioner_args(parser)
+    captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
+    captioning.add_argument(
+        "--captioner",
+        choices=("none", "retrieval", "generative", "scene"),
+        default="none",
+        help="retrieval: the backbone ranks --caption-bank; generative: a BLIP-class model; scene: the shapes "
+        "world's trained captioner (--captioner-model: the demo's captioner/ folder)",
+    )
+    captioning.add_argument("--caption-bank", help="retrieval captioner's bank: text file, .jsonl, or pair-set folder")
+    captioning.add_argument(
+        "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
+    )
+    captioning.add_argument(
+        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
+    )
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument(
         "--gallery-mode",

@@ -12,8 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from fusion_diff.cli.caption import add_captioner_args, captioner_spec
 from fusion_diff.cli.embed import add_embedder_args
-from fusion_diff.cli.eval import add_captioner_args, backbone_spec, captioner_spec, parse_options
+from fusion_diff.cli.eval import backbone_spec, route_options
 from fusion_diff.errors import ConfigError
 
 INDEX_TYPES = ("auto", "exact", "ivf-flat", "ivf-pq", "hnsw")
@@ -29,11 +30,7 @@ def run_build(args: argparse.Namespace) -> int:
     from fusion_diff.retrieval.retriever import INDEX_FOLDER, ComposedRetriever
     from fusion_diff.retrieval.store import IndexSettings
 
-    options = parse_options(args.set or [])
-    if args.gallery_mode:
-        options["gallery_mode"] = args.gallery_mode
-    if args.checkpoint:
-        options["pipeline" if args.method in ("fusion-diff", "emb2emb") else "checkpoint"] = args.checkpoint
+    options = _method_options(args.method, args.set, args.gallery_mode, args.checkpoint)
     retriever = ComposedRetriever(
         backbone_spec(args),
         args.method,
@@ -49,6 +46,14 @@ def run_build(args: argparse.Namespace) -> int:
     _print_info(index.describe())
     print(f"saved the retriever in {args.out} (query it: fusion-diff query --index {args.out} --image ... --text ...)")
     return 0
+
+
+def _method_options(
+    method: str, pairs: list[str] | None, gallery_mode: str | None = None, checkpoint: str | None = None
+):
+    """``--set`` / ``--gallery-mode`` / ``--checkpoint`` as the options of ``method`` (read as ``fusion-diff eval`` does)."""
+    flags = argparse.Namespace(method=[method], set=pairs, gallery_mode=gallery_mode, checkpoint=checkpoint)
+    return route_options(flags)[method]
 
 
 def run_add(args: argparse.Namespace) -> int:
@@ -73,7 +78,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _print_info(info: dict) -> None:
     settings = info.get("settings") or {}
-    print(f"index: {info.get('count')} items x {info.get('dim')}-d, type {settings.get('type')} ({info.get('factory')})")
+    print(
+        f"index: {info.get('count')} items x {info.get('dim')}-d, type {settings.get('type')} ({info.get('factory')})"
+    )
     if "bytes_on_disk" in info:
         print(f"size on disk: {info['bytes_on_disk'] / 2**20:.1f} MiB in {info.get('root')}")
     recall = info.get("recall")
@@ -109,7 +116,8 @@ def run_query(args: argparse.Namespace) -> int:
         raise ConfigError(f"--image and --text pair up: got {len(args.image)} images and {len(args.text)} texts.")
     retriever = _retriever(args)
     exclude = [list(args.exclude)] * len(args.image) if args.exclude else None
-    hits = retriever.search(args.image, args.text, k=args.k, exclude=exclude, method=args.method, **parse_options(args.set or []))
+    options = _method_options(args.method or retriever.method_name, args.set) if args.set else {}
+    hits = retriever.search(args.image, args.text, k=args.k, exclude=exclude, method=args.method, **options)
     if args.json:
         rows = [
             {"image": str(image), "text": text, "hits": [h.__dict__ for h in row]}
@@ -137,17 +145,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = commands.add_parser("build", help="embed a gallery into a new retriever folder")
     build.add_argument("--out", type=Path, required=True, help="retriever folder to write")
     build.add_argument(
-        "--images", required=True, help="image folder, or webdataset-style .tar shards ('shards-{0000..0099}.tar'), "
+        "--images",
+        required=True,
+        help="image folder, or webdataset-style .tar shards ('shards-{0000..0099}.tar'), "
         "or an embedding cache folder of the same embedder",
     )
-    build.add_argument("--method", default="image-only", help="retrieval method of the registry (fusion-diff eval --help)")
+    build.add_argument(
+        "--method", default="image-only", help="retrieval method of the registry (fusion-diff eval --help)"
+    )
     build.add_argument("--checkpoint", help="Fusion-Diff pipeline folder (fusion-diff, emb2emb) or FTI4CIR checkpoint")
     build.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     build.add_argument("--gallery-mode", choices=("image", "fused"), help="gallery f(I) or f(I, caption)")
     build.add_argument("--type", choices=INDEX_TYPES, default="auto", help="index type (auto: by gallery size)")
     build.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
     build.add_argument("--nprobe", type=int, help="IVF lists searched per query (default nlist/64, >= 16)")
-    build.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch")
+    build.add_argument("--ef-search", type=int, default=256, help="HNSW efSearch")
     build.add_argument(
         "--calibration-texts", help="text file of modification texts: the recall report then uses composed queries"
     )

@@ -21,12 +21,12 @@ def __getattr__(name: str):
 
 __all__ = [
     "ComposedRetriever",
-    "Hit",
-    "IndexSettings",
-    "PersistentIndex",
     "FaissGalleryIndex",
     "GalleryIndex",
     "GalleryMode",
+    "Hit",
+    "IndexSettings",
+    "PersistentIndex",
     "QueryContext",
     "RetrievalMethod",
     "SearchResult",

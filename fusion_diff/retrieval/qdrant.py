@@ -91,7 +91,9 @@ class QdrantIndex:
         for name in (collection, f"{collection}-manifest"):
             if client.collection_exists(name):
                 client.delete_collection(name)
-        client.create_collection(collection, vectors_config=models.VectorParams(size=index.dim, distance=models.Distance.DOT))
+        client.create_collection(
+            collection, vectors_config=models.VectorParams(size=index.dim, distance=models.Distance.DOT)
+        )
         if url:  # exclusion filters on the id payload; local mode ignores payload indexes
             client.create_payload_index(collection, "id", models.PayloadSchemaType.KEYWORD)
         manifest = artifact_manifest(
@@ -106,7 +108,9 @@ class QdrantIndex:
 
         name = f"{self.collection}-manifest"
         if not self.client.collection_exists(name):
-            self.client.create_collection(name, vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT))
+            self.client.create_collection(
+                name, vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT)
+            )
         self.client.upsert(name, points=[models.PointStruct(id=0, vector=[1.0], payload=self.manifest)])
 
     def reference(self) -> dict[str, Any]:
@@ -138,7 +142,9 @@ class QdrantIndex:
         self._write_manifest()
         return self
 
-    def search(self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None) -> SearchResult:
+    def search(
+        self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
+    ) -> SearchResult:
         """Top-``k`` by inner product for each query in one batch request; ``exclude[q]`` ids filtered out."""
         from qdrant_client import models
 
@@ -155,7 +161,9 @@ class QdrantIndex:
                 if exclude is not None and len(exclude[n])
                 else None,
             )
-            for n, (vector, ids) in enumerate(zip(queries.detach().cpu().float().tolist(), exclude or [[]] * len(queries)))
+            for n, (vector, ids) in enumerate(
+                zip(queries.detach().cpu().float().tolist(), exclude or [[]] * len(queries))
+            )
         ]
         responses = self.client.query_batch_points(self.collection, requests=requests)
         width = min(k, len(self))

@@ -110,11 +110,11 @@ class ComposedRetriever:
             self.attach(index)
 
     # ------------------------------------------------------------------ parts
-    @staticmethod
-    def _create_method(name: str, options: dict[str, Any]) -> RetrievalMethod:
+    def _create_method(self, name: str, options: dict[str, Any]) -> RetrievalMethod:
+        """A registry method; a sampling method's prior is checked against this retriever's embedder."""
         from fusion_diff.baselines import create_method
 
-        return create_method(name, **options)
+        return create_method(name, embedder=self.embedder, **options)
 
     @property
     def gallery_mode(self) -> str:
@@ -133,7 +133,9 @@ class ComposedRetriever:
                 "Rebuild the index with this retriever (fusion-diff index build) or load the retriever it was made for."
             )
         if index.dim != self.embedder.dim:
-            raise CacheMismatchError(f"The gallery index is {index.dim}-d but the embedder gives {self.embedder.dim}-d.")
+            raise CacheMismatchError(
+                f"The gallery index is {index.dim}-d but the embedder gives {self.embedder.dim}-d."
+            )
         self.index = index
 
     def method_for(self, method: str | None = None, **options: Any) -> RetrievalMethod:
@@ -165,7 +167,9 @@ class ComposedRetriever:
         """
         root = Path(save_directory)
         if self.method_name is None:
-            raise ConfigError("Only a retriever built with a registry method name can be saved (method='fusion-diff', ...).")
+            raise ConfigError(
+                "Only a retriever built with a registry method name can be saved (method='fusion-diff', ...)."
+            )
         try:
             options = json.loads(json.dumps(self.method_options, default=_path_only))
         except TypeError as err:
@@ -209,7 +213,9 @@ class ComposedRetriever:
         root = Path(directory)
         config = read_json(root / RETRIEVER_FILE, "retriever config")
         if not isinstance(config, dict) or config.get("kind") != RETRIEVER_KIND:
-            raise DataError(f"{root / RETRIEVER_FILE} is not a saved ComposedRetriever. Point to a save_pretrained folder.")
+            raise DataError(
+                f"{root / RETRIEVER_FILE} is not a saved ComposedRetriever. Point to a save_pretrained folder."
+            )
         embedder = _restore(config["embedder"], embedder, "embedder", root)
         if config["captioner"] is not None:
             captioner = _restore(config["captioner"], captioner, "captioner", root, embedder)
@@ -286,7 +292,9 @@ class ComposedRetriever:
         captioner = self.captioner
         assert captioner is not None
         cache = CaptionCache.open(staging / "captions.json", captioner.identity)
-        same_backbone = isinstance(captioner, RetrievalCaptioner) and captioner.embedder.identity == self.embedder.identity
+        same_backbone = (
+            isinstance(captioner, RetrievalCaptioner) and captioner.embedder.identity == self.embedder.identity
+        )
         caption_with_cache(
             captioner,
             gallery.ids,
@@ -298,7 +306,9 @@ class ComposedRetriever:
         )
         candidates = dict(zip(gallery.ids, cache.candidates(gallery.ids)))
         row = {item: n for n, item in enumerate(gallery.ids)}
-        fused_cache = EmbeddingCache.open(staging / "fused", {**identity, "kind": "fused", "captioner": captioner.identity})
+        fused_cache = EmbeddingCache.open(
+            staging / "fused", {**identity, "kind": "fused", "captioner": captioner.identity}
+        )
 
         def fuse(chunk: list[str]) -> torch.Tensor:
             rows = torch.tensor([row[i] for i in chunk], dtype=torch.long)
@@ -338,7 +348,9 @@ class ComposedRetriever:
         gen = torch.Generator().manual_seed(0)
         rows = torch.randint(len(items), (min(len(texts), 1000),), generator=gen).tolist()
         context = self.query_context([Path(paths[r]) for r in rows], list(texts)[: len(rows)])
-        return run_method(self.method, context), f"composed queries of {self.method.name}: gallery references + given texts"
+        return run_method(
+            self.method, context
+        ), f"composed queries of {self.method.name}: gallery references + given texts"
 
     # ------------------------------------------------------------------ search
     def query_context(self, reference_images: Sequence[ImageInput], texts: Sequence[str]) -> QueryContext:
@@ -467,4 +479,3 @@ def _path_only(value: Any) -> str:
     if isinstance(value, (Path, os.PurePath)):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON")
-

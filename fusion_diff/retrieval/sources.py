@@ -53,7 +53,7 @@ class _TarImages(Sequence[ImageInput]):
             return [self[i] for i in range(*row.indices(len(self)))]
         shard, member = self.members[row]
         if shard not in self._open:
-            self._open[shard] = tarfile.open(shard)
+            self._open[shard] = tarfile.open(shard)  # noqa: SIM115 (kept open across reads: one member table per shard)
         try:
             with Image.open(io.BytesIO(self._open[shard].extractfile(member).read())) as image:
                 image.load()  # decode now: a broken member fails here, naming the shard
@@ -135,7 +135,9 @@ def _sample_key(member: str) -> str:
     return f"{folder}/{name.split('.')[0]}" if folder else name.split(".")[0]
 
 
-def gallery_items(source: str | os.PathLike | Sequence[str | os.PathLike], ids: Sequence[str] | None = None) -> GalleryItems:
+def gallery_items(
+    source: str | os.PathLike | Sequence[str | os.PathLike], ids: Sequence[str] | None = None
+) -> GalleryItems:
     """``GalleryItems`` of an image folder, a ``.tar`` shard spec, or a list of image paths (ids: file stems
     unless given)."""
     if isinstance(source, (str, os.PathLike)):

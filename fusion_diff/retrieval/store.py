@@ -50,7 +50,7 @@ class IndexSettings:
     """How the FAISS index is built and searched; ``None`` fields follow the gallery size.
 
     Defaults follow the FAISS guidelines: ``nlist`` ≈ 4·sqrt(N) (a power of two), ``nprobe`` = nlist/64
-    (at least 16), PQ with ``dim/8`` 8-bit sub-quantizers (trained on at least 39·256 vectors), HNSW with M=32 and efSearch=128. IVF-PQ
+    (at least 16), PQ with ``dim/16`` 8-bit sub-quantizers (trained on at least 39·256 vectors), HNSW with M=32 and efSearch=256 (≈5·k for k=50). IVF-PQ
     candidates (``rerank`` × k of them) are rescored exactly against the memory-mapped vectors.
     """
 
@@ -61,9 +61,9 @@ class IndexSettings:
     pq_bits: int | None = None  # 8, or 4 when fewer than 39·256 vectors could train 8-bit codebooks
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 128
+    ef_search: int = 256
     rerank: int = 4
-    train_size: int | None = None  # vectors the coarse quantizer trains on (default 64 per list)
+    train_size: int | None = None  # training vectors: 39 per list (FAISS's minimum), at least 39·256 for PQ
 
     def resolved(self, count: int, dim: int) -> IndexSettings:
         """A copy with ``type`` and every size-dependent field decided for ``count`` vectors of ``dim``."""
@@ -73,7 +73,7 @@ class IndexSettings:
         if kind == "auto":
             kind = "exact" if count <= EXACT_UP_TO else "hnsw" if count <= HNSW_UP_TO else "ivf-pq"
         nlist = self.nlist or max(1, min(2 ** round(math.log2(max(4 * math.sqrt(count), 1))), count // 39 or 1))
-        pq_m = self.pq_m or max(1, dim // 8)
+        pq_m = self.pq_m or max(1, dim // 16)
         if kind == "ivf-pq" and dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide the embedding size {dim}.")
         return IndexSettings(
@@ -86,7 +86,7 @@ class IndexSettings:
             ef_construction=self.ef_construction,
             ef_search=self.ef_search,
             rerank=self.rerank,
-            train_size=self.train_size or min(count, max(64 * nlist, 39 * 256)),
+            train_size=self.train_size or min(count, max(39 * nlist, 39 * 256)),
         )
 
     def factory(self) -> str | None:
@@ -145,7 +145,7 @@ class _PrebuiltFaiss(FaissGalleryIndex):
     def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rerank <= 1:
             return super()._topk(queries, k)
-        _, candidates = super()._topk(queries, min(k * self.rerank, len(self)))
+        _, candidates = super()._topk(queries, min(max(k * self.rerank, 64), len(self)))
         rows = candidates.clamp(min=0)
         vectors = self.embeddings.index_select(0, rows.flatten()).view(*rows.shape, self.dim)
         scores = torch.einsum("qd,qmd->qm", queries, vectors).masked_fill(candidates < 0, float("-inf"))
@@ -229,7 +229,9 @@ class PersistentIndex:
     def position(self) -> dict[str, int]:
         return self.backend.position
 
-    def search(self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None) -> SearchResult:
+    def search(
+        self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
+    ) -> SearchResult:
         found = self.backend.search(queries, k=k, exclude=exclude)
         found.items = [[self.items[j] for j in row if j >= 0] for row in found.indices.tolist()]
         return found
@@ -289,8 +291,13 @@ class PersistentIndex:
         manifest = cls._manifest(root, identity, embeddings.shape[1], len(items), resolved, generation)
         candidate = cls(root, manifest)
         if resolved.type != "exact":
-            protocol = calibration_protocol or "pseudo-queries: normalize(g_a + g_b) of random gallery pairs"
-            queries = calibration if calibration is not None else pseudo_queries(embeddings)
+            if calibration is None:
+                queries, protocol = (
+                    pseudo_queries(embeddings),
+                    "pseudo-queries: normalize(g_a + g_b) of random gallery pairs",
+                )
+            else:
+                queries, protocol = calibration, calibration_protocol or "held-out query embeddings given to the build"
             recall = recall_report(candidate, queries, protocol)
             candidate.manifest["recall"] = manifest["recall"] = recall
         _commit(root, manifest)
@@ -307,7 +314,9 @@ class PersistentIndex:
             )
         embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()
         if embeddings.ndim != 2 or embeddings.shape != (len(items), self.dim):
-            raise DataError(f"Index {self.root}: {tuple(embeddings.shape)} embeddings for {len(items)} new {self.dim}-d items.")
+            raise DataError(
+                f"Index {self.root}: {tuple(embeddings.shape)} embeddings for {len(items)} new {self.dim}-d items."
+            )
         old = self.root / self.manifest["generation"]
         generation = _new_generation(self.root)
         _write_vectors(generation, torch.cat([self.embeddings, embeddings]), [*self.items, *items])
@@ -384,9 +393,8 @@ def _new_generation(root: Path) -> Path:
 
 
 def _write_vectors(generation: Path, embeddings: torch.Tensor, items: Sequence[dict[str, Any]]) -> None:
-    with atomic_path(generation / EMBEDDINGS) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, embeddings.numpy())
+    with atomic_path(generation / EMBEDDINGS) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, embeddings.numpy())
     with atomic_path(generation / ITEMS) as tmp:
         tmp.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
 
