@@ -69,17 +69,6 @@ def _option_value(value: str) -> Any:
         return value
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs for one method (``fusion-diff index`` / ``query``), values read as ``--set`` reads them."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}.")
-        options[key.replace("-", "_")] = _option_value(value)
-    return options
-
-
 def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Each ``--method``'s options, so that one command compares baselines and trained methods.
 
