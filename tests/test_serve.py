@@ -23,7 +23,7 @@ from data_synth.shapes.captions import canonical_caption
 from data_synth.shapes.scene import sample_scene
 from fusion_diff.benchmarks import load_shapes
 from fusion_diff.embedding import OpenCLIPEmbedder
-from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.errors import DataError, FusionDiffError, MissingFileError
 from fusion_diff.models import ControlAdapter, FusionPrior, sampling_scheduler
 from fusion_diff.pipelines import FusionDiffPipeline
 from fusion_diff.retrieval import ComposedRetriever
@@ -309,7 +309,7 @@ def test_a_retriever_of_another_embedder_is_refused_on_the_page(page, service, s
     other = tmp_path / "other"
     other.mkdir()
     (other / "retriever.json").write_text(json.dumps(config))
-    with pytest.raises(CacheMismatchError, match="does not fit this retriever"):
+    with pytest.raises(FusionDiffError, match="fusion_weight"):  # the prior or the index refuses it, naming both
         service_from_folder(other)
     client = Client(page, verbose=False)
     _, _, status = client.predict(str(other), api_name="/load_retriever")
