@@ -36,6 +36,7 @@ from data_synth.triplets.format import (
     load_manifest,
     read_shard,
 )
+from fusion_diff.embedding.factory import with_runtime
 from fusion_diff.errors import ConfigError
 
 GENERATOR = "data_synth.triplets.realise"
@@ -136,7 +137,8 @@ def realise_batch(records: list[dict[str, Any]], indices: list[int], seed: int, 
         image_guidance_scale=config.image_guidance,
         generator=_generators(device, seed + 1, indices),
     ).images
-    embedder = _filter_embedder(json.dumps(config.filter_embedder, sort_keys=True))
+    spec = with_runtime(config.filter_embedder, device, str(dtype).removeprefix("torch."))  # the filter follows the job
+    embedder = _filter_embedder(json.dumps(spec, sort_keys=True))
     directional, image_similarity = clip_scores(
         embedder, references, targets, [r["reference_caption"] for r in records], [r["target_caption"] for r in records]
     )

@@ -46,7 +46,10 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
     group.add_argument("--caption-max-new-tokens", type=int, default=30, help="generative: longest caption, in tokens")
     group.add_argument("--caption-num-beams", type=int, default=3, help="generative: beam width")
     group.add_argument(
-        "--caption-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generative: precision"
+        "--caption-dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="generative: precision (default: the command's --dtype where it has one, else fp32)",
     )
 
 
@@ -77,7 +80,7 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
         "type": "generative",
         "model": args.captioner_model,
         "device": getattr(args, "device", "cpu"),
-        "dtype": args.caption_dtype,
+        "dtype": args.caption_dtype or getattr(args, "dtype", None) or "fp32",
         "prompt": args.caption_prompt,
         "num_candidates": args.caption_top_k,
         "generation": {"max_new_tokens": args.caption_max_new_tokens, "num_beams": args.caption_num_beams},

@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         phrasing=args.phrasing,
     )
     methods = [build_method(name, args, units) for name in args.method]  # fail on bad options before embedding
+    for method in methods:  # sampling methods run their pipeline on --device, like every model of the job
+        if getattr(method, "pipeline", None) is not None:
+            method.pipeline.to(args.device)
     embedder = build_backbone(args)
     evaluator = Evaluator(
         units,
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         circo_shared_concept=args.circo_shared_concept,
         index_backend=args.index,
         batch_size=args.batch_size,
+        device=args.device,
     )
     results = [evaluator.evaluate(method) for method in methods]
     out = Path(args.out)

@@ -89,31 +89,40 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
-    """The shapes world's backbone (default) or any embedder spec given as JSON."""
+    """The shapes world's backbone (default) or any embedder spec given as JSON, on ``--device`` / ``--dtype``."""
     if args.embedder == "world":
         from data_synth.shapes.backbone import load_world_embedder
 
         return load_world_embedder(train_if_missing=False, fusion_weight=args.fusion_weight)
-    from fusion_diff.embedding.factory import create_embedder
+    from fusion_diff.embedding.factory import create_embedder, with_runtime
 
     try:
         spec = json.loads(Path(args.embedder).read_text() if Path(args.embedder).is_file() else args.embedder)
     except json.JSONDecodeError as err:
         raise ConfigError(f"--embedder must be 'world', a JSON spec or a JSON file ({err}).") from err
-    return create_embedder(spec)
+    return create_embedder(with_runtime(spec, args.device, args.dtype))
 
 
 def run_embed(args: argparse.Namespace) -> int:
     import time
 
     from data_synth.triplets.embed import embed_triplets
+    from fusion_diff.utils.sharding import Processes
 
+    processes = Processes.current()
+    args.device = processes.device(args.device)
     embedder = embedder_from_args(args)
     captioner = captioner_from_args(args, embedder)
     start = time.perf_counter()
-    caches = embed_triplets(args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner)
+    caches = embed_triplets(
+        args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner, processes=processes
+    )
     sizes = ", ".join(f"{name} {len(cache)}" for name, cache in caches.items())
-    print(f"embedded with {embedder.identity.describe()} in {time.perf_counter() - start:.1f} s: {sizes} -> {args.out}")
+    if processes.is_main:
+        print(
+            f"embedded with {embedder.identity.describe()} in {processes.world_size} process(es), "
+            f"{time.perf_counter() - start:.1f} s: {sizes} -> {args.out}"
+        )
     return 0
 
 
@@ -229,5 +238,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             '\'{"backend": "openclip", "model_name": "ViT-L-14", "pretrained": "openai"}\'')
     embed.add_argument("--fusion-weight", type=float, default=0.5, help="image weight a of the world backbone's fusion")
     embed.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
+    embed.add_argument("--device", default="cpu", help="torch device of the embedder and the captioner (cpu, cuda)")
+    embed.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="precision of the embedder and the captioner"
+    )
     add_captioner_args(embed)
     embed.set_defaults(func=run_embed)
