@@ -40,7 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_progress_notes() -> None:
+    """The library's INFO lines (which model runs where, in what precision) go to stderr for the CLI."""
+    import logging
+
+    package = logging.getLogger("fusion_diff")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_progress_notes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
