@@ -43,3 +43,13 @@ def test_embedders_announce_their_device_and_precision(tiny_openclip_checkpoint,
     with caplog.at_level(logging.INFO, logger="fusion_diff.runtime"):
         OpenCLIPEmbedder(name, pretrained=checkpoint)
     assert f"open_clip {name} embedder on cpu, fp32" in caplog.text
+
+
+def test_demo_remaining_time_scales_reference_steps_by_measured_speed():
+    from fusion_diff.demo import REFERENCE_STEP_SECONDS, remaining_estimate
+
+    assert remaining_estimate({}, ["plots"]) is None  # nothing measured yet
+    assert remaining_estimate({"world backbone": 0.01}, ["plots"]) is None  # a cached step says nothing
+    done = {"world backbone": 3 * REFERENCE_STEP_SECONDS["world backbone"], "benchmark": 0.2}
+    left = remaining_estimate(done, ["stage 1: prior", "stage 2: Control-Adapter"])
+    assert left == 3 * (REFERENCE_STEP_SECONDS["stage 1: prior"] + REFERENCE_STEP_SECONDS["stage 2: Control-Adapter"])
