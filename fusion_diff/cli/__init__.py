@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",  # the end-to-end shapes-world demo
     "viz",  # joint-space plots
     "bench",  # speed benchmarks
+    "smoke",  # every heavy path once, with throughput
 )
 
 
@@ -44,12 +45,8 @@ def _show_progress_notes() -> None:
     """The library's INFO lines (which model runs where, in what precision) go to stderr for the CLI."""
     import logging
 
-    package = logging.getLogger("fusion_diff")
-    if not package.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        package.addHandler(handler)
-        package.setLevel(logging.INFO)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # no-op when logging is set up already
+    logging.getLogger("fusion_diff").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
