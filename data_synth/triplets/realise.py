@@ -38,6 +38,7 @@ from data_synth.triplets.format import (
 )
 from fusion_diff.embedding.factory import with_runtime
 from fusion_diff.errors import ConfigError
+from fusion_diff.utils.sharding import Processes
 
 GENERATOR = "data_synth.triplets.realise"
 GENERATOR_VERSION = "1"
@@ -176,8 +177,12 @@ def realise_triplets(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
-    """Realise a caption-edit triplet set (``synth corpus`` output) into a triplet set with images."""
+    """Realise a caption-edit triplet set (``synth corpus`` output) into a triplet set with images.
+
+    ``processes``: under ``accelerate launch``, each process (one per GPU) realises its own source shards.
+    """
     config = config or RealiseConfig()
     source_dir = Path(source_dir).resolve()
     source = load_manifest(source_dir)
@@ -200,4 +205,5 @@ def realise_triplets(
         overwrite=overwrite,
         progress=progress,
         unit="shard",
+        processes=processes,
     )

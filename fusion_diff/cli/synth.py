@@ -58,6 +58,10 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 def run_realise(args: argparse.Namespace) -> int:
     from data_synth.triplets.realise import RealiseConfig, realise_triplets
+    from fusion_diff.utils.sharding import Processes
+
+    processes = Processes.current()
+    args.device = processes.device(args.device or ("cuda" if processes.state.device.type == "cuda" else None))
 
     filter_spec = json.loads(args.filter_embedder) if args.filter_embedder else RealiseConfig().filter_embedder
     config = RealiseConfig(
@@ -75,8 +79,11 @@ def run_realise(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    manifest = realise_triplets(args.triplets, args.out, config, seed=args.seed, overwrite=args.overwrite)
-    print(_summary(manifest, args.out))
+    manifest = realise_triplets(
+        args.triplets, args.out, config, seed=args.seed, overwrite=args.overwrite, processes=processes
+    )
+    if processes.is_main:
+        print(_summary(manifest, args.out))
     return 0
 
 

@@ -23,7 +23,7 @@ T = TypeVar("T")
 class Processes:
     """This process's place in the job (rank, number of processes) and the barrier between them."""
 
-    state: Any  # accelerate.PartialState; None when Accelerate is not wanted (always one process)
+    state: Any  # accelerate.PartialState; None for one process without Accelerate (``single``)
 
     @classmethod
     def current(cls) -> Processes:
@@ -34,38 +34,49 @@ class Processes:
         # On a machine without a GPU a torchrun launch must still run N processes (over gloo).
         return cls(PartialState(cpu=not torch.cuda.is_available()))
 
+    @classmethod
+    def single(cls) -> Processes:
+        """One process, without Accelerate (library calls that are not launched jobs)."""
+        return cls(None)
+
     @property
     def rank(self) -> int:
-        return self.state.process_index
+        return self.state.process_index if self.state is not None else 0
 
     @property
     def world_size(self) -> int:
-        return self.state.num_processes
+        return self.state.num_processes if self.state is not None else 1
 
     @property
     def is_main(self) -> bool:
-        return self.state.is_main_process
+        return self.state is None or self.state.is_main_process
 
     def device(self, requested: str | None) -> str | None:
         """``cuda`` under a multi-GPU launch means this process's own GPU (``cuda:<local rank>``)."""
-        if requested == "cuda" and self.state.device.type == "cuda":
+        if requested == "cuda" and self.state is not None and self.state.device.type == "cuda":
             return str(self.state.device)
         return requested
 
     def take(self, units: Sequence[T]) -> list[T]:
         """This process's contiguous run of ``units`` (all of them in a single process)."""
+        if self.state is None:
+            return list(units)
         with self.state.split_between_processes(list(units)) as mine:
             return list(mine)
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Run the block on the main process first (e.g. repairing an output folder), then on the others."""
+        if self.state is None:
+            yield
+            return
         with self.state.main_process_first():
             yield
         self.wait()
 
     def wait(self) -> None:
-        self.state.wait_for_everyone()
+        if self.state is not None:
+            self.state.wait_for_everyone()
 
     def describe(self) -> str:
         return f"process {self.rank + 1}/{self.world_size}"
