@@ -10,7 +10,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from fusion_diff.captioning import Captioner, create_captioner
+from fusion_diff.captioning import Captioner, RetrievalCaptioner, create_captioner
 from fusion_diff.captioning.job import caption_sharded
 from fusion_diff.cli.embed import add_embedder_args
 from fusion_diff.embedding.base import JointEmbedder
@@ -88,6 +88,14 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
     return create_captioner(spec)
 
 
+def prepare_captioner(captioner: Captioner | None, processes: Processes) -> None:
+    """Fill a retrieval captioner's bank-embedding cache on the main process first, so that the processes of a
+    sharded job read it instead of all writing it at once."""
+    if isinstance(captioner, RetrievalCaptioner):
+        with processes.main_first():
+            captioner.bank_embeddings()
+
+
 def image_folder(root: Path) -> tuple[list[str], list[Path]]:
     """(ids, paths) of the images under ``root``, recursively, sorted; id = file stem, as benchmarks name images."""
     if not root.is_dir():
@@ -111,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     ids, images = tar_images(args.images) if is_tar_source(args.images) else image_folder(Path(args.images))
     captioner = captioner_from_args(args, build_backbone(args) if args.captioner == "retrieval" else None)
     assert captioner is not None
+    prepare_captioner(captioner, processes)
     _, new = caption_sharded(
         captioner,
         ids,

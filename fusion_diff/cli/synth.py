@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusion_diff.cli.caption import add_captioner_args, captioner_from_args
+from fusion_diff.cli.caption import add_captioner_args, captioner_from_args, prepare_captioner
 from fusion_diff.errors import ConfigError
 
 if TYPE_CHECKING:  # the embedding package imports open_clip: only load it for embed-triplets
@@ -120,6 +120,7 @@ def run_embed(args: argparse.Namespace) -> int:
     args.device = processes.device(args.device)
     embedder = embedder_from_args(args)
     captioner = captioner_from_args(args, embedder)
+    prepare_captioner(captioner, processes)
     start = time.perf_counter()
     caches = embed_triplets(
         args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner, processes=processes
