@@ -77,10 +77,11 @@ def test_issue20_models_follow_device_in_embed_triplets(tmp_path, monkeypatch):
               json.dumps(spec), "--device", "meta", "--dtype", "bf16"])  # fmt: skip
     assert specs == [{**spec, "device": "meta", "precision": "bf16"}]
 
+    import fusion_diff.captioning
     from fusion_diff.cli import caption as caption_cli
 
     captured = []
-    monkeypatch.setattr(caption_cli, "create_captioner", lambda spec, *a: captured.append(spec) or None)
+    monkeypatch.setattr(fusion_diff.captioning, "create_captioner", lambda spec, *a: captured.append(spec) or None)
     args = caption_cli.argparse.Namespace(
         captioner="generative", captioner_model="blip", device="meta", dtype="bf16", caption_dtype=None,
         caption_prompt=None, caption_top_k=1, caption_max_new_tokens=5, caption_num_beams=1,

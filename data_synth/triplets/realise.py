@@ -18,9 +18,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from data_synth.triplets.format import (
@@ -36,9 +35,11 @@ from data_synth.triplets.format import (
     load_manifest,
     read_shard,
 )
-from fusion_diff.embedding.factory import with_runtime
 from fusion_diff.errors import ConfigError
 from fusion_diff.utils.sharding import Processes
+
+if TYPE_CHECKING:  # torch is imported where it runs: `fusion-diff synth --help` reads RealiseConfig's defaults
+    import torch
 
 GENERATOR = "data_synth.triplets.realise"
 GENERATOR_VERSION = "1"
@@ -72,6 +73,8 @@ class RealiseConfig:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
 
     def runtime(self) -> tuple[str, torch.dtype]:
+        import torch
+
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         name = self.dtype or ("float16" if device.startswith("cuda") else "float32")
         if not isinstance(getattr(torch, name, None), torch.dtype):
@@ -97,6 +100,8 @@ def _filter_embedder(spec_json: str):
 
 def clip_scores(embedder, ref_images, tgt_images, ref_captions, tgt_captions) -> tuple[torch.Tensor, torch.Tensor]:
     """(directional similarity, image-image similarity) per triplet, from one joint embedder."""
+    import torch
+
     images = embedder.embed_images(list(ref_images) + list(tgt_images))
     texts = embedder.embed_texts(list(ref_captions) + list(tgt_captions))
     n = len(ref_images)
@@ -106,6 +111,8 @@ def clip_scores(embedder, ref_images, tgt_images, ref_captions, tgt_captions) ->
 
 
 def _generators(device: str, seed: int, indices: list[int]) -> list[torch.Generator]:
+    import torch
+
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in indices]
 
 
@@ -138,6 +145,8 @@ def realise_batch(records: list[dict[str, Any]], indices: list[int], seed: int, 
         image_guidance_scale=config.image_guidance,
         generator=_generators(device, seed + 1, indices),
     ).images
+    from fusion_diff.embedding.factory import with_runtime
+
     spec = with_runtime(config.filter_embedder, device, str(dtype).removeprefix("torch."))  # the filter follows the job
     embedder = _filter_embedder(json.dumps(spec, sort_keys=True))
     directional, image_similarity = clip_scores(

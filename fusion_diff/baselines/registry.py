@@ -12,10 +12,12 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion_diff.errors import ConfigError, MissingFileError
-from fusion_diff.retrieval.method import RetrievalMethod
+
+if TYPE_CHECKING:  # torch: imported when a method is built, not when the CLI lists the names
+    from fusion_diff.retrieval.method import RetrievalMethod
 
 # name -> ("module:attribute[.attribute]", what the query is)
 METHODS: dict[str, tuple[str, str]] = {
@@ -93,6 +95,8 @@ def create_method(name: str, /, **options: Any) -> RetrievalMethod:
         if unknown:
             raise ConfigError(f"Method {name!r} does not take option(s) {unknown}; it takes {sorted(parameters)}.")
     method = factory(**options)
+    from fusion_diff.retrieval.method import RetrievalMethod
+
     if not isinstance(method, RetrievalMethod):
         raise ConfigError(
             f"{METHODS[name][0]} did not build a RetrievalMethod (name, gallery_mode, protocol, query_embeddings)."

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fusion_diff.captioning.base import Captioner, identity_digest
 from fusion_diff.captioning.retrieval import RetrievalCaptioner
 from fusion_diff.embedding.base import ImageInput
-from fusion_diff.embedding.sources import batches_of, loaded_batches
+from fusion_diff.utils.image_sources import batches_of, loaded_batches
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir

@@ -10,13 +10,16 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from fusion_diff.captioning import Captioner, RetrievalCaptioner, create_captioner
-from fusion_diff.captioning.job import caption_sharded
+from typing import TYPE_CHECKING
+
 from fusion_diff.cli.embed import add_embedder_args
-from fusion_diff.embedding.base import JointEmbedder
-from fusion_diff.embedding.sources import IMAGE_SUFFIXES, is_tar_source, tar_images
+from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
-from fusion_diff.utils.sharding import Processes
+
+if TYPE_CHECKING:  # the captioners import torch and transformers: only when a command runs
+    from fusion_diff.captioning import Captioner
+    from fusion_diff.embedding.base import JointEmbedder
+    from fusion_diff.utils.sharding import Processes
 
 
 def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True) -> None:
@@ -55,6 +58,8 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
 
 def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None) -> Captioner | None:
     """The captioner named by ``add_captioner_args`` flags (None for ``--captioner none``)."""
+    from fusion_diff.captioning import create_captioner
+
     if args.captioner in (None, "none"):
         return None
     if args.captioner == "retrieval":
@@ -91,6 +96,8 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
 def prepare_captioner(captioner: Captioner | None, processes: Processes) -> None:
     """Fill a retrieval captioner's bank-embedding cache on the main process first, so that the processes of a
     sharded job read it instead of all writing it at once."""
+    from fusion_diff.captioning import RetrievalCaptioner
+
     if isinstance(captioner, RetrievalCaptioner):
         with processes.main_first():
             captioner.bank_embeddings()
@@ -112,7 +119,9 @@ def image_folder(root: Path) -> tuple[list[str], list[Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusion_diff.captioning.job import caption_sharded
     from fusion_diff.cli.eval import build_backbone  # --model world (default) or any embedder
+    from fusion_diff.utils.sharding import Processes
 
     processes = Processes.current()
     args.device = processes.device(args.device)

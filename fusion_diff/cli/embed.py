@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fusion_diff.embedding import JointEmbedder, create_embedder
-from fusion_diff.embedding.job import embed_sharded
-from fusion_diff.embedding.sources import IMAGE_SUFFIXES, is_tar_source, tar_images
+from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 from fusion_diff.errors import DataError, MissingFileError
-from fusion_diff.utils.sharding import Processes
+
+if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a command runs
+    import torch
+
+    from fusion_diff.embedding import JointEmbedder
 
 
 def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -45,6 +45,8 @@ def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) ->
 
 def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
     """Build the embedder named by ``add_embedder_args`` flags."""
+    from fusion_diff.embedding.factory import create_embedder
+
     spec: dict[str, Any] = {"backend": args.embedder, "device": args.device}
     if args.embedder == "openclip":
         spec.update(model_name=args.model, pretrained=args.pretrained, fusion_weight=args.fusion_weight)
@@ -105,6 +107,9 @@ def _text_inputs(source: Path) -> tuple[list[str], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusion_diff.embedding.job import embed_sharded
+    from fusion_diff.utils.sharding import Processes
+
     processes = Processes.current()
     args.device = processes.device(args.device)
     embedder = embedder_from_args(args)

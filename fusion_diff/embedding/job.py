@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fusion_diff.embedding.cache import EmbeddingCache
-from fusion_diff.embedding.sources import batches_of, loaded_batches
+from fusion_diff.utils.image_sources import batches_of, loaded_batches
 from fusion_diff.utils.sharding import Processes
 
 

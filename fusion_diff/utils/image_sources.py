@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from fusion_diff.errors import DataError, MissingFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -105,6 +103,8 @@ class _Reader:
 def load_any(item: Any, reader: _Reader) -> Any:
     """Decode the images inside ``item``: a ``Path`` or ``TarMember`` is an image; a ``str`` is a text, kept;
     a tuple has its parts decoded."""
+    from PIL import Image
+
     from fusion_diff.embedding.images import load_image
 
     if isinstance(item, tuple):
