@@ -315,7 +315,8 @@ def test_engine_writes_valid_cirr_test_submissions(cirr_images, tmp_path):
     test = load_cirr(CIRR, "test", image_root=cirr_images)
     result = Evaluator(test, HashEmbedder(), cache_root=tmp_path / "cache", progress=False).evaluate(RandomRanking())
     assert result.metrics == {}  # no ground truth on test
-    paths = write_result_submissions(result, [test], tmp_path)
-    assert [p.name for p in paths] == ["random.cirr.test1.recall.json", "random.cirr.test1.recall_subset.json"]
-    for path in paths:
-        validate_submission(path, test)
+    written = write_result_submissions(result, [test], tmp_path)
+    assert [w.path.name for w in written] == ["random.cirr.test1.recall.json", "random.cirr.test1.recall_subset.json"]
+    assert all(w.unanswered == 0 and w.queries == len(test.queries) for w in written)
+    for w in written:
+        validate_submission(w.path, test)

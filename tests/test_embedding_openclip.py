@@ -58,10 +58,8 @@ def test_checkpoint_formats_and_identity(tiny_openclip_checkpoint, tiny_openclip
     other = OpenCLIPEmbedder(name, pretrained=str(pt_path), fusion_weight=0.3)
     texts = ["a small yellow triangle"]
     torch.testing.assert_close(other.embed_texts(texts), tiny_openclip.embed_texts(texts))
-    assert tiny_openclip.identity.pretrained.startswith(f"{safetensors_path.name}@sha256:")
-    assert (
-        other.identity.pretrained.split("@")[1] != tiny_openclip.identity.pretrained.split("@")[1]
-    )  # file bytes differ
+    assert tiny_openclip.identity.pretrained.startswith("sha256:")
+    assert other.identity.pretrained != tiny_openclip.identity.pretrained  # file bytes differ
     assert (other.identity.dim, other.identity.fusion_weight) == (32, 0.3)
 
 
@@ -71,7 +69,7 @@ def test_open_clip_local_dir_layout(tiny_openclip_checkpoint, tiny_openclip, tmp
     (tmp_path / "open_clip_model.safetensors").write_bytes(checkpoint.read_bytes())
     embedder = OpenCLIPEmbedder(f"local-dir:{tmp_path}")
     torch.testing.assert_close(embedder.embed_texts(["a star"]), tiny_openclip.embed_texts(["a star"]))
-    assert embedder.identity.pretrained.startswith(f"{tmp_path.name}@sha256:")
+    assert embedder.identity.pretrained == tiny_openclip.identity.pretrained  # the same bytes
     with pytest.raises(ConfigError, match="brings its own weights"):
         OpenCLIPEmbedder(f"local-dir:{tmp_path}", pretrained=checkpoint)
 
@@ -120,3 +118,72 @@ def test_registry_and_factory(tiny_openclip_checkpoint, tmp_path):
         create_embedder({"backend": "openclip", "model_name": name, "fusion_wieght": 0.2})
     with pytest.raises(ConfigError, match="Unknown embedder backend"):
         create_embedder({"backend": "blip"})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_issue20_half_precision_embedding(tiny_openclip_checkpoint, tiny_openclip, tmp_path, precision):
+    """open_clip keeps e.g. positional embeddings in float32 under fp16/bf16: inputs follow the first layer."""
+    from fusion_diff.cli import main
+
+    name, checkpoint = tiny_openclip_checkpoint
+    half = OpenCLIPEmbedder(name, pretrained=checkpoint, precision=precision)
+    assert half.model.visual.conv1.weight.dtype != torch.float32  # really in half precision
+    images, texts = _images(3), ["a red circle", "two blue stars", ""]
+    for out, full in (
+        (half.embed_images(images), tiny_openclip.embed_images(images)),
+        (half.embed_texts(texts), tiny_openclip.embed_texts(texts)),
+        (half.embed_pairs(images, texts), tiny_openclip.embed_pairs(images, texts)),
+    ):
+        assert out.dtype == torch.float32
+        assert F.cosine_similarity(out, full).min() > 0.98
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image.save(folder / f"{i}.png")
+    argv = ["embed", "images", "--images", str(folder), "--out", str(tmp_path / "cache"), "--model", name,
+            "--pretrained", str(checkpoint), "--precision", precision]  # fmt: skip
+    assert main(argv) == 0
+
+
+def test_issue20_checkpoint_identity_is_content(tiny_openclip_checkpoint, tiny_openclip, tmp_path):
+    """The same weights under another file name are the same embedder; other weights under the same name are
+    not; caches and priors written with the old ``name@sha256:`` ids still match the same weights."""
+    from fusion_diff.embedding import EmbeddingCache
+    from fusion_diff.errors import CacheMismatchError
+    from fusion_diff.models import FusionPrior, sampling_scheduler
+    from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
+
+    name, checkpoint = tiny_openclip_checkpoint
+    (tmp_path / "moved").mkdir()
+    moved = tmp_path / "moved" / "renamed.safetensors"
+    moved.write_bytes(checkpoint.read_bytes())
+    assert OpenCLIPEmbedder(name, pretrained=moved).identity == tiny_openclip.identity
+    impostor = tmp_path / checkpoint.name  # other weights under the original file name
+    state = load_state(checkpoint)
+    state["logit_scale"] = state["logit_scale"] + 1.0
+    from safetensors.torch import save_file
+
+    save_file(state, str(impostor))
+    assert OpenCLIPEmbedder(name, pretrained=impostor).identity != tiny_openclip.identity
+
+    digest = tiny_openclip.identity.pretrained  # "sha256:<hex>"
+    legacy = {**tiny_openclip.identity.as_dict(), "pretrained": f"{checkpoint.name}@{digest}"}
+    wrong = {**legacy, "pretrained": f"{checkpoint.name}@sha256:{'0' * 16}"}
+    current = {**tiny_openclip.identity.as_dict(), "kind": "image"}
+    for folder, old_identity in (("cache", legacy), ("other", wrong)):  # caches as an older version wrote them
+        EmbeddingCache.open(tmp_path / folder, current).append(["a"], F.normalize(torch.randn(1, 32), dim=-1))
+        manifest_path = tmp_path / folder / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest_path.write_text(json.dumps({**manifest, "identity": {**old_identity, "kind": "image"}}))
+    assert len(EmbeddingCache.open(tmp_path / "cache", current)) == 1  # the same weights: reused
+    with pytest.raises(CacheMismatchError, match="pretrained: cache has 'sha256:0000000000000000'"):
+        EmbeddingCache.open(tmp_path / "other", current)
+
+    def pipeline(trained_on):
+        prior = FusionPrior(embedding_dim=32, hidden_dim=16, num_layers=1, num_heads=2, embedder_identity=trained_on)
+        return FusionDiffPipeline(prior, sampling_scheduler("ddim", prior), embedder=tiny_openclip)
+
+    pipeline(legacy)  # the same weights: accepted
+    with pytest.raises(ConfigError, match=r"differing: \['pretrained'\]"):
+        pipeline(wrong)
+

@@ -107,6 +107,15 @@ def test_vlm_identity_tracks_weights_and_instruction(vlm, tiny_qwen2vl):
     assert not torch.allclose(vlm.embed_texts(["a red square"]), other.embed_texts(["a red square"]))
 
 
+def test_issue20_vlm_identity_is_content(vlm, tiny_qwen2vl, tmp_path):
+    """A save_pretrained folder moved under another name is the same embedder (identity by content)."""
+    import shutil
+
+    moved = shutil.copytree(tiny_qwen2vl, tmp_path / "renamed-folder")
+    assert VLMEmbedder(moved).identity == vlm.identity
+    assert vlm.identity.pretrained.startswith("sha256:") and "renamed" not in vlm.identity.describe()
+
+
 def test_vlm_missing_folder_is_named(tmp_path):
     with pytest.raises(MissingFileError, match="no_such_vlm"):
         VLMEmbedder(tmp_path / "no_such_vlm")

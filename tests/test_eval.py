@@ -20,6 +20,7 @@ from fusion_diff.captioning import RetrievalCaptioner
 from fusion_diff.cli import main as cli_main
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
+from test_pipeline_cli import saved_pipeline  # noqa: F401  (a pipeline whose prior records the tiny backbone)
 
 COLOURS = ["red", "green", "blue", "yellow", "pink", "cyan", "orange", "purple"]
 SHAPES = ["circle", "square", "star"]
@@ -257,15 +258,12 @@ def test_cli_eval_writes_json_and_markdown(tiny_root, tiny_openclip_checkpoint, 
     argv = ["eval", "--benchmark", "shapes", "--split", "test", "--root", str(tiny_root), "--model", name,
             "--pretrained", str(checkpoint), "--method", "image-only", "--method", "sum", "--set", "image_weight=0.7",
             "--out", str(out), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-    with pytest.raises(ConfigError, match="image-only' does not take option"):
-        cli_main(argv)
-    argv.remove("--set")
-    argv.remove("image_weight=0.7")
     assert cli_main(argv) == 0
     records = json.loads((out / "shapes-test1.json").read_text())
     assert [r["method"] for r in records] == ["image-only", "sum"]
+    assert records[1]["protocol"]["method"]["image_weight"] == 0.7  # the option went to the method taking it
     backbone = records[1]["protocol"]["backbone"]
-    assert backbone["model"] == name and backbone["pretrained"].startswith(f"{checkpoint.name}@sha256:")
+    assert backbone["model"] == name and backbone["pretrained"].startswith("sha256:")
     assert "| sum |" in (out / "shapes-test1.md").read_text() and "| sum |" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="needs a captioner"):
         cli_main(argv + ["--gallery-mode", "fused"])
@@ -293,3 +291,139 @@ def test_sampling_methods_from_a_saved_pipeline(tiny_root, tiny_openclip, tmp_pa
     assert evaluator.evaluate(emb2emb).protocol["method"]["strength"] == 0.3
     with pytest.raises(MissingFileError, match="pipeline folder not found"):
         create_method("fusion-diff", pipeline=str(tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------- issue 20
+def _eval_argv(root: Path, checkpoint: tuple[str, Path], tmp_path: Path, *extra: str) -> list[str]:
+    name, path = checkpoint
+    return ["eval", "--benchmark", "shapes", "--split", "test", "--root", str(root), "--model", name,
+            "--pretrained", str(path), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            *extra]  # fmt: skip
+
+
+def test_issue20_eval_refuses_pipeline_of_another_backbone(
+    tiny_root, tiny_openclip_checkpoint, tiny_openclip, saved_pipeline, tmp_path
+):
+    """A prior trained at fusion weight 0.5 is not scored against a 0.6 backbone, neither by the CLI nor the API."""
+    from fusion_diff.embedding import OpenCLIPEmbedder
+
+    argv = _eval_argv(tiny_root, tiny_openclip_checkpoint, tmp_path, "--method", "fusion-diff",
+                      "--checkpoint", str(saved_pipeline), "--set", "gallery_mode=image",
+                      "--set", "num_inference_steps=2")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"prior was trained on .*\(differing: \['fusion_weight'\]\)"):
+        cli_main(argv + ["--fusion-weight", "0.6"])
+    assert not (tmp_path / "cache").exists()  # refused before anything was embedded
+    assert cli_main(argv) == 0
+    (record,) = json.loads((tmp_path / "out" / "shapes-test1.json").read_text())
+    assert record["protocol"]["method"]["embedder"] == tiny_openclip.identity.as_dict()
+
+    other = OpenCLIPEmbedder(tiny_openclip_checkpoint[0], pretrained=tiny_openclip_checkpoint[1], fusion_weight=0.6)
+    method = create_method("fusion-diff", pipeline=str(saved_pipeline), gallery_mode="image", num_inference_steps=2)
+    evaluator = Evaluator(load_shapes(tiny_root, "test"), other, cache_root=tmp_path / "api", progress=False)
+    with pytest.raises(ConfigError, match=r"differing: \['fusion_weight'\]"):
+        evaluator.evaluate(method)
+
+
+def test_issue20_per_method_options(tiny_root, tiny_openclip_checkpoint, saved_pipeline, tmp_path):
+    """One command compares baselines and Fusion-Diff: options go to the methods that take them."""
+    base = _eval_argv(tiny_root, tiny_openclip_checkpoint, tmp_path, "--method", "image-only", "--method", "sum",
+                      "--method", "fusion-diff", "--set", "seed=3", "--set", "sum.image_weight=0.7",
+                      "--set", "fusion-diff.num_inference_steps=2",
+                      "--set", "fusion-diff.gallery_mode=image")  # fmt: skip
+    for weights in (["--checkpoint", str(saved_pipeline)], ["--set", f"fusion-diff.pipeline={saved_pipeline}"]):
+        assert cli_main(base + weights) == 0
+        written = json.loads((tmp_path / "out" / "shapes-test1.json").read_text())
+        records = {r["method"]: r["protocol"]["method"] for r in written}
+        assert list(records) == ["image-only", "sum", "fusion-diff"]
+        assert records["sum"]["image_weight"] == 0.7 and "seed" not in records["sum"]
+        assert (records["fusion-diff"]["steps"], records["fusion-diff"]["seed"]) == (2, 3)
+    for bad, message in (
+        (["--set", "nope=1"], "none of the methods .* takes 'nope'"),
+        (["--set", "image-only.seed=1"], "method 'image-only' does not take 'seed'"),
+        (["--set", "fti4cir.checkpoint=x"], "'fti4cir' is not one of the evaluated methods"),
+        (["--set", "=1"], "expects KEY=VALUE or METHOD.KEY=VALUE"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            cli_main(base + ["--checkpoint", str(saved_pipeline)] + bad)
+    baselines_only = _eval_argv(tiny_root, tiny_openclip_checkpoint, tmp_path, "--method", "sum")
+    with pytest.raises(ConfigError, match="none of .* takes trained weights"):
+        cli_main(baselines_only + ["--checkpoint", str(saved_pipeline)])
+    with pytest.raises(ConfigError, match="--checkpoint is ambiguous"):
+        cli_main(base + ["--method", "fti4cir", "--checkpoint", str(saved_pipeline)])
+
+
+def test_issue20_missing_targets_cap_recall(tiny_root, tiny_openclip, tmp_path, caplog):
+    """Queries whose target image is missing are certain misses: said at load time and in the protocol line."""
+    from fusion_diff.benchmarks import load_benchmark
+    from fusion_diff.benchmarks.types import BenchmarkData
+
+    (tiny_root / "imgs" / "s09.png").unlink()  # the target of query 101
+    (tiny_root / "imgs" / "s02.png").unlink()  # the reference of query 102
+    with caplog.at_level("WARNING"):
+        (data,) = load_benchmark("shapes", tiny_root, "test", allow_missing=True)
+    assert "1 of the 7 evaluated queries have a missing ground truth" in caplog.text and "recall 85.7%" in caplog.text
+    result = Evaluator(data, tiny_openclip, cache_root=tmp_path, progress=False).evaluate(ImageOnly())
+    p = result.protocol
+    assert (p["queries_evaluated"], p["queries_missing_targets"]) == (7, 1)
+    assert p["best_possible"]["recall"] == pytest.approx(600 / 7)
+    assert all(value <= 600 / 7 + 1e-4 for name, value in result.metrics.items() if name.startswith("R@"))
+    assert "queries with a missing target 1 (best possible: recall 85.7%)" in result.protocol_line()
+
+    # CIRCO: several ground truths, AP@K of a query at most min(K, #present) / min(K, #gt).
+    query = CompositionQuery("0", "r", ("is blue",), positives=("a", "b", "c", "d"))
+    circo = BenchmarkData("circo", "val", [query], ["a", "b", "c", "d"], {}, (), False, missing=["c", "d"])
+    assert circo.target_coverage()["best_possible"] == {"mAP@5": 50.0, "mAP@10": 50.0, "mAP@25": 50.0, "mAP@50": 50.0}
+
+
+def write_tiny_cirr_test(root: Path, n_images: int = 60, n_queries: int = 6) -> Path:
+    """A CIRR test1 tree in the official layout (names test1-*, no targets), with generated images."""
+    gen = torch.Generator().manual_seed(0)
+    names = [f"test1-{i}-0-img0" for i in range(n_images)]
+    for name in names:
+        path = root / "test1" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()).save(path)
+    queries = [
+        {"pairid": 500 + q, "reference": names[q], "caption": f"make it {COLOURS[q]}",
+         "img_set": {"id": q, "members": [names[q]] + names[10 + 5 * q : 15 + 5 * q], "reference_rank": 0}}
+        for q in range(n_queries)
+    ]  # fmt: skip
+    for sub, payload in (
+        ("cirr/captions/cap.rc2.test1.json", queries),
+        ("cirr/image_splits/split.rc2.test1.json", {n: f"./test1/{n}.png" for n in names}),
+    ):
+        (root / sub).parent.mkdir(parents=True, exist_ok=True)
+        (root / sub).write_text(json.dumps(payload))
+    return root
+
+
+def test_issue20_partial_test_submission(tiny_openclip_checkpoint, tmp_path, capsys):
+    """A test split with missing images still gives its rankings and a server file for the answerable queries."""
+    root = write_tiny_cirr_test(tmp_path / "cirr")
+    (root / "test1" / "test1-1-0-img0.png").unlink()  # the reference of query 501
+    for member in (20, 21, 22):  # 3 of query 502's 5 candidates: its top-3 cannot be complete
+        (root / "test1" / f"test1-{member}-0-img0.png").unlink()
+    argv = _eval_argv(root, tiny_openclip_checkpoint, tmp_path, "--method", "image-only", "--allow-missing")
+    argv[argv.index("shapes")] = "cirr"
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    (rankings,) = json.loads((out / "cirr-test1.rankings.json").read_text())
+    assert sorted(rankings["rankings"]["cirr/test1"]) == ["500", "502", "503", "504", "505"]
+    recall = json.loads((out / "image-only.cirr.test1.recall.json").read_text())
+    subset = json.loads((out / "image-only.cirr.test1.recall_subset.json").read_text())
+    assert sorted(set(recall) - {"version", "metric"}) == ["500", "502", "503", "504", "505"]
+    assert sorted(set(subset) - {"version", "metric"}) == ["500", "503", "504", "505"]
+    assert "PARTIAL test-server file" in printed and "5 of 6 queries; the other 1 have missing images" in printed
+    assert "server will score them as misses" in printed and "cirr/test1 has no ground truth here" in printed
+    assert "| method |\n|---|\n| image-only |\n" in printed  # no metric columns on a test split
+    validate = ["validate-submission", str(out / "image-only.cirr.test1.recall_subset.json"), "--benchmark", "cirr",
+                "--split", "test", "--root", str(root)]  # fmt: skip
+    with pytest.raises(DataError, match="2 queries have no entry"):
+        cli_main(validate)
+    assert cli_main(validate + ["--partial"]) == 0
+    assert "valid PARTIAL cirr/test1 submission: 4 of 6 queries" in capsys.readouterr().out
+    (out / "cirr-test1.rankings.json").unlink()
+    assert cli_main(argv + ["--no-submission"]) == 0
+    assert (out / "cirr-test1.rankings.json").is_file()
+

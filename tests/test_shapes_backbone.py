@@ -45,7 +45,7 @@ def test_backbone_loads_through_openclip_embedder_from_the_cache(built):
     embedder = load_world_embedder(root, train_if_missing=False)
     assert isinstance(embedder, OpenCLIPEmbedder)
     assert embedder.identity.model == "shapes-vit-tiny" and embedder.dim == 256
-    assert embedder.identity.pretrained.startswith("open_clip_model.safetensors@sha256:")
+    assert embedder.identity.pretrained.startswith("sha256:")
     z = embedder.embed_texts(["a large red circle at the center on a white background"])
     assert torch.allclose(z.norm(dim=-1), torch.ones(1))
 

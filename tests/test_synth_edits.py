@@ -18,15 +18,20 @@ from data_synth.shapes.edits import (
 )
 from data_synth.shapes import benchmark_phrasings
 from data_synth.shapes.instructions import (
+    OPEN_TEMPLATES,
+    REGION_WORDS,
     Phrasing,
     compile_template,
     describe_edit,
+    describe_open_edit,
     instruction_matches_edit,
+    open_instruction_matches,
     matches_training_phrasing,
     refer,
     resolve,
     training_templates,
 )
+from data_synth.shapes.open_edits import OPEN_KINDS, REGIONS, OpenEdit, sample_open_edit
 from data_synth.shapes.scene import Scene, SceneObject, sample_scene
 
 
@@ -124,6 +129,30 @@ def test_training_and_benchmark_phrasings_are_disjoint():
         checked += 1
     assert checked > 500
     assert not set(training_templates()) & set(benchmark_phrasings.benchmark_templates())
+
+
+def test_open_phrasings_read_back_and_stay_disjoint():
+    """Open instructions: the training and benchmark wordings each parse back to the open edit, and no
+    benchmark wording (open or composite with a closed part) parses as any training phrasing."""
+    assert set(OPEN_TEMPLATES) == set(benchmark_phrasings.OPEN_TEMPLATES) and set(REGION_WORDS) == set(REGIONS)
+    rng = random.Random(11)
+    checked = Counter()
+    for i in range(500):
+        scene = sample_scene(rng, min_objects=2)
+        edit = sample_open_edit(scene, rng, composite_with=benchmark_phrasings.BENCHMARK_KINDS if i % 3 == 0 else None)
+        if edit is None:
+            continue
+        training = describe_open_edit(scene, edit, rng)
+        benchmark = benchmark_phrasings.describe_open_edit_benchmark(scene, edit, rng)
+        assert matches_training_phrasing(training) and open_instruction_matches(training, scene, edit), training
+        assert open_instruction_matches(benchmark, scene, edit, benchmark_phrasings.BENCHMARK_PHRASING), benchmark
+        assert not matches_training_phrasing(benchmark), benchmark
+        checked[edit.kind if isinstance(edit, OpenEdit) else "composite"] += 1
+    assert len(checked) == len(OPEN_KINDS) + 1 and min(checked.values()) >= 10
+    scene = Scene((_obj(0, 0, "square", "red"), _obj(1, 1, "square", "blue"), _obj(2, 2, "star", "green")))
+    one_of = OpenEdit("resize_one_of", scene.objects[:2], "large")
+    assert open_instruction_matches("make one of the squares bigger", scene, one_of, benchmark_phrasings.BENCHMARK_PHRASING)
+    assert not open_instruction_matches("make one of the stars bigger", scene, one_of, benchmark_phrasings.BENCHMARK_PHRASING)
 
 
 def test_phrasing_grammar_reads_templates_back():

@@ -171,3 +171,19 @@ def test_realise_two_processes_equal_one(tmp_path, tiny_pipelines, tiny_openclip
     one, two_ = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
     assert one["complete"] and two_["complete"] and one["num_samples"] == two_["num_samples"] == 4
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two_["shards"]]  # the same bytes
+
+
+def test_issue20_text_to_image_default():
+    """The default text-to-image id is one the hub still serves (checked by hand; the README says which ids and
+    when), not one of the Stable Diffusion 2.x repositories Stability AI withdrew in November 2025."""
+    from pathlib import Path
+
+    from fusion_diff.cli import build_parser
+
+    default = RealiseConfig().text_to_image_model
+    assert default == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert not default.startswith(("stabilityai/stable-diffusion-2", "runwayml/"))
+    args = build_parser().parse_args(["synth", "realise", "--triplets", "t", "--out", "o"])
+    assert args.text_to_image_model == default
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"`{default}`" in readme and "checked on 2026-12-02" in readme

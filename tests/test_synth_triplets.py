@@ -11,7 +11,8 @@ import pytest
 from data_synth.shapes import benchmark_phrasings
 from data_synth.shapes.captions import caption_matches
 from data_synth.shapes.edits import apply_edit, edit_from_dict, scene_difference
-from data_synth.shapes.instructions import Phrasing, instruction_matches_edit
+from data_synth.shapes.instructions import instruction_matches_edit, open_instruction_matches
+from data_synth.shapes.open_edits import open_edit_from_dict, satisfies
 from data_synth.shapes.scene import Scene
 from data_synth.triplets import shapes_builder
 from data_synth.triplets.format import SHARD_DIR, iter_samples, iter_triplets, load_manifest, verify_dataset
@@ -77,11 +78,36 @@ def test_every_triplet_is_consistent_with_its_scene_graphs(built):
         assert triplet.reference_image.size == triplet.target_image.size == (64, 64)
 
 
-def test_no_benchmark_phrasing_in_the_training_set(built):
-    benchmark = Phrasing(benchmark_phrasings.TEMPLATES, [("", joiner) for joiner in benchmark_phrasings.JOINERS])
-    assert benchmark.matches("the red star is gone now")  # the check can fail
-    for triplet in iter_triplets(built, images=False):
-        assert not benchmark.matches(triplet.instruction), triplet.instruction
+def test_no_benchmark_phrasing_in_the_training_set(built, built_open):
+    benchmark = benchmark_phrasings.BENCHMARK_PHRASING
+    assert benchmark.matches("the red star is gone now") and benchmark.matches("give the circle another colour")
+    for root in (built, built_open):  # the check can fail (above), and never does on closed or open triplets
+        for triplet in iter_triplets(root, images=False):
+            assert not benchmark.matches(triplet.instruction), triplet.instruction
+
+
+@pytest.fixture(scope="module")
+def built_open(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triplets") / "open"
+    _build(root, config=ShapesTripletConfig(open_probability=0.5))
+    return root
+
+
+def test_open_instructions_have_their_target_among_the_right_answers(built_open):
+    opened = 0
+    for triplet in iter_triplets(built_open, images=False):
+        record = triplet.record
+        if "open_edit" not in record:
+            continue
+        opened += 1
+        reference, target = Scene.from_dict(record["reference_scene"]), Scene.from_dict(record["target_scene"])
+        open_edit = open_edit_from_dict(record["open_edit"])
+        assert not target.is_heldout() and satisfies(reference, open_edit, target)
+        assert apply_edit(reference, edit_from_dict(record["edit"])) == target
+        assert len(open_edit.realisations(reference)) >= 2 and record["edit_label"] == open_edit.kind
+        assert open_instruction_matches(triplet.instruction, reference, open_edit), triplet.instruction
+    assert 0.3 * N < opened < 0.7 * N
+    assert "open_probability" not in ShapesTripletConfig().to_dict()  # closed-only sets keep their identity
 
 
 def test_interrupted_build_resumes_to_the_same_result(built, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,17 +127,31 @@ def _negative_edits(scene: Scene, edit: AnyEdit) -> list[tuple[AnyEdit, str]]:
     )
 
 
-def hard_negatives(reference: Scene, edit: AnyEdit, target: Scene, rng: random.Random, n: int = GROUP_SIZE - 2) -> list[tuple[Scene, str]]:
+def hard_negatives(
+    reference: Scene,
+    edit: AnyEdit,
+    target: Scene,
+    rng: random.Random,
+    n: int = GROUP_SIZE - 2,
+    is_right: Callable[[Scene], bool] | None = None,
+) -> list[tuple[Scene, str]]:
     """``n`` distinct held-out scenes that miss ``edit`` narrowly, spread over the reasons; then one-edit
-    neighbours of the reference or target ("neighbour"), then random held-out scenes ("random")."""
+    neighbours of the reference or target ("neighbour"), then random held-out scenes ("random").
+
+    ``is_right``: for an open instruction (``edit`` one of its realisations), the scenes that also answer it,
+    never taken as negatives."""
     seen = {reference.key(), target.key()}
+
+    def usable(scene: Scene) -> bool:
+        return scene.is_heldout() and scene.key() not in seen and not (is_right is not None and is_right(scene))
+
     by_reason: dict[str, list[Scene]] = {}
     for candidate, why in _negative_edits(reference, edit):
         try:
             scene = apply_edit(reference, candidate)
         except ValueError:  # e.g. the second part of a composite does not fit the reference
             continue
-        if scene.is_heldout() and scene.key() not in seen:
+        if usable(scene):
             seen.add(scene.key())
             by_reason.setdefault(why, []).append(scene)
     for scenes in by_reason.values():
@@ -154,12 +168,12 @@ def hard_negatives(reference: Scene, edit: AnyEdit, target: Scene, rng: random.R
         base = rng.choice((reference, target))
         step = sample_edit(base, rng, kinds=BENCHMARK_KINDS, allow_composite=False)
         scene = apply_edit(base, step) if step is not None else sample_scene(rng)
-        if scene.is_heldout() and scene.key() not in seen:
+        if usable(scene):
             seen.add(scene.key())
             chosen.append((scene, "neighbour"))
     while len(chosen) < n:
         scene = sample_scene_in_split(rng, heldout=True)
-        if scene.key() not in seen:
+        if usable(scene):
             seen.add(scene.key())
             chosen.append((scene, "random"))
     return chosen
@@ -256,10 +270,16 @@ def _name_split(split: str, queries: list[Query], first_pairid: int, rng: random
     return files
 
 
-def _render_job(job: tuple[dict[str, Any], int, str, str]) -> None:
+def render_job(job: tuple[dict[str, Any], int, str, str]) -> None:
+    """Render one scene to ``path`` (PNG; ``.jpg``: JPEG at quality 100 without chroma subsampling, the
+    CIRCO-format benchmark's files), atomically."""
     scene, size, seed, path = job
+    image = render(Scene.from_dict(scene), size, random.Random(seed))
     with atomic_path(path) as tmp:
-        render(Scene.from_dict(scene), size, random.Random(seed)).save(tmp, format="PNG")
+        if str(path).endswith(".jpg"):
+            image.save(tmp, format="JPEG", quality=100, subsampling=0)
+        else:
+            image.save(tmp, format="PNG")
 
 
 def write_benchmark(
@@ -287,7 +307,7 @@ def write_benchmark(
             "kinds": dict(Counter(m["kind"] if ":" not in m["kind"] else "composite" for m in files.meta)),
             "negatives": dict(Counter(neg["reason"] for m in files.meta for neg in m["negatives"])),
         }
-    run_render_jobs(_render_job, jobs, workers, "rendering benchmark images", progress)
+    run_render_jobs(render_job, jobs, workers, "rendering benchmark images", progress)
     manifest = artifact_manifest("shapes_cir_benchmark", asdict(config), config.seed, format="CIRR rc2", splits=counts)
     write_json_atomic(root / "manifest.json", manifest)
     return manifest

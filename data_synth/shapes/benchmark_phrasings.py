@@ -13,6 +13,8 @@ import random
 
 from data_synth.shapes.captions import SIZE_WORDS, definite_words
 from data_synth.shapes.edits import AnyEdit, CompositeEdit, Edit, apply_edit
+from data_synth.shapes.instructions import Phrasing, open_slots
+from data_synth.shapes.open_edits import AnyOpenEdit, OpenComposite
 from data_synth.shapes.scene import Scene, SceneObject, distinguishing_attributes, position_name
 
 # Slots: {obj} a referring expression ("the red star"), {colour},
@@ -69,6 +71,15 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "get {obj} out of the picture",
     ),
 }
+# Open edits (``open_edits.py``), slots as in ``instructions.OPEN_TEMPLATES``; the issue's own examples are here.
+OPEN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "recolour_any": ("give {obj} another colour", "{obj} is some other colour now", "any colour but its own for {obj}"),
+    "reshape_any": ("give {obj} another shape", "{obj} is some other shape now", "turn {obj} into any other shape"),
+    "resize_one_of:large": ("make one of the {group} bigger", "any one of the {group} is bigger now"),
+    "resize_one_of:small": ("make one of the {group} smaller", "any one of the {group} is smaller now"),
+    "add_anywhere": ("add {kind} somewhere", "{kind} goes in any free cell", "there is {kind} somewhere now"),
+    "move_to_region": ("move {obj} to any {region}", "{obj} ends up in any {region}", "let {obj} go to some free {region}"),
+}
 # Composite edits: "{a}<joiner>{b}".
 JOINERS: tuple[str, ...] = ("; ", ", as well as ", ", besides ", " - ")
 BENCHMARK_KINDS: tuple[str, ...] = ("recolour", "resize", "move", "add", "remove", "replace_shape")
@@ -76,7 +87,7 @@ BENCHMARK_KINDS: tuple[str, ...] = ("recolour", "resize", "move", "add", "remove
 
 def benchmark_templates() -> list[str]:
     """Every benchmark phrasing, for disjointness checks against the training templates."""
-    singles = [t for templates in TEMPLATES.values() for t in templates]
+    singles = [t for templates in (*TEMPLATES.values(), *OPEN_TEMPLATES.values()) for t in templates]
     return singles + [f"{{a}}{joiner}{{b}}" for joiner in JOINERS]
 
 
@@ -118,3 +129,17 @@ def describe_edit_benchmark(scene: Scene, edit: AnyEdit, rng: random.Random) -> 
         second = _describe_single(apply_edit(scene, edit.first), edit.second, rng)
         return f"{first}{rng.choice(JOINERS)}{second}"
     return _describe_single(scene, edit, rng)
+
+
+def describe_open_edit_benchmark(scene: Scene, edit: AnyOpenEdit, rng: random.Random) -> str:
+    """The benchmark's wording of an open edit (a composite: the closed part, a joiner, the open part worded
+    in the scene after the closed one)."""
+    if isinstance(edit, OpenComposite):
+        closed = _describe_single(scene, edit.closed, rng)
+        return f"{closed}{rng.choice(JOINERS)}{describe_open_edit_benchmark(apply_edit(scene, edit.closed), edit.open, rng)}"
+    key, slots = open_slots(scene, edit, refer, rng)
+    return rng.choice(OPEN_TEMPLATES[key]).format(**slots)
+
+
+BENCHMARK_PHRASING = Phrasing({**TEMPLATES, **OPEN_TEMPLATES}, [("", joiner) for joiner in JOINERS])
+"""The benchmark's phrasing as a grammar: reads its instructions back (``instructions.open_instruction_matches``)."""

@@ -12,10 +12,7 @@ training scenes) cannot be exact. The caption it writes is ``canonical_caption``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,9 +34,7 @@ from data_synth.shapes.scene import BACKGROUNDS, COLOURS, GRID, MAX_OBJECTS, SHA
 from fusion_diff.captioning.base import Captioner
 from fusion_diff.embedding.base import ImageInput
 from fusion_diff.errors import MissingFileError
-from fusion_diff.utils.io import artifact_manifest, write_json_atomic
 
-MANIFEST_FILE = "manifest.json"
 DEFAULT_STEPS = 800  # batch 128 on the 20k-pair set: 96.9% exact captions of held-out scenes (1,500 steps: 99.1%)
 
 _COLOURS = tuple(COLOURS)
@@ -249,31 +244,14 @@ def build_scene_captioner(
 ) -> Path:
     """Train a ``SceneParser`` on a pair set's images and scene graphs into ``out_dir`` (``save_pretrained``).
 
-    Cached: a folder whose manifest names the same pair set (its manifest), steps and seed is reused; any
-    other is replaced. The weights land in a temporary folder renamed into place, so an interrupted run
-    leaves nothing half-written.
+    Cached (``pairs.build_from_pair_set``): a folder whose manifest names the same pair set (its manifest),
+    steps and seed is reused; any other is replaced. The weights land in a temporary folder renamed into
+    place, so an interrupted run leaves nothing half-written.
     """
-    from data_synth.shapes.pairs import MANIFEST_FILE as PAIRS_MANIFEST
-    from data_synth.shapes.pairs import read_pair_set
+    from data_synth.shapes.pairs import build_from_pair_set
 
-    out = Path(out_dir)
-    pairs_manifest = Path(pair_dir) / PAIRS_MANIFEST
-    if not pairs_manifest.is_file():
-        raise MissingFileError(f"Scene captioner: {pair_dir} is not a finished pair set ({PAIRS_MANIFEST} missing).")
-    pair_set = {k: v for k, v in json.loads(pairs_manifest.read_text(encoding="utf-8")).items() if k != "created"}
-    config = {"steps": steps, "seed": seed, "pair_set": pair_set}
-    manifest = out / MANIFEST_FILE
-    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8"))["config"] == config:
-        return out
-    records = read_pair_set(pair_dir)
-    parser = train_scene_parser([r.image for r in records], [r.scene for r in records], steps=steps, seed=seed, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        parser.save_pretrained(tmp)
-        write_json_atomic(tmp / MANIFEST_FILE, artifact_manifest("shapes_scene_captioner", config, seed, pairs=len(records)))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    def write(records, folder: Path) -> None:
+        parser = train_scene_parser([r.image for r in records], [r.scene for r in records], steps=steps, seed=seed, progress=progress)
+        parser.save_pretrained(folder)
+
+    return build_from_pair_set(pair_dir, out_dir, "shapes_scene_captioner", {"steps": steps, "seed": seed}, seed, write)

@@ -94,7 +94,7 @@ class Edit:
         return frozenset(self.objects)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "objects": [_object_to_dict(o) for o in self.objects], "value": _value_to_json(self.value)}
+        return {"kind": self.kind, "objects": [object_to_dict(o) for o in self.objects], "value": _value_to_json(self.value)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,23 +130,23 @@ def edit_from_dict(data: dict[str, Any]) -> AnyEdit:
     if data["kind"] == "composite":
         first, second = (edit_from_dict(d) for d in data["edits"])
         return CompositeEdit(first, second)  # type: ignore[arg-type]
-    objects = tuple(_object_from_dict(o) for o in data["objects"])
+    objects = tuple(object_from_dict(o) for o in data["objects"])
     return Edit(data["kind"], objects, _value_from_json(data["kind"], data["value"]))
 
 
-def _object_to_dict(o: SceneObject) -> dict[str, Any]:
+def object_to_dict(o: SceneObject) -> dict[str, Any]:
     return {"shape": o.shape, "colour": o.colour, "size": o.size, "position": list(o.position)}
 
 
-def _object_from_dict(d: dict[str, Any]) -> SceneObject:
+def object_from_dict(d: dict[str, Any]) -> SceneObject:
     return SceneObject(position=tuple(d["position"]), shape=d["shape"], colour=d["colour"], size=d["size"])
 
 
 def _value_to_json(value: EditValue) -> Any:
     if isinstance(value, SceneObject):
-        return _object_to_dict(value)
+        return object_to_dict(value)
     if isinstance(value, tuple) and value and isinstance(value[0], SceneObject):
-        return [_object_to_dict(o) for o in value]
+        return [object_to_dict(o) for o in value]
     if isinstance(value, tuple):
         return list(value)
     return value
@@ -154,9 +154,9 @@ def _value_to_json(value: EditValue) -> Any:
 
 def _value_from_json(kind: str, value: Any) -> EditValue:
     if kind == "add":
-        return _object_from_dict(value)
+        return object_from_dict(value)
     if kind == "change_count":
-        return tuple(_object_from_dict(o) for o in value)
+        return tuple(object_from_dict(o) for o in value)
     if kind == "move":
         return tuple(value)
     return value
@@ -230,14 +230,24 @@ def _sample_composite(scene: Scene, rng: random.Random, kinds: Sequence[str]) ->
     first = _sample_single(scene, rng, kinds)
     if first is None:
         return None
+    second = _sample_single(apply_edit(scene, first), rng, kinds)
+    return None if second is None else make_composite(scene, first, second)
+
+
+def make_composite(scene: Scene, first: Edit, second: Edit) -> CompositeEdit | None:
+    """``first`` then ``second`` (an edit of the scene after ``first``) as a composite, or None when it is not
+    a real one: ``second`` touches what ``first`` changed or added, or the result is reachable in one edit
+    (e.g. add + remove = move) or is the scene itself."""
     middle = apply_edit(scene, first)
     changed = first.touched() | (frozenset(middle.objects) - frozenset(scene.objects))
-    second = _sample_single(middle, rng, kinds)
-    if second is None or second.touched() & changed:
+    if second.touched() & changed:
         return None
-    result = apply_edit(middle, second)
+    try:
+        result = apply_edit(middle, second)
+    except ValueError:  # the second edit does not fit the scene after the first
+        return None
     if result == scene or _explain_single(scene, result) is not None:
-        return None  # reachable in one edit (e.g. add + remove = move): not a real composite
+        return None
     return CompositeEdit(first, second)
 
 

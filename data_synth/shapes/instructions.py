@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from data_synth.shapes.captions import SIZE_WORDS, definite_words
 from data_synth.shapes.edits import AnyEdit, CompositeEdit, Edit, apply_edit
+from data_synth.shapes.open_edits import AnyOpenEdit, OpenComposite, OpenEdit
 from data_synth.shapes.scene import (
     COLOURS,
     GRID,
@@ -126,6 +127,47 @@ CONNECTIVES: tuple[tuple[str, str], ...] = (
     ("", ", after that "),
     ("", " plus "),
 )
+# Open edits (``open_edits.py``): several targets are right. Extra slots: {group} "squares" / "red squares",
+# {kind} "a blue star" (no size: any size is right), {region} a phrase of ``REGION_WORDS``.
+OPEN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "recolour_any": (
+        "make {obj} a different colour",
+        "change the colour of {obj} to something else",
+        "recolour {obj} any way you like",
+    ),
+    "reshape_any": (
+        "make {obj} a different shape",
+        "replace {obj} with some other shape",
+        "change the shape of {obj} to something else",
+    ),
+    "resize_one_of:large": (
+        "enlarge one of the {group}",
+        "one of the {group} should be big",
+        "scale up one of the {group}",
+    ),
+    "resize_one_of:small": (
+        "shrink one of the {group}",
+        "one of the {group} should be small",
+        "scale down one of the {group}",
+    ),
+    "add_anywhere": (
+        "put {kind} in any free cell",
+        "insert {kind} anywhere",
+        "there should also be {kind} somewhere",
+    ),
+    "move_to_region": (
+        "put {obj} in some {region}",
+        "move {obj} into a free {region}",
+        "{obj} should go to some {region}",
+    ),
+}
+REGION_WORDS: dict[str, str] = {
+    "corner": "corner",
+    "left": "cell on the left",
+    "right": "cell on the right",
+    "top": "cell in the top row",
+    "bottom": "cell in the bottom row",
+}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 CENTER_WORDS = ("center", "middle")
 PREPOSITIONS = {"corner": ("in", "at"), "edge": ("on", "at")}  # "in the top left", "on the right"
@@ -136,8 +178,8 @@ EXTRA_ATTRIBUTE_PROBABILITY = 0.3  # referring expressions sometimes name more t
 
 
 def training_templates() -> list[str]:
-    """Every training phrasing (single-edit templates and composite connectives), for disjointness checks."""
-    singles = [t for templates in TEMPLATES.values() for t in templates]
+    """Every training phrasing (single-edit templates, open ones, composite connectives), for disjointness checks."""
+    singles = [t for templates in (*TEMPLATES.values(), *OPEN_TEMPLATES.values()) for t in templates]
     return singles + [f"{prefix}{{a}}{sep}{{b}}" for prefix, sep in CONNECTIVES]
 
 
@@ -150,6 +192,35 @@ def describe_edit(scene: Scene, edit: AnyEdit, rng: random.Random) -> str:
         return f"{prefix}{first}{sep}{second}"
     key, slots = _slots(scene, edit, rng)
     return rng.choice(TEMPLATES[key]).format(**slots)
+
+
+def describe_open_edit(scene: Scene, edit: AnyOpenEdit, rng: random.Random) -> str:
+    """A training instruction for an open edit (a composite: its closed part first, then the open one)."""
+    if isinstance(edit, OpenComposite):
+        closed = describe_edit(scene, edit.closed, rng)
+        prefix, sep = rng.choice(CONNECTIVES)
+        return f"{prefix}{closed}{sep}{describe_open_edit(apply_edit(scene, edit.closed), edit.open, rng)}"
+    key, slots = open_slots(scene, edit, refer, rng)
+    return rng.choice(OPEN_TEMPLATES[key]).format(**slots)
+
+
+def open_slots(
+    scene: Scene, edit: OpenEdit, refer_to: Callable[[Scene, SceneObject, random.Random], str], rng: random.Random
+) -> tuple[str, dict[str, str]]:
+    """The template key and slots of an open edit (``refer_to(scene, obj, rng)`` names one object); shared by
+    the training and benchmark phrasings, whose templates differ."""
+    if edit.kind == "add_anywhere":
+        colour, shape = edit.value
+        return edit.kind, {"kind": f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"}
+    if edit.kind == "resize_one_of":
+        shape = edit.objects[0].shape
+        whole = len(edit.objects) == sum(o.shape == shape for o in scene.objects)
+        group = _plural(shape) if whole else f"{edit.objects[0].colour} {_plural(shape)}"
+        return f"resize_one_of:{edit.value}", {"group": group}
+    slots = {"obj": refer_to(scene, edit.objects[0], rng)}
+    if edit.kind == "move_to_region":
+        slots["region"] = REGION_WORDS[edit.value]
+    return edit.kind, slots
 
 
 def refer(scene: Scene, obj: SceneObject, rng: random.Random) -> str:
@@ -250,6 +321,9 @@ _SLOT_PATTERNS = {
     "things": rf"(?:{_COLOURS}) (?:{_SHAPES})(?:e?s)?",
     "n": _NUMBERS,
     "k": _NUMBERS,
+    "group": rf"(?:(?:{_COLOURS}) )?(?:{_alternatives(_plural(s) for s in SHAPES)})",
+    "kind": rf"an? (?:{_COLOURS}) (?:{_SHAPES})",
+    "region": _alternatives(REGION_WORDS.values()),
 }
 _REF_PARTS = re.compile(
     rf"the (?:(?P<size>{_SIZES}) )?(?:(?P<colour>{_COLOURS}) )?(?P<shape>{_SHAPES})"
@@ -304,7 +378,7 @@ class Phrasing:
                 yield body[: m.start()], body[m.end() :]
 
 
-TRAINING_PHRASING = Phrasing(TEMPLATES, CONNECTIVES)
+TRAINING_PHRASING = Phrasing({**TEMPLATES, **OPEN_TEMPLATES}, CONNECTIVES)
 
 
 def parse_instruction(text: str) -> list[tuple[ParsedEdit, ...]]:
@@ -340,7 +414,8 @@ def _cell_matches(cell: tuple[int, int], words: str) -> bool:
     return words == name or (name == "center" and words in CENTER_WORDS)
 
 
-def _parsed_matches(scene: Scene, parsed: ParsedEdit, edit: Edit) -> bool:
+def parsed_matches(scene: Scene, parsed: ParsedEdit, edit: Edit) -> bool:
+    """Whether one parsed single-edit reading describes exactly the closed ``edit`` of ``scene``."""
     kind, _, variant = parsed.key.partition(":")
     if kind != edit.kind:
         return False
@@ -379,6 +454,42 @@ def instruction_matches_edit(text: str, scene: Scene, edit: AnyEdit) -> bool:
     parts = edit.parts if isinstance(edit, CompositeEdit) else (edit,)
     scenes = [scene] if len(parts) == 1 else [scene, apply_edit(scene, parts[0])]
     return any(
-        len(reading) == len(parts) and all(_parsed_matches(s, p, e) for s, p, e in zip(scenes, reading, parts))
+        len(reading) == len(parts) and all(parsed_matches(s, p, e) for s, p, e in zip(scenes, reading, parts))
         for reading in parse_instruction(text)
     )
+
+
+def open_from_reading(scene: Scene, parsed: ParsedEdit) -> OpenEdit | None:
+    """The open edit of ``scene`` that a parsed reading states (objects resolved uniquely), else None."""
+    kind, _, variant = parsed.key.partition(":")
+    slots = dict(parsed.slots)
+    if kind == "add_anywhere":
+        _, colour, shape = slots["kind"].split()
+        return OpenEdit(kind, (), (colour, shape))
+    if kind == "resize_one_of":
+        *colour, plural = slots["group"].split()
+        shape = next(s for s in SHAPES if _plural(s) == plural)
+        group = tuple(o for o in scene.objects if o.shape == shape and (not colour or o.colour == colour[0]))
+        return OpenEdit(kind, group, variant) if len(group) > 1 else None
+    if kind not in ("recolour_any", "reshape_any", "move_to_region"):
+        return None
+    obj = resolve(scene, slots["obj"])
+    if obj is None:
+        return None
+    region = next((r for r, words in REGION_WORDS.items() if words == slots.get("region")), None)
+    return OpenEdit(kind, (obj,), region)
+
+
+def open_instruction_matches(text: str, scene: Scene, edit: AnyOpenEdit, phrasing: Phrasing = TRAINING_PHRASING) -> bool:
+    """True if some reading of ``text`` in ``phrasing`` states exactly the open ``edit`` of ``scene``."""
+    for reading in phrasing.parse(text):
+        if isinstance(edit, OpenEdit) and len(reading) == 1 and open_from_reading(scene, reading[0]) == edit:
+            return True
+        if (
+            isinstance(edit, OpenComposite)
+            and len(reading) == 2
+            and parsed_matches(scene, reading[0], edit.closed)
+            and open_from_reading(apply_edit(scene, edit.closed), reading[1]) == edit.open
+        ):
+            return True
+    return False

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,3 +198,42 @@ def embed_pair_set(
 
 def _embed_pairs(embedder: JointEmbedder, pairs: Sequence[tuple[Path, str]]) -> torch.Tensor:
     return embedder.embed_pairs([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def build_from_pair_set(
+    pair_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kind: str,
+    config: dict[str, Any],
+    seed: int,
+    write: Callable[[list[PairRecord], Path], None],
+) -> Path:
+    """A model trained on a pair set, as a cached folder: ``write(records, folder)`` fills ``folder``.
+
+    The folder's manifest names the pair set (its manifest) and ``config``: a folder made from the same
+    pair set with the same config is reused, any other is replaced. ``write`` works in a temporary folder
+    renamed into place, so an interrupted run leaves nothing half-written.
+    """
+    out = Path(out_dir)
+    pairs_manifest = Path(pair_dir) / MANIFEST_FILE
+    if not pairs_manifest.is_file():
+        raise MissingFileError(
+            f"{kind}: {pair_dir} is not a finished pair set ({MANIFEST_FILE} missing). "
+            "Write one with `fusion-diff world pairs --out DIR`."
+        )
+    pair_set = {k: v for k, v in read_json(pairs_manifest, "pair set manifest").items() if k != "created"}
+    config = {**config, "pair_set": pair_set}
+    manifest = out / MANIFEST_FILE
+    if manifest.is_file() and read_json(manifest, f"{kind} manifest").get("config") == config:
+        return out
+    records = read_pair_set(pair_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(records, tmp)
+        write_json_atomic(tmp / MANIFEST_FILE, artifact_manifest(kind, config, seed, pairs=len(records)))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

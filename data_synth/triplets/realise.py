@@ -43,13 +43,15 @@ if TYPE_CHECKING:  # torch is imported where it runs: `fusion-diff synth --help`
 
 GENERATOR = "data_synth.triplets.realise"
 GENERATOR_VERSION = "1"
+# 512 px like InstructPix2Pix (an SD 1.5 fine-tune); the hub ids checked, and when, are in the README.
+DEFAULT_TEXT_TO_IMAGE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 @dataclass(frozen=True)
 class RealiseConfig:
     """Models and thresholds of the realisation; stored in the manifest."""
 
-    text_to_image_model: str = "stabilityai/stable-diffusion-2-1-base"
+    text_to_image_model: str = DEFAULT_TEXT_TO_IMAGE
     edit_model: str = "timbrooks/instruct-pix2pix"
     filter_embedder: dict[str, Any] = field(
         default_factory=lambda: {"backend": "openclip", "model_name": "ViT-L-14", "pretrained": "openai"}

@@ -4,6 +4,10 @@ Reference and target are both training scenes (never ``Scene.is_heldout()``), so
 reaches training; instructions use the training phrasings of ``instructions.py`` only. Every item is
 generated from its own seed (dataset seed, item index), which makes the set deterministic under a
 seed whatever the number of workers, and lets a build resume shard by shard.
+
+With ``open_probability`` > 0 a share of the items carries an *open* instruction ("give the circle
+another colour", ``open_edits.py``) whose target is one of its right answers, drawn at random: stage 2
+then sees that such an instruction has a distribution of targets, as the open-edit benchmark scores.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 
 from data_synth.shapes.captions import caption_scene
 from data_synth.shapes.edits import ALL_KINDS, COMPOSITE_PROBABILITY, apply_edit, sample_edit
-from data_synth.shapes.instructions import describe_edit
+from data_synth.shapes.instructions import describe_edit, describe_open_edit
+from data_synth.shapes.open_edits import OPEN_KINDS, sample_open_edit
 from data_synth.shapes.render import render
 from data_synth.shapes.scene import MAX_OBJECTS, Scene, sample_scene_in_split
 from data_synth.triplets.format import (
@@ -45,6 +50,7 @@ class ShapesTripletConfig:
     composite_probability: float = COMPOSITE_PROBABILITY
     min_objects: int = 1
     max_objects: int = MAX_OBJECTS
+    open_probability: float = 0.0  # share of items with an open instruction (target: one right answer)
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(ALL_KINDS)
@@ -54,10 +60,14 @@ class ShapesTripletConfig:
             raise ConfigError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {self.min_objects}, {self.max_objects}.")
         if self.image_size < 8:
             raise ConfigError(f"image_size must be at least 8 pixels, got {self.image_size}.")
+        if not 0.0 <= self.open_probability <= 1.0:
+            raise ConfigError(f"open_probability must be in [0, 1], got {self.open_probability}.")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["kinds"] = list(self.kinds)
+        if not self.open_probability:  # sets built before open edits existed keep their identity
+            del data["open_probability"]
         return data
 
 
@@ -69,11 +79,21 @@ def item_rng(seed: int, index: int) -> random.Random:
 def make_triplet_record(seed: int, index: int, config: ShapesTripletConfig) -> tuple[dict[str, Any], Scene, Scene]:
     """(record, reference scene, target scene) of item ``index``; both scenes are training scenes."""
     rng = item_rng(seed, index)
+    is_open = config.open_probability > 0 and rng.random() < config.open_probability  # no draw when off: old sets stay
     while True:
         reference = sample_scene_in_split(rng, heldout=False, min_objects=config.min_objects, max_objects=config.max_objects)
-        edit = sample_edit(reference, rng, config.kinds, config.allow_composite, config.composite_probability)
-        if edit is None:
-            continue
+        if is_open:
+            composite = config.allow_composite and rng.random() < config.composite_probability
+            open_edit = sample_open_edit(reference, rng, OPEN_KINDS, config.kinds if composite else None)
+            right = [] if open_edit is None else open_edit.realisations(reference)
+            right = [e for e in right if not apply_edit(reference, e).is_heldout()]
+            if not right:
+                continue
+            edit = rng.choice(right)
+        else:
+            edit = sample_edit(reference, rng, config.kinds, config.allow_composite, config.composite_probability)
+            if edit is None:
+                continue
         target = apply_edit(reference, edit)
         if not target.is_heldout():
             break
@@ -81,14 +101,16 @@ def make_triplet_record(seed: int, index: int, config: ShapesTripletConfig) -> t
         "id": f"{index:09d}",
         "source": "shapes",
         "reference_caption": caption_scene(reference, rng),
-        "instruction": describe_edit(reference, edit, rng),
+        "instruction": describe_open_edit(reference, open_edit, rng) if is_open else describe_edit(reference, edit, rng),
         "target_caption": caption_scene(target, rng),
-        "edit": edit.to_dict(),
-        "edit_label": edit.kind,  # "recolour", or "composite:recolour+move"
+        "edit": edit.to_dict(),  # an open instruction: the right answer this target realises
+        "edit_label": open_edit.kind if is_open else edit.kind,  # "recolour", "composite:recolour+move", "recolour_any"
         "reference_scene": reference.to_dict(),
         "target_scene": target.to_dict(),
         "render_seeds": [rng.getrandbits(63), rng.getrandbits(63)],
     }
+    if is_open:
+        record["open_edit"] = open_edit.to_dict()
     return record, reference, target
 
 

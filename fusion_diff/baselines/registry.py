@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fusion_diff.errors import ConfigError, MissingFileError
 
 if TYPE_CHECKING:  # torch: imported when a method is built, not when the CLI lists the names
+    from fusion_diff.embedding.base import JointEmbedder
     from fusion_diff.retrieval.method import RetrievalMethod
 
 # name -> ("module:attribute[.attribute]", what the query is)
@@ -66,35 +67,54 @@ def method_factory(name: str) -> Callable[..., RetrievalMethod]:
     return factory
 
 
-def load_pipeline(path: str | os.PathLike, sampler: str | None = None) -> Any:
-    """A saved ``FusionDiffPipeline`` (``save_pretrained`` folder), optionally with another sampler."""
+def load_pipeline(path: str | os.PathLike, sampler: str | None = None, embedder: JointEmbedder | None = None) -> Any:
+    """A saved ``FusionDiffPipeline`` (``save_pretrained`` folder), optionally with another sampler; with
+    ``embedder``, refused unless the prior was trained on that backbone."""
     if not Path(path).is_dir():
         raise MissingFileError(
             f"Fusion-Diff pipeline folder not found: {path}. Train one (fusion-diff train ...) or fix the path."
         )
     from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
 
-    pipeline = FusionDiffPipeline.from_pretrained(path)
+    pipeline = FusionDiffPipeline.from_pretrained(path, embedder=embedder)
     if sampler:
         pipeline.set_sampler(sampler)
     return pipeline
 
 
-def create_method(name: str, /, **options: Any) -> RetrievalMethod:
+def method_options(name: str) -> set[str] | None:
+    """The option names method ``name`` takes (its constructor's keyword arguments, plus ``sampler`` for the
+    sampling methods); None when it takes any."""
+    parameters = inspect.signature(method_factory(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters) | ({"sampler"} if name in PIPELINE_METHODS else set())
+
+
+def create_method(name: str, /, *, embedder: JointEmbedder | None = None, **options: Any) -> RetrievalMethod:
     """Build method ``name`` with ``options`` (its constructor's keyword arguments); unknown options fail, named.
 
     Sampling methods (``fusion-diff``, ``emb2emb``) also accept ``pipeline`` as a folder path and a
-    ``sampler`` name (``ddim``, ``dpm++``, ...), which are loaded and applied here.
+    ``sampler`` name (``ddim``, ``dpm++``, ...), which are loaded and applied here; with ``embedder`` (the
+    backbone it will be evaluated with) a pipeline whose prior was trained on another backbone is refused now,
+    before anything is embedded.
     """
-    factory = method_factory(name)
-    if name in PIPELINE_METHODS and isinstance(options.get("pipeline"), (str, os.PathLike)):
-        options["pipeline"] = load_pipeline(options["pipeline"], options.pop("sampler", None))
-    parameters = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        unknown = sorted(set(options) - set(parameters))
-        if unknown:
-            raise ConfigError(f"Method {name!r} does not take option(s) {unknown}; it takes {sorted(parameters)}.")
-    method = factory(**options)
+    accepted = method_options(name)
+    unknown = sorted(set(options) - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(f"Method {name!r} does not take option(s) {unknown}; it takes {sorted(accepted)}.")
+    if name in PIPELINE_METHODS and options.get("pipeline") is not None:
+        pipeline, sampler = options["pipeline"], options.pop("sampler", None)
+        if isinstance(pipeline, (str, os.PathLike)):
+            pipeline = load_pipeline(pipeline, sampler, embedder)
+        elif sampler:
+            raise ConfigError(
+                f"{name}: `sampler` applies to a pipeline folder; call pipeline.set_sampler({sampler!r}) instead."
+            )
+        elif embedder is not None:
+            pipeline.bind_embedder(embedder)
+        options["pipeline"] = pipeline
+    method = method_factory(name)(**options)
     from fusion_diff.retrieval.method import RetrievalMethod
 
     if not isinstance(method, RetrievalMethod):

@@ -4,7 +4,7 @@ from fusion_diff.benchmarks.circo import load_circo
 from fusion_diff.benchmarks.cirr import load_cirr
 from fusion_diff.benchmarks.fashioniq import CATEGORIES, load_fashioniq
 from fusion_diff.benchmarks.loader import load_benchmark
-from fusion_diff.benchmarks.shapes import load_oracle_captions, load_shapes, oracle_captions_path
+from fusion_diff.benchmarks.shapes import load_oracle_captions, load_shapes, load_shapes_open, oracle_captions_path
 from fusion_diff.benchmarks.submission import circo_submission, cirr_submission, validate_submission, write_submission
 from fusion_diff.benchmarks.types import BENCHMARKS, BenchmarkData, CompositionQuery
 
@@ -21,6 +21,7 @@ __all__ = [
     "load_fashioniq",
     "load_oracle_captions",
     "load_shapes",
+    "load_shapes_open",
     "oracle_captions_path",
     "validate_submission",
     "write_submission",

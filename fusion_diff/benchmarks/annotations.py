@@ -8,7 +8,14 @@ from typing import Any
 from fusion_diff.errors import DataError, MissingFileError
 from fusion_diff.utils.io import read_json
 
-TITLES = {"cirr": "CIRR", "fashioniq": "FashionIQ", "circo": "CIRCO", "shapes": "shapes-world"}
+TITLES = {
+    "cirr": "CIRR",
+    "fashioniq": "FashionIQ",
+    "circo": "CIRCO",
+    "shapes": "shapes-world",
+    "shapes-open": "shapes-world open-edit",
+}
+FILE_FORMATS = {"shapes": "cirr", "shapes-open": "circo"}  # benchmarks written in another one's file format
 
 # Files whose presence identifies a benchmark's folder (relative to the folder given as --root).
 _SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -21,7 +28,7 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
 def sniff_benchmark(entries: Any) -> str | None:
     """Which benchmark's query schema a parsed caption/annotation file follows (None when unknown).
 
-    The shapes world writes CIRR's schema, so it reads as ``"cirr"``.
+    The shapes world writes CIRR's and CIRCO's schemas, so its files read as ``"cirr"`` / ``"circo"``.
     """
     if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
         return None
@@ -50,7 +57,7 @@ def require_file(path: Path, benchmark: str, root: Path, what: str) -> Path:
     other = guess_root_benchmark(root)
     hint = (
         f" {root} looks like a {TITLES[other]} folder: use --benchmark {other}."
-        if other and other != ("cirr" if benchmark == "shapes" else benchmark)
+        if other and other != FILE_FORMATS.get(benchmark, benchmark)
         else f" Point --root at the {TITLES[benchmark]} folder (the one holding the official annotation files)."
     )
     raise MissingFileError(f"{TITLES[benchmark]} {what} not found: {path}.{hint}")
@@ -59,7 +66,7 @@ def require_file(path: Path, benchmark: str, root: Path, what: str) -> Path:
 def read_queries_file(path: Path, benchmark: str, what: str) -> list[dict[str, Any]]:
     """The list of query records in an official annotation file, checked to be ``benchmark``'s schema."""
     entries = read_json(path, f"{TITLES[benchmark]} {what}")
-    expected = "cirr" if benchmark == "shapes" else benchmark
+    expected = FILE_FORMATS.get(benchmark, benchmark)
     found = sniff_benchmark(entries)
     if found != expected:
         kind = f"a {TITLES[found]} annotation file" if found else "not an annotation file of any known benchmark"

@@ -11,13 +11,15 @@ The gallery (~123k images) comes from a configurable source: ``"coco-info"`` (th
 file), ``"folder"`` (every ``.jpg`` in the image folder) or a file listing image ids (JSON list or
 one id per line); ``"auto"`` takes the info file when present, else the folder. The reference stays
 in the ranking, as in the official evaluation code. Every ground truth must be in the gallery.
+A benchmark written in CIRCO's format (the shapes world's open-edit benchmark, ``benchmark="shapes-open"``)
+loads the same way; its test split may carry ground truths.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fusion_diff.benchmarks.annotations import check_split, read_queries_file, require_file
+from fusion_diff.benchmarks.annotations import TITLES, check_split, read_queries_file, require_file
 from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery, check_images, dataset_key
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import read_json
@@ -38,15 +40,18 @@ def load_circo(
     gallery: str | Path = "auto",
     image_root: str | Path | None = None,
     allow_missing: bool = False,
+    benchmark: str = "circo",
 ) -> BenchmarkData:
-    """Load a CIRCO split; ``gallery`` picks the gallery source (see the module docstring)."""
+    """Load a CIRCO-format split; ``gallery`` picks the gallery source (see the module docstring)."""
     root = Path(root)
+    title = TITLES[benchmark]
     if split not in _SPLITS:
-        raise DataError(f"unknown CIRCO split {split!r}: use val or test.")
-    annotations_path = require_file(root / "annotations" / f"{split}.json", "circo", root, f"{split} annotation file")
-    entries = read_queries_file(annotations_path, "circo", "annotation file")
+        raise DataError(f"unknown {title} split {split!r}: use val or test.")
+    annotations_path = require_file(root / "annotations" / f"{split}.json", benchmark, root, f"{split} annotation file")
+    entries = read_queries_file(annotations_path, benchmark, "annotation file")
     has_targets = all("gt_img_ids" in e for e in entries)
-    check_split(annotations_path, "circo", split, has_targets, expect_targets=split == "val")
+    if benchmark == "circo":  # the real CIRCO's test split has no ground truths; a synthetic one may have them
+        check_split(annotations_path, benchmark, split, has_targets, expect_targets=split == "val")
     try:
         queries = [
             CompositionQuery(
@@ -68,16 +73,16 @@ def load_circo(
     outside = sorted({i for q in queries for i in q.positives} - image_paths.keys())
     if outside and not allow_missing:
         raise DataError(
-            f"the CIRCO gallery ({source}) lacks {len(outside)} ground-truth images of {annotations_path} "
+            f"the {title} gallery ({source}) lacks {len(outside)} ground-truth images of {annotations_path} "
             f"(first: {outside[:3]}). Fix: use the full COCO 2017 unlabeled gallery, or allow_missing=True."
         )
     checked = {**image_paths, **{q.reference: image_root / coco_file_name(q.reference) for q in queries}}
     missing = check_images(
-        checked, f"CIRCO {split}", allow_missing, fix=f"put the COCO 2017 unlabeled images in {image_root}"
+        checked, f"{title} {split}", allow_missing, fix=f"put the COCO 2017 unlabeled images in {image_root}"
     )
     missing += sorted(set(outside) - set(missing))
     return BenchmarkData(
-        benchmark="circo",
+        benchmark=benchmark,
         split=split,
         queries=queries,
         gallery=gallery_ids,

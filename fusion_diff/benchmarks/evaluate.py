@@ -366,6 +366,7 @@ class Evaluator:
             "missing_images": sum(len(u.missing) for u in self.units),
             "queries_dropped": dropped,
             "queries_evaluated": sum(len(u.queries) for u in self.units) - dropped,
+            **self._target_coverage(),
         }
         if self.benchmark == "fashioniq":
             protocol["fashioniq_captions"] = FASHIONIQ_CAPTION_ORDERS[self.fiq_order]
@@ -374,6 +375,19 @@ class Evaluator:
             if self.circo_shared_concept:
                 protocol["circo_shared_concept_template"] = CIRCO_CONCEPT_TEMPLATE
         return protocol
+
+    def _target_coverage(self) -> dict[str, Any]:
+        """Evaluated queries that lost a ground truth to missing images, and the best score left to each metric
+        (FashionIQ: the mean over categories, as the averaged metrics are)."""
+        coverage = [unit.target_coverage() for unit in self.units]
+        lost = sum(c.get("queries_missing_targets", 0) for c in coverage)
+        if not lost:
+            return {}
+        best = {
+            name: sum(c.get("best_possible", {}).get(name, 100.0) for c in coverage) / len(coverage)
+            for name in dict.fromkeys(name for c in coverage for name in c.get("best_possible", {}))
+        }
+        return {"queries_missing_targets": lost, "best_possible": best}
 
 
 def evaluate(

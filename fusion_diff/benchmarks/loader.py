@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from fusion_diff.benchmarks.circo import load_circo
 from fusion_diff.benchmarks.cirr import load_cirr
 from fusion_diff.benchmarks.fashioniq import CATEGORIES, load_fashioniq
-from fusion_diff.benchmarks.shapes import load_shapes
+from fusion_diff.benchmarks.shapes import load_shapes, load_shapes_open
 from fusion_diff.benchmarks.types import BENCHMARKS, BenchmarkData
 from fusion_diff.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 def load_benchmark(
@@ -30,11 +33,19 @@ def load_benchmark(
     """
     common = {"image_root": image_root, "allow_missing": allow_missing}
     if benchmark == "cirr":
-        return [load_cirr(root, split, **common)]
-    if benchmark == "shapes":
-        return [load_shapes(root, split, phrasing=phrasing, **common)]
-    if benchmark == "fashioniq":
-        return load_fashioniq(root, split, categories=categories, **common)
-    if benchmark == "circo":
-        return [load_circo(root, split, gallery=circo_gallery, **common)]
-    raise DataError(f"unknown benchmark {benchmark!r}: use one of {list(BENCHMARKS)}.")
+        units = [load_cirr(root, split, **common)]
+    elif benchmark == "shapes":
+        units = [load_shapes(root, split, phrasing=phrasing, **common)]
+    elif benchmark == "fashioniq":
+        units = load_fashioniq(root, split, categories=categories, **common)
+    elif benchmark == "circo":
+        units = [load_circo(root, split, gallery=circo_gallery, **common)]
+    elif benchmark == "shapes-open":
+        units = [load_shapes_open(root, split, **common)]
+    else:
+        raise DataError(f"unknown benchmark {benchmark!r}: use one of {list(BENCHMARKS)}.")
+    for unit in units:  # what missing images cost, said now rather than discovered in the numbers
+        line = unit.describe_missing()
+        if line:
+            logger.warning(line)
+    return units

@@ -49,6 +49,9 @@ class EvalResult:
         parts.append(f"missing images {p['missing_images']}")
         if p.get("queries_dropped"):
             parts.append(f"queries dropped (reference missing) {p['queries_dropped']}")
+        if p.get("queries_missing_targets"):
+            best = ", ".join(f"{name} {value:.1f}%" for name, value in p["best_possible"].items())
+            parts.append(f"queries with a missing target {p['queries_missing_targets']} (best possible: {best})")
         method = {k: v for k, v in p["method"].items() if k not in ("method", "name")}
         return "; ".join(parts) + f"; method {self.method} {json.dumps(method, sort_keys=True, default=str)}"
 
@@ -57,12 +60,12 @@ def markdown_table(results: Sequence[EvalResult], digits: int = 2) -> str:
     """One row per result (columns: every metric, in first-seen order), then each row's protocol line."""
     columns = list(dict.fromkeys(name for result in results for name in result.metrics))
     lines = [
-        "| method | " + " | ".join(columns) + " |",
+        "| " + " | ".join(["method", *columns]) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for result in results:
         cells = [f"{result.metrics[c]:.{digits}f}" if c in result.metrics else "" for c in columns]
-        lines.append(f"| {result.method} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([result.method, *cells]) + " |")
     lines.append("")
     lines += [f"- **{result.method}**: {result.protocol_line()}" for result in results]
     return "\n".join(lines) + "\n"
@@ -76,3 +79,14 @@ def write_results(results: Sequence[EvalResult], out_dir: str | Path, stem: str)
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown_table(results), encoding="utf-8")
     return json_path, md_path
+
+
+def write_rankings(results: Sequence[EvalResult], out_dir: str | Path, stem: str) -> Path:
+    """``{stem}.rankings.json``: every result's ranked ids per query (top-50; CIRR group top-3 under
+    ``subset_rankings``), written atomically, so that no ranking is lost when a later step fails."""
+    path = Path(out_dir) / f"{stem}.rankings.json"
+    records = [
+        {"method": r.method, "rankings": r.rankings, "subset_rankings": r.subset_rankings} for r in results
+    ]
+    write_json_atomic(path, records, indent=None)
+    return path

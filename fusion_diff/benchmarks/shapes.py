@@ -4,6 +4,10 @@ Written by ``fusion-diff world benchmark --out DIR`` (``data_synth.shapes.benchm
 CIRR files it holds ``oracle/captions.{val,test1}.json`` ({image name: ground-truth caption}), read
 ONLY by the oracle rows, and ``captions_train_phrasing/cap.rc2.test1.json`` (the same test edits in
 the training generator's phrasing, for the phrasing-gap figure).
+
+The open-edit benchmark (``fusion-diff world benchmark-open``, ``data_synth.shapes.benchmark_open``) is
+written in CIRCO's format and read by the CIRCO loader as ``shapes-open``: several ground truths per query,
+mAP@K.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from fusion_diff.benchmarks.circo import load_circo
 from fusion_diff.benchmarks.cirr import annotation_dir, cirr_split, load_cirr
 from fusion_diff.benchmarks.report import EvalResult
 from fusion_diff.benchmarks.types import BenchmarkData
@@ -47,6 +52,15 @@ def load_shapes(
     return data
 
 
+def load_shapes_open(
+    root: str | Path, split: str = "test", *, image_root: str | Path | None = None, allow_missing: bool = False
+) -> BenchmarkData:
+    """Load a split of the open-edit benchmark through the CIRCO loader (gallery: its COCO-style info file)."""
+    return load_circo(
+        root, split, gallery="coco-info", image_root=image_root, allow_missing=allow_missing, benchmark="shapes-open"
+    )
+
+
 def oracle_captions_path(root: str | Path, split: str) -> Path:
     """``root/oracle/captions.{val,test1}.json`` (next to the CIRR-format files)."""
     return annotation_dir(Path(root)) / "oracle" / f"captions.{cirr_split(split)}.json"
@@ -60,8 +74,14 @@ def load_oracle_captions(path: str | Path) -> dict[str, str]:
     return captions
 
 
-def edit_kinds(root: str | Path, split: str) -> dict[str, str]:
-    """{query id: edit kind} from the benchmark's per-query metadata; two-edit queries are all "composite"."""
+def edit_kinds(root: str | Path, split: str, benchmark: str = "shapes") -> dict[str, str]:
+    """{query id: edit kind} from the benchmark's per-query metadata; two-edit queries are all "composite".
+
+    ``benchmark="shapes-open"`` reads the open-edit benchmark's (kinds such as ``recolour_any``)."""
+    if benchmark == "shapes-open":
+        from data_synth.shapes.benchmark_open import load_open_meta
+
+        return {str(m["id"]): m["kind"] for m in load_open_meta(root, split)}
     from data_synth.shapes.benchmark import load_meta  # the writer's own reader (imported late: no cycle)
 
     meta = load_meta(annotation_dir(Path(root)), cirr_split(split))
@@ -69,7 +89,8 @@ def edit_kinds(root: str | Path, split: str) -> dict[str, str]:
 
 
 def recall_at_1_by_kind(result: EvalResult, unit: BenchmarkData, kinds: dict[str, str]) -> dict[str, float]:
-    """R@1 (%) of ``result`` on ``unit`` per edit kind: where a method wins and loses against image-only."""
+    """R@1 (%) of ``result`` on ``unit`` per edit kind: where a method wins and loses against image-only
+    (with several ground truths: the share of queries whose first result is one of them)."""
     ranking = result.rankings[unit.name]
     hits: Counter[str] = Counter()
     totals: Counter[str] = Counter()

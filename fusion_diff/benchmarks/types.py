@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion_diff.benchmarks.metrics import CIRCO_KS
 from fusion_diff.errors import MissingFileError
 
-BENCHMARKS: tuple[str, ...] = ("cirr", "fashioniq", "circo", "shapes")
+BENCHMARKS: tuple[str, ...] = ("cirr", "fashioniq", "circo", "shapes", "shapes-open")
 MISSING_SHOWN = 10  # how many missing paths an error message lists
 
 
@@ -71,6 +72,36 @@ class BenchmarkData:
     def has_groups(self) -> bool:
         return bool(self.queries) and all(q.group for q in self.queries)
 
+    def evaluable_queries(self) -> list[CompositionQuery]:
+        """The queries whose reference image is there (the others are dropped and counted)."""
+        missing = set(self.missing)
+        return [q for q in self.queries if q.reference not in missing]
+
+    def target_coverage(self) -> dict[str, Any]:
+        """What missing ground-truth images take from the evaluable queries: how many lose a ground truth, and
+        the best score each metric can still reach (%). Empty without ground truth or when nothing is lost.
+
+        A query whose only target is missing is a certain miss, so recalls cannot exceed the share of
+        queries with their target; CIRCO's AP@K of a query is at most ``min(K, #present) / min(K, #gt)``.
+        """
+        missing = set(self.missing)
+        queries = self.evaluable_queries()
+        if not missing or not queries or not self.has_ground_truth:
+            return {}
+        present = [sum(p not in missing for p in q.positives) for q in queries]
+        lost = sum(n < len(q.positives) for n, q in zip(present, queries))
+        if not lost:
+            return {}
+        if self.benchmark == "circo":
+            totals = [len(q.positives) for q in queries]
+            best = {
+                f"mAP@{k}": 100 * sum(min(k, n) / min(k, t) for n, t in zip(present, totals)) / len(totals)
+                for k in CIRCO_KS
+            }
+        else:
+            best = {"recall": 100 * sum(n > 0 for n in present) / len(queries)}
+        return {"queries_missing_targets": lost, "queries_evaluable": len(queries), "best_possible": best}
+
     def summary(self) -> dict[str, Any]:
         """Counts for the result's protocol record."""
         return {
@@ -78,9 +109,28 @@ class BenchmarkData:
             "queries": len(self.queries),
             "gallery_size": len(self.gallery),
             "missing_images": len(self.missing),
+            **self.target_coverage(),
             "annotation_files": [str(p) for p in self.annotation_files],
             **self.protocol_extra,
         }
+
+    def describe_missing(self) -> str | None:
+        """One line on what missing images cost this split (None when nothing is missing)."""
+        if not self.missing:
+            return None
+        dropped = len(self.queries) - len(self.evaluable_queries())
+        line = (
+            f"{self.name}: {len(self.missing)} images missing; {dropped} of {len(self.queries)} queries dropped "
+            "(reference missing)"
+        )
+        coverage = self.target_coverage()
+        if coverage:
+            best = ", ".join(f"{name} {value:.1f}%" for name, value in coverage["best_possible"].items())
+            line += (
+                f"; {coverage['queries_missing_targets']} of the {coverage['queries_evaluable']} evaluated queries "
+                f"have a missing ground truth, so no method can exceed: {best}"
+            )
+        return line
 
 
 def check_images(

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from fusion_diff.captioning.base import Captioner, identity_digest
 from fusion_diff.captioning.retrieval import RetrievalCaptioner
-from fusion_diff.embedding.base import ImageInput
-from fusion_diff.utils.image_sources import batches_of, loaded_batches
+from fusion_diff.embedding.base import ImageInput, upgrade_identity
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.utils.image_sources import batches_of, loaded_batches
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir
 from fusion_diff.utils.sharding import SaveClock
@@ -47,8 +47,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def canonical_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """The identity as it reads back from JSON (tuples become lists, ...), so stored and live ones compare."""
-    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+    """The identity as it reads back from JSON (tuples become lists, ...), so stored and live ones compare,
+    in today's form (see ``upgrade_identity``)."""
+    return upgrade_identity(json.loads(json.dumps(identity, sort_keys=True, default=str)))
 
 
 def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -3,13 +3,17 @@
 This is what CIReVL and FTI4CIR use for real images. The model is loaded with the Auto classes
 (``AutoProcessor`` + ``AutoModelForImageTextToText``), so any image-text-to-text checkpoint whose
 processor takes ``images=`` (and an optional text prompt) works; generation settings are options
-and part of the captioner's identity.
+and part of the captioner's identity. A checkpoint's own ``generation_config.json`` sets the defaults it
+names (e.g. the shapes world's BLIP asks for captions long enough for four objects); the library's
+``DEFAULT_GENERATION`` fills the rest, and the ``generation`` argument overrides both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +39,8 @@ class GenerativeCaptioner(Captioner):
         prompt: optional text prefix for conditional captioning (e.g. "a photography of"); BLIP
             returns it as the start of the caption.
         num_candidates: captions kept per image (beam search's best ``num_candidates`` sequences).
-        generation: keyword arguments for ``model.generate`` (default: ``DEFAULT_GENERATION``).
+        generation: keyword arguments for ``model.generate`` (default: what the checkpoint's generation
+            config sets of ``DEFAULT_GENERATION``'s keys, else ``DEFAULT_GENERATION``).
     """
 
     def __init__(
@@ -59,10 +64,6 @@ class GenerativeCaptioner(Captioner):
         announce(f"captioner {self.model_id}", self.device, dtype)
         self.prompt = prompt
         self.num_candidates = num_candidates
-        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
-        if num_candidates > 1:
-            self.generation["num_return_sequences"] = num_candidates
-            self.generation["num_beams"] = max(int(self.generation.get("num_beams", 1)), num_candidates)
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_id)
             self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=DTYPES[dtype])
@@ -78,12 +79,20 @@ class GenerativeCaptioner(Captioner):
                 "Use a BLIP / BLIP-2 class captioning checkpoint."
             ) from err
         self.model.to(self.device).eval()
+        checkpoint = self.model.generation_config.to_diff_dict()  # only what the checkpoint sets itself
+        own = {k: checkpoint[k] for k in DEFAULT_GENERATION if k in checkpoint}
+        self.generation = {**DEFAULT_GENERATION, **own, **(generation or {})}
+        if num_candidates > 1:
+            self.generation["num_return_sequences"] = num_candidates
+            self.generation["num_beams"] = max(int(self.generation.get("num_beams", 1)), num_candidates)
+        self._weights = _folder_weights_digest(Path(self.model_id))
 
     @property
     def identity(self) -> dict[str, Any]:
         return {
             "type": "generative",
             "model": self.model_id,
+            **({"weights": self._weights} if self._weights else {}),
             "dtype": self.dtype,
             "prompt": self.prompt,
             "num_candidates": self.num_candidates,
@@ -119,3 +128,18 @@ class GenerativeCaptioner(Captioner):
         for start in tqdm(starts, desc="captioning", unit="batch", disable=not progress):
             out.extend(self._caption_batch(images[start : start + batch_size]))
         return out
+
+
+def _folder_weights_digest(folder: Path) -> str | None:
+    """A hash of a local checkpoint's weight files, so that captions cached for a folder are not reused after
+    it is retrained in place; None for a hub id (its id names the weights)."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

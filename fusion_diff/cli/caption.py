@@ -46,8 +46,14 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
         "their text embeddings",
     )
     group.add_argument("--caption-prompt", help="generative: text prefix, e.g. 'a photography of'")
-    group.add_argument("--caption-max-new-tokens", type=int, default=30, help="generative: longest caption, in tokens")
-    group.add_argument("--caption-num-beams", type=int, default=3, help="generative: beam width")
+    group.add_argument(
+        "--caption-max-new-tokens",
+        type=int,
+        help="generative: longest caption, in tokens (default: the checkpoint's generation config, else 30)",
+    )
+    group.add_argument(
+        "--caption-num-beams", type=int, help="generative: beam width (default: the checkpoint's, else 3)"
+    )
     group.add_argument(
         "--caption-dtype",
         choices=("fp32", "fp16", "bf16"),
@@ -88,7 +94,11 @@ def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None
         "dtype": args.caption_dtype or getattr(args, "dtype", None) or "fp32",
         "prompt": args.caption_prompt,
         "num_candidates": args.caption_top_k,
-        "generation": {"max_new_tokens": args.caption_max_new_tokens, "num_beams": args.caption_num_beams},
+        "generation": {
+            k: v
+            for k, v in (("max_new_tokens", args.caption_max_new_tokens), ("num_beams", args.caption_num_beams))
+            if v is not None
+        },
     }
     return create_captioner(spec)
 

@@ -56,40 +56,90 @@ def build_captioner(args: argparse.Namespace, embedder):
     return create_captioner(spec)
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, true/false, lists), else as text."""
-    options = {}
-    for pair in pairs:
+def _option_value(value: str) -> Any:
+    """A ``--set`` value: JSON when it parses (numbers, true/false, lists), else the text itself."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each ``--method``'s options, so that one command compares baselines and trained methods.
+
+    ``--set KEY=VALUE`` goes to every method that takes KEY, ``--set METHOD.KEY=VALUE`` to METHOD alone (and
+    wins over the former); ``--gallery-mode`` likewise to every method that takes it. ``--checkpoint`` goes to
+    the methods that take trained weights (``pipeline`` of fusion-diff / emb2emb, ``checkpoint`` of fti4cir).
+    An option that no method takes fails, named, rather than being dropped.
+    """
+    from fusion_diff.baselines.registry import PIPELINE_METHODS, method_options
+
+    methods = list(dict.fromkeys(args.method))
+    accepted = {name: method_options(name) for name in methods}
+
+    def takers(key: str) -> list[str]:
+        return [name for name in methods if accepted[name] is None or key in accepted[name]]
+
+    shared: list[tuple[str, str, Any]] = []  # (the flag as written, key, value): to every method taking key
+    specific: list[tuple[str, str, Any]] = []  # (method, key, value)
+    for pair in args.set or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}.")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
+        target, dot, key = key.rpartition(".")
+        key = key.replace("-", "_")
+        if not sep or not key or (dot and not target):
+            raise ConfigError(f"--set expects KEY=VALUE or METHOD.KEY=VALUE, got {pair!r}.")
+        if not dot:
+            shared.append((f"--set {pair}", key, _option_value(value)))
+        elif target not in methods:
+            raise ConfigError(f"--set {pair}: {target!r} is not one of the evaluated methods {methods} (--method).")
+        elif target not in takers(key):
+            raise ConfigError(
+                f"--set {pair}: method {target!r} does not take {key!r}; it takes {sorted(accepted[target])}."
+            )
+        else:
+            specific.append((target, key, _option_value(value)))
+    if args.gallery_mode:
+        shared.append(("--gallery-mode", "gallery_mode", args.gallery_mode))
+
+    routed: dict[str, dict[str, Any]] = {name: {} for name in methods}
+    if args.checkpoint:
+        weights = {name: "pipeline" if name in PIPELINE_METHODS else "checkpoint" for name in methods}
+        trained = [name for name in methods if not name.startswith("oracle") and name in takers(weights[name])]
+        if not trained:
+            raise ConfigError(f"--checkpoint: none of {methods} takes trained weights (fusion-diff, emb2emb, fti4cir).")
+        if len({weights[name] for name in trained}) > 1:
+            raise ConfigError(
+                f"--checkpoint is ambiguous for {trained}: give each its own, e.g. "
+                "--set fusion-diff.pipeline=DIR --set fti4cir.checkpoint=DIR."
+            )
+        for name in trained:
+            routed[name][weights[name]] = args.checkpoint
+    for flag, key, value in shared:
+        if not takers(key):
+            raise ConfigError(f"{flag}: none of the methods {methods} takes {key!r}.")
+        for name in takers(key):
+            routed[name][key] = value
+    for name, key, value in specific:
+        routed[name][key] = value
+    return routed
 
 
-def build_method(name: str, args: argparse.Namespace, units):
-    """Method ``name`` with the options that apply to it (an option it does not take is an error)."""
+def build_method(name: str, options: dict[str, Any], args: argparse.Namespace, units, embedder):
+    """Method ``name`` with its routed ``options``; sampling methods check their prior against ``embedder``."""
     from fusion_diff.baselines import create_method
 
-    options = parse_options(args.set or [])
-    if args.gallery_mode:
-        options["gallery_mode"] = args.gallery_mode
+    options = dict(options)
     if name.startswith("oracle"):
         options["data"] = units[0]
         if args.oracle_captions:
             options["captions_file"] = args.oracle_captions
-    elif args.checkpoint:
-        options["pipeline" if name in ("fusion-diff", "emb2emb") else "checkpoint"] = args.checkpoint
-    return create_method(name, **options)
+    return create_method(name, embedder=embedder, **options)
 
 
 def run(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks import load_benchmark
     from fusion_diff.benchmarks.evaluate import Evaluator
-    from fusion_diff.benchmarks.report import markdown_table, write_results
+    from fusion_diff.benchmarks.report import markdown_table, write_rankings, write_results
     from fusion_diff.benchmarks.submission import write_result_submissions
 
     units = load_benchmark(
@@ -102,11 +152,13 @@ def run(args: argparse.Namespace) -> int:
         circo_gallery=args.circo_gallery,
         phrasing=args.phrasing,
     )
-    methods = [build_method(name, args, units) for name in args.method]  # fail on bad options before embedding
+    options = route_options(args)  # bad options fail before any model loads
+    embedder = build_backbone(args)
+    # Before anything is embedded: a pipeline trained on another backbone is refused here.
+    methods = [build_method(name, options[name], args, units, embedder) for name in args.method]
     for method in methods:  # sampling methods run their pipeline on --device, like every model of the job
         if getattr(method, "pipeline", None) is not None:
             method.pipeline.to(args.device)
-    embedder = build_backbone(args)
     evaluator = Evaluator(
         units,
         embedder,
@@ -118,27 +170,41 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
     )
-    results = [evaluator.evaluate(method) for method in methods]
     out = Path(args.out)
     stem = f"{args.benchmark}-{units[0].split}" + (f"-{args.phrasing}-phrasing" if args.phrasing != "benchmark" else "")
-    json_path, md_path = write_results(results, out, stem)
+    results = []
+    for method in methods:  # written after each method, so a later failure loses nothing done
+        results.append(evaluator.evaluate(method))
+        json_path, md_path = write_results(results, out, stem)
+        rankings_path = write_rankings(results, out, stem)
     print(markdown_table(results))
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and {rankings_path}")
+    if not units[0].has_ground_truth:
+        print(f"{units[0].name} has no ground truth here: no metrics; the rankings are in {rankings_path}.")
     if args.benchmark in ("cirr", "circo") and not units[0].has_ground_truth and not args.no_submission:
         for result in results:
-            for path in write_result_submissions(result, units, out):
-                print(f"wrote test-server file {path}")
+            for written in write_result_submissions(result, units, out):
+                print(written.describe())
     return 0
 
 
 def run_validate(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks import load_benchmark, validate_submission
+    from fusion_diff.utils.io import read_json
 
     (unit,) = load_benchmark(
         args.benchmark, args.root, args.split, allow_missing=True, circo_gallery=args.circo_gallery
     )
-    validate_submission(args.file, unit)
-    print(f"{args.file}: valid {unit.name} submission ({len(unit.queries)} queries)")
+    validate_submission(args.file, unit, partial=args.partial)
+    entries = read_json(args.file, "submission file")
+    answered = sum(q.query_id in entries for q in unit.queries)
+    if answered < len(unit.queries):
+        print(
+            f"{args.file}: valid PARTIAL {unit.name} submission: {answered} of {len(unit.queries)} queries; the server "
+            f"will score the other {len(unit.queries) - answered} (images missing here) as misses"
+        )
+    else:
+        print(f"{args.file}: valid {unit.name} submission ({len(unit.queries)} queries)")
     return 0
 
 
@@ -147,7 +213,8 @@ def _data_arguments(parser: argparse.ArgumentParser, benchmarks: tuple[str, ...]
         "--benchmark",
         required=True,
         choices=benchmarks,
-        help="benchmark; 'shapes' is the shapes world's benchmark in CIRR's format",
+        help="benchmark; 'shapes' is the shapes world's benchmark in CIRR's format, 'shapes-open' its open-edit "
+        "benchmark in CIRCO's (several ground truths, mAP@K)",
     )
     parser.add_argument("--split", required=True, choices=SPLITS, help="val, or test (CIRR's test1)")
     parser.add_argument(
@@ -182,7 +249,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "id); --model world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
         ),
     )
-    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes"))
+    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes", "shapes-open"))
     parser.add_argument(
         "--method",
         action="append",
@@ -240,7 +307,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options = parser.add_argument_group("method options")
     options.add_argument(
         "--checkpoint",
-        help="trained weights: a Fusion-Diff pipeline folder (fusion-diff, emb2emb) or FTI4CIR checkpoint",
+        help="trained weights for the methods that take them: a Fusion-Diff pipeline folder (fusion-diff, emb2emb) "
+        "or an FTI4CIR checkpoint (baselines ignore it; for both kinds use --set METHOD.pipeline/checkpoint=...)",
     )
     options.add_argument(
         "--oracle-captions",
@@ -250,7 +318,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="method constructor option, e.g. --set num_inference_steps=10 --set seed=0 (repeatable)",
+        help="method option, repeatable: KEY=VALUE goes to every --method that takes KEY, METHOD.KEY=VALUE to "
+        "that method alone, e.g. --set fusion-diff.pipeline=DIR --set fusion-diff.num_inference_steps=10 --set "
+        "sum.image_weight=0.7",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -271,5 +341,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     validate.add_argument("file", help="submission JSON file")
+    validate.add_argument(
+        "--partial",
+        action="store_true",
+        help="accept a file without the queries whose images are missing under --root (as `eval --allow-missing` "
+        "writes it); the server scores those as misses",
+    )
     _data_arguments(validate, ("cirr", "circo", "shapes"))  # FashionIQ has no test server
     validate.set_defaults(func=run_validate)

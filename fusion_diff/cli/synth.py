@@ -29,6 +29,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         kinds=tuple(args.kinds) if args.kinds else ShapesTripletConfig().kinds,
         allow_composite=not args.no_composite,
+        open_probability=args.open_probability,
     )
     manifest = build_shapes_triplets(
         args.out, args.n, seed=args.seed, config=config, shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite
@@ -172,6 +173,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--image-size", type=int, default=64, help="rendered image size in pixels")
     shapes.add_argument("--kinds", nargs="+", choices=ALL_KINDS, help="edit kinds to sample (default: all)")
     shapes.add_argument("--no-composite", action="store_true", help="only single edits, no two-edit compositions")
+    shapes.add_argument(
+        "--open-probability",
+        type=float,
+        default=0.0,
+        help="share of triplets with an open instruction ('give the circle another colour'); the target is one of "
+        "its right answers, drawn at random (default %(default)s)",
+    )
     shapes.set_defaults(func=run_shapes, n=200_000)
 
     corpus = sub.add_parser(

@@ -1,4 +1,4 @@
-"""``fusion-diff world``: the shapes world's backbone, image-caption pairs, scene captioner and CIR benchmark."""
+"""``fusion-diff world``: the shapes world's backbone, image-caption pairs, captioners and CIR benchmark."""
 
 from __future__ import annotations
 
@@ -48,13 +48,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(held-out scenes only; edits worded with the benchmark's own phrasings), plus oracle captions, the same "
         "queries in the training phrasing, and per-query edit metadata.",
     )
-    bench.add_argument("--out", type=Path, required=True, help="output folder (the CIRR root for `fusion-diff eval`)")
-    bench.add_argument("--val", type=int, default=1000, help="validation queries (default %(default)s)")
-    bench.add_argument("--test", type=int, default=2000, help="test queries (default %(default)s)")
-    bench.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
-    bench.add_argument("--image-size", type=int, default=64, help="rendered image size in pixels (default %(default)s)")
-    bench.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
+    _benchmark_arguments(bench, "the CIRR root", val=1000, test=2000)
     bench.set_defaults(func=_benchmark)
+
+    open_bench = commands.add_parser(
+        "benchmark-open",
+        help="write the world's open-edit benchmark in the CIRCO file format (several right answers per query)",
+        description="Write annotations/{val,test}.json (CIRCO queries with gt_img_ids; test keeps them), the shared "
+        "gallery as COCO2017_unlabeled/ (JPEG images and the image info file), oracle captions and per-query "
+        "metadata. Instructions leave something open ('give the circle another colour', 'add a blue star "
+        "somewhere', 'move the triangle to any corner', 'make one of the squares bigger', or a closed edit joined "
+        "with an open one); every held-out right answer up to --max-targets is rendered and every gallery image "
+        "that answers a query is one of its ground truths. Held-out scenes and the benchmark's phrasings only. "
+        "Score it with `fusion-diff eval --benchmark shapes-open --root DIR` (mAP@5/10/25/50).",
+    )
+    _benchmark_arguments(open_bench, "the root", val=500, test=1000)
+    open_bench.add_argument("--max-targets", type=int, default=8, help="right answers rendered per query (default %(default)s)")
+    open_bench.set_defaults(func=_benchmark_open)
 
     pairs = commands.add_parser(
         "pairs",
@@ -82,6 +92,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     captioner.add_argument("--steps", type=int, default=None, help="training steps of batch 128 (default: the demo's)")
     captioner.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
     captioner.set_defaults(func=_captioner)
+
+    blip = commands.add_parser(
+        "blip-captioner",
+        help="train the world's BLIP (a generative captioner) on a pair set",
+        description="Train a small transformers BlipForConditionalGeneration from scratch on a pair set's images and "
+        "paraphrased captions (training scenes only), with a word-level tokenizer built from the captions and a "
+        "BlipImageProcessor at the world's image size, and save model and processor with save_pretrained. Use it "
+        "like any BLIP checkpoint: `--captioner generative --captioner-model DIR`. Its held-out quality (exact "
+        "captions, per-attribute accuracy) is set by --steps. Cached: the same pair set and settings reuse DIR.",
+    )
+    blip.add_argument("--pairs", type=Path, required=True, help="a finished pair set (`fusion-diff world pairs`)")
+    blip.add_argument("--out", type=Path, required=True, help="output folder")
+    blip.add_argument("--steps", type=int, default=None, help="training steps (default: data_synth.shapes.blip.DEFAULT_STEPS)")
+    blip.add_argument("--batch-size", type=int, default=64, help="pairs per step (default %(default)s)")
+    blip.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
+    blip.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    blip.add_argument(
+        "--eval-scenes",
+        type=int,
+        default=1000,
+        help="caption this many held-out scenes through the generative path and print the quality (0: skip; "
+        "default %(default)s)",
+    )
+    blip.set_defaults(func=_blip_captioner)
+
+
+def _benchmark_arguments(parser: argparse.ArgumentParser, root: str, val: int, test: int) -> None:
+    """The options every world benchmark writer takes."""
+    parser.add_argument("--out", type=Path, required=True, help=f"output folder ({root} for `fusion-diff eval`)")
+    parser.add_argument("--val", type=int, default=val, help="validation queries (default %(default)s)")
+    parser.add_argument("--test", type=int, default=test, help="test queries (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    parser.add_argument("--image-size", type=int, default=64, help="rendered image size in pixels (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
 
 
 def _backbone(args: argparse.Namespace) -> int:
@@ -138,6 +182,22 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_open(args: argparse.Namespace) -> int:
+    from data_synth.shapes.benchmark_open import OpenBenchmarkConfig, write_open_benchmark
+
+    config = OpenBenchmarkConfig(
+        val_queries=args.val, test_queries=args.test, seed=args.seed, image_size=args.image_size,
+        max_targets=args.max_targets,
+    )  # fmt: skip
+    manifest = write_open_benchmark(args.out, config, workers=args.workers)
+    for split, counts in manifest["splits"].items():
+        print(f"{split}: {counts['queries']} queries, {counts['ground_truths_per_query']:.2f} ground truths per query "
+              f"({counts['queries_with_capped_answers']} capped at {config.max_targets}); kinds {counts['kinds']}")  # fmt: skip
+        print(f"  negatives by reason: {counts['negatives']}")
+    print(f"{manifest['gallery_images']} gallery images; written to {args.out}")
+    return 0
+
+
 def _pairs(args: argparse.Namespace) -> int:
     from data_synth.shapes.pairs import embed_pair_set, write_pair_set
 
@@ -156,4 +216,21 @@ def _captioner(args: argparse.Namespace) -> int:
 
     out = build_scene_captioner(args.pairs, args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed)
     print(f"scene captioner: {out} (score it: python scripts/eval_captioner.py --scene-captioner {out})")
+    return 0
+
+
+def _blip_captioner(args: argparse.Namespace) -> int:
+    from data_synth.shapes.blip import DEFAULT_STEPS, build_blip_captioner
+
+    out = build_blip_captioner(
+        args.pairs, args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed, batch_size=args.batch_size,
+        learning_rate=args.lr,
+    )  # fmt: skip
+    print(f"world BLIP: {out} (use it: --captioner generative --captioner-model {out})")
+    if args.eval_scenes > 0:
+        from data_synth.shapes.caption_quality import HELDOUT_SEED, evaluate_captioner, format_quality, heldout_scenes
+        from fusion_diff.captioning import create_captioner
+
+        captioner = create_captioner({"type": "generative", "model": str(out)})
+        print(format_quality(evaluate_captioner(captioner, *heldout_scenes(args.eval_scenes, HELDOUT_SEED), HELDOUT_SEED)))
     return 0

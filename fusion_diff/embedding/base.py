@@ -7,6 +7,7 @@ images, texts and (image, text) pairs all map to L2-normalised float32 vectors o
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,6 +17,9 @@ import torch
 from PIL import Image
 
 ImageInput = Union[Image.Image, str, os.PathLike]
+
+# Before issue 20 a local checkpoint's id was "<file name>@sha256:<hex>" (VLMs: "...;prompt=<hex>").
+_LEGACY_CHECKPOINT_ID = re.compile(r"^[^@;]+@(sha256:[0-9a-f]{16}(?:;.*)?)$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,22 @@ class EmbedderIdentity:
     def describe(self) -> str:
         tag = f":{self.pretrained}" if self.pretrained else ""
         return f"{self.backend}/{self.model}{tag}"
+
+
+def upgrade_identity(identity: Any) -> Any:
+    """An identity (or any JSON value holding one) as written today, for comparing it with one read from disk.
+
+    Local checkpoints are identified by their content hash alone (``sha256:<hex>``); caches, priors
+    and mappers written when the file name came first (``name@sha256:<hex>``) name the same weights,
+    so they keep matching after the upgrade, and a renamed file still cannot pass for other weights.
+    """
+    if isinstance(identity, dict):
+        return {key: upgrade_identity(value) for key, value in identity.items()}
+    if isinstance(identity, list):
+        return [upgrade_identity(value) for value in identity]
+    if isinstance(identity, str):
+        return _LEGACY_CHECKPOINT_ID.sub(r"\1", identity)
+    return identity
 
 
 class JointEmbedder(ABC):

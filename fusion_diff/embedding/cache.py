@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from fusion_diff.embedding.base import upgrade_identity
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
 
@@ -47,8 +48,9 @@ T = TypeVar("T")
 
 
 def _canonical(identity: dict[str, Any]) -> dict[str, Any]:
-    """JSON round-trip so that tuples/lists and int/float spellings compare as they are stored."""
-    return json.loads(json.dumps(identity, sort_keys=True))
+    """JSON round-trip so that tuples/lists and int/float spellings compare as they are stored, in
+    today's identity form (see ``upgrade_identity``)."""
+    return upgrade_identity(json.loads(json.dumps(identity, sort_keys=True)))
 
 
 class EmbeddingCache:
@@ -102,7 +104,7 @@ class EmbeddingCache:
         manifest = read_json(manifest_path, "embedding cache manifest")
         if manifest.get("kind") != CACHE_KIND:
             raise DataError(f"{manifest_path} is not an embedding cache manifest (kind={manifest.get('kind')!r}).")
-        stored = manifest["identity"]
+        stored = _canonical(manifest["identity"])
         if stored != identity:
             keys = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
             diffs = ", ".join(f"{k}: cache has {stored.get(k)!r}, requested {identity.get(k)!r}" for k in keys)

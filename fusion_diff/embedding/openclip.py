@@ -43,7 +43,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Path:
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-    """``name@sha256:<16 hex>`` of a checkpoint file (or of a folder's weight files): identity by content."""
+    """``sha256:<16 hex>`` of a checkpoint file (or of a folder's weight files): identity by content alone,
+    so moving or renaming the file keeps it, and another file under the same name cannot take it."""
     path = Path(path)
     files = sorted(p for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES) if path.is_dir() else [path]
     digest = hashlib.sha256()
@@ -51,7 +52,16 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
-    return f"{path.name}@sha256:{digest.hexdigest()[:16]}"
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def input_dtype(tower: torch.nn.Module) -> torch.dtype:
+    """The dtype a tower's first layer takes: under fp16/bf16 open_clip casts only convolutions, linear
+    layers and projections, and keeps e.g. positional embeddings in float32, so the first parameter says nothing."""
+    for module in tower.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            return module.weight.dtype
+    return next(tower.parameters()).dtype
 
 
 def _checkpoint_error(model_name: str, checkpoint: Path, err: Exception) -> Exception:
@@ -129,7 +139,7 @@ class OpenCLIPEmbedder(JointEmbedder):
             raise
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
-        self._dtype = next(self.model.parameters()).dtype
+        self._dtype = input_dtype(self.model.visual)
         pretrained_id = checkpoint_fingerprint(checkpoint) if checkpoint is not None else tag
         if model_name.startswith("local-dir:"):
             pretrained_id = checkpoint_fingerprint(model_name.removeprefix("local-dir:"))

@@ -70,7 +70,7 @@ class VLMEmbedder(JointEmbedder):
         self.model.to(self.device).eval()
         weights = checkpoint_fingerprint(self.model_id) if local else getattr(self.model.config, "_commit_hash", None)
         prompt = hashlib.sha256(instruction.encode()).hexdigest()[:8]
-        name = Path(self.model_id).name if local else self.model_id
+        name = self.model.config.model_type if local else self.model_id  # a local folder: by content, not its name
         dim = self.model.config.get_text_config().hidden_size
         self._identity = EmbedderIdentity("vlm", name, f"{weights};prompt={prompt}", int(dim), None)
 

@@ -21,7 +21,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from tqdm import tqdm
 
-from fusion_diff.embedding.base import ImageInput, JointEmbedder
+from fusion_diff.embedding.base import ImageInput, JointEmbedder, upgrade_identity
 from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.models.fti4cir import FTI4CIRMapper, FTI4CIRMapperOutput
@@ -257,7 +257,7 @@ def load_fti4cir(path: str | os.PathLike, embedder: JointEmbedder | None = None)
             "configs/fti4cir.yaml` or fix the checkpoint path."
         )
     mapper = FTI4CIRMapper.from_pretrained(path).eval()
-    trained_on = mapper.config.embedder_identity
+    trained_on = upgrade_identity(mapper.config.embedder_identity)
     if embedder is not None and backbone_identity(embedder) != trained_on:
         raise CacheMismatchError(
             f"FTI4CIR mapper {path} was trained on {trained_on} but the embedder is {backbone_identity(embedder)}. "

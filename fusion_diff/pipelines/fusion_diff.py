@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from fusion_diff.embedding.base import ImageInput, JointEmbedder
+from fusion_diff.embedding.base import ImageInput, JointEmbedder, upgrade_identity
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
@@ -137,6 +137,12 @@ class FusionDiffPipeline(DiffusionPipeline):
             "scheduler": dict(self.scheduler.config),
         }
         write_json_atomic(Path(save_directory) / "manifest.json", artifact_manifest("fusion_diff_pipeline", config))
+
+    def bind_embedder(self, embedder: JointEmbedder) -> None:
+        """Attach the backbone after loading, refused (as in ``from_pretrained(path, embedder=...)``) when it is
+        not the one the prior was trained on."""
+        _check_embedder(self.prior, embedder)
+        self.embedder = embedder
 
     def set_sampler(self, name: str) -> None:
         """Swap the scheduler for another sampler (``"ddim"``, ``"dpm++"``, ``"ddpm"``) on the same schedule."""
@@ -455,17 +461,23 @@ def _check_components(
                 f"dim {pcfg.embedding_dim}); use the adapter trained from this prior (ControlAdapter.from_prior)."
             )
     if embedder is not None:
-        if embedder.dim != pcfg.embedding_dim:
+        _check_embedder(prior, embedder)
+
+
+def _check_embedder(prior: FusionPrior, embedder: JointEmbedder) -> None:
+    """Refuse a backbone other than the one the prior was trained on, naming the differing keys."""
+    pcfg = prior.config
+    if embedder.dim != pcfg.embedding_dim:
+        raise ConfigError(
+            f"FusionDiffPipeline: the embedder gives {embedder.dim}-d embeddings but the prior generates "
+            f"{pcfg.embedding_dim}-d ones; use the backbone the prior was trained on."
+        )
+    if pcfg.embedder_identity is not None:
+        trained_on = upgrade_identity(dict(pcfg.embedder_identity))
+        current = embedder.identity.as_dict()
+        differing = sorted(k for k in set(trained_on) | set(current) if trained_on.get(k) != current.get(k))
+        if differing:
             raise ConfigError(
-                f"FusionDiffPipeline: the embedder gives {embedder.dim}-d embeddings but the prior generates "
-                f"{pcfg.embedding_dim}-d ones; use the backbone the prior was trained on."
+                f"FusionDiffPipeline: the prior was trained on {trained_on} but the embedder is {current} "
+                f"(differing: {differing}); load the embedder the prior was trained with."
             )
-        trained_on = pcfg.embedder_identity
-        if trained_on is not None:
-            current = embedder.identity.as_dict()
-            differing = sorted(k for k in set(trained_on) | set(current) if trained_on.get(k) != current.get(k))
-            if differing:
-                raise ConfigError(
-                    f"FusionDiffPipeline: the prior was trained on {trained_on} but the embedder is {current} "
-                    f"(differing: {differing}); load the embedder the prior was trained with."
-                )

@@ -53,6 +53,11 @@ class _SamplingMethod:
         self.precision = precision
         self.control_used: str | None = None  # "fused" or "image", once queries have run
 
+    def bind(self, context: QueryContext) -> None:
+        """Use the evaluator's backbone, refused when the prior was trained on another one."""
+        if self.pipeline.embedder is not context.embedder:
+            self.pipeline.bind_embedder(context.embedder)
+
     def reference_embeds(self, context: QueryContext) -> torch.Tensor:
         """``f(I_ref, caption)`` when the context has it (and the mode allows), else ``f(I_ref)``."""
         fused = context.reference_fused_embeds
@@ -146,6 +151,7 @@ class FusionDiffMethod(_SamplingMethod):
         }
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
+        self.bind(context)
         queries = self.pipeline.sample(
             context.modification_text_embeds,
             control_embeds=self.reference_embeds(context),
@@ -198,6 +204,7 @@ class Emb2EmbMethod(_SamplingMethod):
         return {**super().protocol(), "strength": self.strength}
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
+        self.bind(context)
         queries = self.pipeline.emb2emb(
             self.reference_embeds(context),
             context.modification_text_embeds,
