@@ -27,7 +27,6 @@ from PIL import Image
 from fusion_diff.errors import MissingFileError
 
 
-
 def default_cirr_annotations() -> Path:
     """``$FUSION_DIFF_BENCHMARKS/cirr``, else ``../shared/benchmarks/cirr`` beside the repository (as the tests)."""
     override = os.environ.get("FUSION_DIFF_BENCHMARKS")
@@ -59,11 +58,23 @@ PROFILES = {
         image_size=256,
         openclip="ViT-L-14",
         blip={  # Salesforce/blip-image-captioning-large's shapes
-            "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                       "num_attention_heads": 16, "image_size": 384, "patch_size": 16},
-            "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                     "num_attention_heads": 12, "encoder_hidden_size": 1024, "max_position_embeddings": 512},
-        },  # fmt: skip
+            "vision": {
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 384,
+                "patch_size": 16,
+            },
+            "text": {
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "encoder_hidden_size": 1024,
+                "max_position_embeddings": 512,
+            },
+        },
         vocab_size=30524,
         prior={"hidden_dim": 1024, "num_layers": 12, "num_heads": 16},  # configs/recipes/vit-l-14 prior
         adapter_blocks=3,
@@ -82,11 +93,23 @@ PROFILES = {
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 8, "heads": 2, "layers": 1},
         },
         blip={
-            "vision": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8},
-            "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
-                     "encoder_hidden_size": 32, "max_position_embeddings": 64},
-        },  # fmt: skip
+            "vision": {
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            "text": {
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "encoder_hidden_size": 32,
+                "max_position_embeddings": 64,
+            },
+        },
         vocab_size=64,
         prior={"hidden_dim": 32, "num_layers": 2, "num_heads": 2},
         adapter_blocks=1,
@@ -137,7 +160,9 @@ def fake_cirr(root: Path, annotations: Path, queries: int, image_size: int) -> P
     split_file = annotations / "image_splits" / "split.rc2.val.json"
     for path in (captions_file, split_file):
         if not path.is_file():
-            raise MissingFileError(f"CIRR annotation file not found: {path}. Pass --cirr-annotations (a CIRR checkout).")
+            raise MissingFileError(
+                f"CIRR annotation file not found: {path}. Pass --cirr-annotations (a CIRR checkout)."
+            )
     entries = json.loads(captions_file.read_text())[:queries]
     split = json.loads(split_file.read_text())
     names = sorted({n for e in entries for n in (e["reference"], e["target_hard"], *e["img_set"]["members"])})
@@ -196,7 +221,11 @@ def _train(task: str, out: Path, data: Path, profile: SmokeProfile, device: str,
             "output_dir": str(out),
             "model": model,
             "data": {data_key: str(data)},
-            "schedule": {"max_train_steps": profile.steps, "train_batch_size": profile.batch_size, "lr_warmup_steps": 0},
+            "schedule": {
+                "max_train_steps": profile.steps,
+                "train_batch_size": profile.batch_size,
+                "lr_warmup_steps": 0,
+            },
             "checkpointing": {"every_n_steps": 0},
             "accelerate": {"mixed_precision": "no" if precision == "fp32" else precision, "cpu": device == "cpu"},
             "logging": {"report_to": "none", "progress_bar": False},

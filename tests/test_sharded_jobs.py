@@ -37,7 +37,7 @@ def images(tmp_path):
     folder.mkdir()
     for i in range(N_IMAGES):
         Image.new("RGB", (36, 36), _colour(i)).save(folder / f"im{i:02d}.png")
-    for shard, members in enumerate((range(0, 6), range(6, N_IMAGES))):
+    for shard, members in enumerate((range(6), range(6, N_IMAGES))):
         with tarfile.open(tmp_path / f"shard-{shard:03d}.tar", "w") as tar:
             for i in members:
                 tar.add(folder / f"im{i:02d}.png", arcname=f"im{i:02d}.png")
@@ -68,7 +68,7 @@ def _launch(argv: list[str], checkpoint: Path, cwd: Path) -> subprocess.Complete
         "PYTHONPATH": str(REPO),
         "FUSION_DIFF_MODEL_CONFIGS": str(checkpoint.parent / "model_configs"),
     }
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd, check=False)
 
 
 def _one_thread_main(argv: list[str]) -> int:
@@ -148,9 +148,10 @@ def test_tar_shards_read_like_the_folder(images, tiny_openclip_checkpoint):
     caption = ["caption", "--captioner", "retrieval", "--caption-bank", str(images / "bank.txt"), *model]
     assert main([*caption, "--images", str(images / "images"), "--out", str(images / "f.json")]) == 0
     assert main([*caption, "--images", shards, "--out", str(images / "t.json")]) == 0
-    assert json.loads((images / "f.json").read_text())["captions"] == json.loads((images / "t.json").read_text())[
-        "captions"
-    ]
+    assert (
+        json.loads((images / "f.json").read_text())["captions"]
+        == json.loads((images / "t.json").read_text())["captions"]
+    )
 
 
 def test_listed_shard_that_is_corrupt_is_redone(images, tiny_openclip_checkpoint, capsys):
@@ -171,10 +172,12 @@ def test_listed_shard_that_is_corrupt_is_redone(images, tiny_openclip_checkpoint
 class _FlakyCaptioner:
     """Captions from the first pixel; raises KeyboardInterrupt once ``fail_after`` images were seen."""
 
-    identity = {"type": "flaky"}
-
     def __init__(self, fail_after: int | None = None) -> None:
         self.fail_after, self.seen = fail_after, 0
+
+    @property
+    def identity(self) -> dict:
+        return {"type": "flaky"}
 
     def describe(self) -> str:
         return "flaky"

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from fusion_diff.cli.embed import add_embedder_args
-from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
+from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 
 if TYPE_CHECKING:  # the captioners import torch and transformers: only when a command runs
     from fusion_diff.captioning import Captioner

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 from fusion_diff.errors import DataError, MissingFileError
+from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 
 if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a command runs
     import torch
@@ -159,8 +159,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     specs = {
         "images": (
             "--images",
-            'folder of images (id = relative path without suffix), webdataset tar shards (a .tar path, glob, '
-            '{000..099} range or fsspec URL; id = sample key) or JSONL of {"id", "image"}',
+            (
+                "folder of images (id = relative path without suffix), webdataset tar shards (a .tar path, glob, "
+                '{000..099} range or fsspec URL; id = sample key) or JSONL of {"id", "image"}'
+            ),
         ),
         "texts": ("--texts", 'JSONL of {"id", "text"} or a text file with one text per line (id = line number)'),
         "pairs": ("--pairs", 'JSONL of {"id", "image", "text"}: fused f(I, T) embeddings'),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from fusion_diff.cli.embed import add_embedder_args, embedder_from_args, read_jsonl

@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each step; exits non-zero on any failure. The retrieval numbers of random weights mean nothing.",
     )
     parser.add_argument("--device", default="cpu", help="cuda or cpu")
-    parser.add_argument("--profile", choices=("real", "toy"), default=None, help="sizes (default: real on cuda, toy on cpu)")
+    parser.add_argument(
+        "--profile", choices=("real", "toy"), default=None, help="sizes (default: real on cuda, toy on cpu)"
+    )
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
                         help="every model's precision (default: bf16 on cuda, fp32 on cpu)")  # fmt: skip
     parser.add_argument("--out", default="runs/smoke", help="working folder (models, images, caches, runs)")

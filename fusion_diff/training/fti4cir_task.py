@@ -39,8 +39,8 @@ from torch import nn
 
 from fusion_diff.captioning.base import identity_digest
 from fusion_diff.embedding.base import ImageInput, JointEmbedder
-from fusion_diff.embedding.images import as_rgb
 from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
+from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.models.fti4cir import FTI4CIRMapper, FTI4CIRMapperOutput
 from fusion_diff.pipelines.fti4cir import (

@@ -75,12 +75,16 @@ def tar_images(source: str) -> tuple[list[str], list[TarMember]]:
         except FileNotFoundError as err:
             raise MissingFileError(f"Tar shard not found: {url}. Check the path or URL.") from err
         except tarfile.TarError as err:
-            raise DataError(f"Tar shard {url} is corrupt or not a tar file ({err}). Re-download or rebuild it.") from err
+            raise DataError(
+                f"Tar shard {url} is corrupt or not a tar file ({err}). Re-download or rebuild it."
+            ) from err
     if not keys:
         raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in the tar shards {source!r}.")
     repeated = sorted(key for key, n in Counter(keys).items() if n > 1)
     if repeated:
-        raise DataError(f"Sample keys repeat across the tar shards {source!r}, e.g. {repeated[:3]}; keys must be unique.")
+        raise DataError(
+            f"Sample keys repeat across the tar shards {source!r}, e.g. {repeated[:3]}; keys must be unique."
+        )
     return keys, members
 
 
@@ -115,7 +119,9 @@ def load_any(item: Any, reader: _Reader) -> Any:
                 image.load()
                 return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"Image {item} is corrupt or not an image ({err}). Re-download or rebuild the shard.") from err
+            raise DataError(
+                f"Image {item} is corrupt or not an image ({err}). Re-download or rebuild the shard."
+            ) from err
     if isinstance(item, Path):
         return load_image(item)
     return item  # already decoded, or a text

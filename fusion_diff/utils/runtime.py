@@ -58,7 +58,7 @@ def announce(component: str, device: object, dtype: object) -> None:
     logger.info("%s on %s, %s", component, device, str(dtype).removeprefix("torch."))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warn_slow_bf16_once(device: object, dtype: object, component: str) -> None:
     """The slow-bf16 warning for code that runs many times (sampling, training steps): once per setting."""
     warning = slow_bf16_warning(device, dtype, component)
