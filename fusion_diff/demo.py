@@ -132,8 +132,34 @@ def default_config_path(quick: bool) -> Path:
     return path
 
 
+# Seconds per step of the full demo in one uninterrupted run from nothing on the idle reference machine
+# (README, "demo, from nothing"). The remaining-time estimate scales them by this run's measured speed.
+REFERENCE_STEP_SECONDS = {
+    "world backbone": 335,
+    "benchmark": 10,
+    "pair set + embeddings": 28,
+    "scene captioner": 89,
+    "triplets + embeddings": 136,
+    "stage 1: prior": 84,
+    "stage 2: Control-Adapter": 227,
+    "FTI4CIR": 66,
+    "evaluation (test split)": 91,
+    "plots": 1,
+}
+
+
+def remaining_estimate(done: dict[str, float], todo: Iterable[str]) -> float | None:
+    """Seconds the ``todo`` steps should take: their reference times x (measured / reference) of the steps done
+    that did real work (>= 1 s: cached steps say nothing about speed); None before any such step."""
+    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0}
+    if not worked:
+        return None
+    speed = sum(worked.values()) / sum(REFERENCE_STEP_SECONDS[name] for name in worked)
+    return speed * sum(REFERENCE_STEP_SECONDS[name] for name in todo)
+
+
 class Demo:
-    """Runs the steps in order; each step prints its name, whether it was cached, and its time."""
+    """Runs the steps in order; each step prints its name, whether it was cached, its time and the time left."""
 
     def __init__(self, config: DemoConfig, config_dir: Path, progress: bool = True):
         self.config = config
@@ -141,6 +167,7 @@ class Demo:
         self.progress = progress
         self.out = Path(config.out_dir)
         self.timings: dict[str, float] = {}
+        self.planned: list[str] = []
         self.embedder = None
         self.captioner = None
 
@@ -151,7 +178,9 @@ class Demo:
         start = time.perf_counter()
         yield
         self.timings[name] = time.perf_counter() - start
-        print(f"    {name}: {self.timings[name]:.0f} s", flush=True)
+        left = remaining_estimate(self.timings, [s for s in self.planned if s not in self.timings])
+        estimate = f"; about {left / 60:.1f} min left (estimate)" if left is not None and left > 0 else ""
+        print(f"    {name}: {self.timings[name]:.0f} s{estimate}", flush=True)
 
     def path(self, name: str) -> Path:
         return self.out / name
@@ -159,6 +188,11 @@ class Demo:
     # ------------------------------------------------------------------ steps
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
+        runs = {
+            "scene captioner": self.config.evaluation.captioner.get("type") == "scene",
+            "FTI4CIR": bool(self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods),
+        }
+        self.planned = [name for name in REFERENCE_STEP_SECONDS if runs.get(name, True)]
         with self.step("world backbone"):
             self.embedder = self.build_backbone()
         with self.step("benchmark"):

@@ -132,7 +132,7 @@ def test_attribute_count_varies_per_image_within_one_batch(tiny_openclip, prompt
     assert torch.allclose(batched, alone, atol=1e-5)
 
 
-def _task(embedder, n: int = 16, val_fraction: float = 0.0, **model) -> FTI4CIRTask:
+def _task(embedder, n: int = 16, val_fraction: float = 0.0, feature_mode: str = "cached", **model) -> FTI4CIRTask:
     config = FTI4CIRModelConfig(
         backbone={}, num_queries=6, max_attributes=4, num_layers=1, mapper_hidden_mult=2, mapper_dropout=0.0, **model
     )
@@ -141,7 +141,9 @@ def _task(embedder, n: int = 16, val_fraction: float = 0.0, **model) -> FTI4CIRT
         [ATTRIBUTES[(i // 4) % 4] for i in range(n)], {"test": "tiny"},
     )  # fmt: skip
     torch.manual_seed(0)
-    return FTI4CIRTask(config, embedder, images, val_fraction=val_fraction, feature_batch_size=8)
+    return FTI4CIRTask(
+        config, embedder, images, val_fraction=val_fraction, feature_batch_size=8, feature_mode=feature_mode
+    )
 
 
 def test_a_few_training_steps_reduce_each_loss_term(tiny_openclip):
@@ -187,6 +189,29 @@ def test_features_are_cached_and_validation_split_is_stable(tiny_openclip, tmp_p
     assert torch.equal(second.dataset.tensors["patch_tokens"], first.dataset.tensors["patch_tokens"])
     metrics = second.validate(second.trainable_module().eval())
     assert 0 <= metrics["pseudo_sentence_image_r1"] <= 1 and metrics["contrastive"] > 0
+
+
+def test_on_the_fly_mode_caches_no_patch_tokens_and_matches_the_cached_mode(tiny_openclip, monkeypatch):
+    """Issue 19: ``feature_mode="on_the_fly"`` runs the frozen image tower per batch instead of caching ~1 MB
+    of patch tokens per image; the loss of a batch (and validation) is the cached mode's."""
+    cached = _task(tiny_openclip, n=40, val_fraction=0.25)
+    calls = []
+    real_encode = fti4cir_task.encode_images
+    monkeypatch.setattr(fti4cir_task, "encode_images", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    live = _task(tiny_openclip, n=40, val_fraction=0.25, feature_mode="on_the_fly")
+    assert not calls and "patch_tokens" not in live.dataset.tensors  # nothing of the image tower is stored
+    rows = list(range(8))
+    batch = live.dataset.__getitems__(rows)
+    assert batch["pixels"].shape[0] == 8 and "patch_tokens" not in batch
+    assert live.dataset[0]["pixels"].shape == batch["pixels"].shape[1:]
+    mapper = cached.trainable_module()
+    live.mapper.load_state_dict(mapper.state_dict())
+    loss, _ = cached.compute_loss(mapper.eval(), cached.dataset.__getitems__(rows), torch.Generator().manual_seed(0))
+    live_loss, _ = live.compute_loss(live.mapper.eval(), batch, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(live_loss, loss, atol=1e-5, rtol=1e-5)
+    expected = cached.validate(mapper)
+    for name, value in live.validate(live.mapper).items():
+        assert abs(value - expected[name]) < 1e-4, name
 
 
 def test_save_load_round_trip_is_exact_and_checks_the_backbone(tiny_openclip, tmp_path):
@@ -289,7 +314,8 @@ def test_training_configs_load_strictly(tmp_path):
         config_from_dict(raw)
 
 
-def test_training_through_the_shared_loop_on_a_pair_set(tiny_openclip_checkpoint, tmp_path):
+@pytest.mark.parametrize("feature_mode", ["cached", "on_the_fly"])
+def test_training_through_the_shared_loop_on_a_pair_set(tiny_openclip_checkpoint, tmp_path, feature_mode):
     """``fusion-diff train fti4cir`` end to end on a tiny shapes pair set: weights load as a retrieval method."""
     from data_synth.shapes.pairs import write_pair_set
     from fusion_diff.training.loop import TRAIN_LOG, train
@@ -306,7 +332,7 @@ def test_training_through_the_shared_loop_on_a_pair_set(tiny_openclip_checkpoint
             "num_layers": 1,
             "mapper_hidden_mult": 1,
         },
-        "data": {"pair_dir": str(pair_dir), "val_fraction": 0.25, "feature_batch_size": 8},
+        "data": {"pair_dir": str(pair_dir), "val_fraction": 0.25, "feature_batch_size": 8, "feature_mode": feature_mode},
         "schedule": {"max_train_steps": 3, "train_batch_size": 8, "lr_warmup_steps": 0},
         "ema": {"use_ema": False},
         "checkpointing": {"every_n_steps": 0},

@@ -37,19 +37,19 @@ def test_embed_triplets_writes_four_consistent_caches(triplet_dir, tmp_path, tin
 
 
 def test_embed_resumes_after_interruption(triplet_dir, tmp_path, tiny_openclip, monkeypatch):
-    real_append = EmbeddingCache.append
+    real_write = EmbeddingCache.write_shard
     calls = {"n": 0}
 
-    def failing_append(self, ids, embeds):
+    def failing_write(self, number, ids, embeds):
         calls["n"] += 1
         if calls["n"] == 6:  # in the middle of the second shard
             raise KeyboardInterrupt("simulated kill")
-        return real_append(self, ids, embeds)
+        return real_write(self, number, ids, embeds)
 
-    monkeypatch.setattr(EmbeddingCache, "append", failing_append)
+    monkeypatch.setattr(EmbeddingCache, "write_shard", failing_write)
     with pytest.raises(KeyboardInterrupt):
         embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)
-    monkeypatch.setattr(EmbeddingCache, "append", real_append)
+    monkeypatch.setattr(EmbeddingCache, "write_shard", real_write)
     partial = {name: len(EmbeddingCache.read(tmp_path / "emb" / name)) for name in CACHE_KINDS}
     assert min(partial.values()) < N
     caches = embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)

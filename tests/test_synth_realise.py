@@ -149,6 +149,30 @@ def test_clip_filter_drops_and_counts_failed_edits(tmp_path, monkeypatch):
     assert [t.reference_caption for t in iter_triplets(tmp_path / "real")] == ["a red car"]
 
 
+@pytest.mark.slow
+def test_realise_two_processes_equal_one(tmp_path, tiny_pipelines, tiny_openclip_checkpoint):
+    """``accelerate launch`` of ``synth realise`` on 2 CPU processes: each realises its own source shards."""
+    import json
+
+    from test_sharded_jobs import _launch, _one_thread_main
+
+    name, checkpoint = tiny_openclip_checkpoint
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a red car\na blue bus\na green tree\na white boat\n")
+    build_corpus_triplets(tmp_path / "edits", CorpusEditConfig(corpus=str(corpus)), shard_size=2, progress=False)
+    t2i, ip2p = tiny_pipelines
+    argv = ["synth", "realise", "--triplets", str(tmp_path / "edits"), "--text-to-image-model", t2i, "--edit-model", ip2p,
+            "--filter-embedder", json.dumps({"backend": "openclip", "model_name": name, "pretrained": str(checkpoint)}),
+            "--image-size", str(SIZE), "--text-to-image-steps", "2", "--edit-steps", "2", "--batch-size", "2",
+            "--min-directional-similarity", "-2", "--min-image-similarity", "-2", "--device", "cpu"]  # fmt: skip
+    two = _launch([*argv, "--out", str(tmp_path / "two")], checkpoint, tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _one_thread_main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one, two_ = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert one["complete"] and two_["complete"] and one["num_samples"] == two_["num_samples"] == 4
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two_["shards"]]  # the same bytes
+
+
 def test_issue20_text_to_image_default():
     """The default text-to-image id is one the hub still serves (checked by hand; the README says which ids and
     when), not one of the Stable Diffusion 2.x repositories Stability AI withdrew in November 2025."""

@@ -16,7 +16,9 @@ caption inside the control, and where a captioned gallery item lies).
 Each cache's identity is the embedder's identity plus the embedding kind, the triplet set it was
 made from and the caption source, so a cache of another backbone, triplet set or captioner is
 refused, not mixed. The job walks the dataset shard by shard and embeds only the ids a cache lacks:
-an interrupted run resumes.
+an interrupted run resumes. Under ``accelerate launch`` each process takes its own triplet shards and
+writes cache shards numbered after them; the main process lists and compacts them at the end
+(``fusion_diff.utils.sharding``), so the caches do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
+from fusion_diff.utils.sharding import Processes
 
 CACHE_KINDS = {
     "reference_fused": "fused",
@@ -55,16 +58,26 @@ def caption_source(captioner: Captioner | None) -> dict[str, Any] | str:
 
 
 def open_triplet_caches(
-    out_dir: str | os.PathLike, embedder: JointEmbedder, triplets: dict[str, Any], captioner: Captioner | None = None
+    out_dir: str | os.PathLike,
+    embedder: JointEmbedder,
+    triplets: dict[str, Any],
+    captioner: Captioner | None = None,
+    **open_options: Any,
 ) -> dict[str, EmbeddingCache]:
-    """The four caches for ``embedder``; CacheMismatchError if one was made by another backbone, set or captioner."""
+    """The four caches for ``embedder``; CacheMismatchError if one was made by another backbone, set or captioner.
+
+    ``open_options`` go to ``EmbeddingCache.open`` (``repair``, ``expect_unlisted``).
+    """
     base = embedder.identity.as_dict()
 
     def identity(name: str, kind: str) -> dict[str, Any]:
         captions = {"captions": caption_source(captioner)} if kind == "fused" else {}
         return {**base, "kind": kind, "role": name, "triplets": triplets, **captions}
 
-    return {name: EmbeddingCache.open(Path(out_dir) / name, identity(name, kind)) for name, kind in CACHE_KINDS.items()}
+    return {
+        name: EmbeddingCache.open(Path(out_dir) / name, identity(name, kind), **open_options)
+        for name, kind in CACHE_KINDS.items()
+    }
 
 
 def embed_triplets(
@@ -74,43 +87,60 @@ def embed_triplets(
     batch_size: int = 256,
     progress: bool = True,
     captioner: Captioner | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, EmbeddingCache]:
-    """Embed every triplet of ``triplet_dir`` into the four caches under ``out_dir`` (resumable).
+    """Embed every triplet of ``triplet_dir`` into the four caches under ``out_dir`` (resumable, sharded by process).
 
     ``captioner``: caption references and targets with it for the fused caches (see the module docstring).
     """
     triplet_dir = Path(triplet_dir)
     manifest = load_manifest(triplet_dir)
-    caches = open_triplet_caches(out_dir, embedder, triplet_identity(manifest), captioner)
-    total = int(manifest["num_samples"])
-    with tqdm(total=total, unit="triplet", desc="embed triplets", disable=not progress) as bar:
-        for shard in manifest["shards"]:
+    triplets = triplet_identity(manifest)
+    processes = processes or Processes.current()
+    with processes.main_first():  # the main process repairs and lists what a crashed run left first
+        caches = open_triplet_caches(out_dir, embedder, triplets, captioner, repair=True)
+    base = {name: cache.next_shard_number() for name, cache in caches.items()}
+    processes.wait()  # nobody writes a shard before every process has read the folders
+    units = processes.take(range(len(manifest["shards"])))
+    mine = sum(int(manifest["shards"][k]["count"]) for k in units)
+    desc = "embed triplets" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
+    with tqdm(total=mine, unit="triplet", desc=desc, disable=not progress) as bar:
+        for k in units:
+            shard = manifest["shards"][k]
             path = triplet_dir / SHARD_DIR / shard["name"]
             samples = list(read_shard(path, shard["sha256"]))
             ids = [sample.key for sample in samples]
             todo = {name: set(cache.missing(ids)) for name, cache in caches.items()}
             wanted = [s for s in samples if any(s.key in missing for missing in todo.values())]
             if wanted:
-                _embed_chunk(embedder, caches, todo, [decode(s) for s in wanted], batch_size, path, captioner)
+                numbers = {name: base[name] + k for name in caches}
+                _embed_chunk(embedder, caches, numbers, todo, [decode(s) for s in wanted], batch_size, path, captioner)
             bar.update(len(samples))
-    for cache in caches.values():
-        cache.compact()  # one shard per cache: training memory-maps it without a copy
-    write_json_atomic(
-        Path(out_dir) / "manifest.json",
-        artifact_manifest(
-            "triplet_embeddings",
-            triplets=str(triplet_dir),
-            triplet_set=triplet_identity(manifest),
-            embedder=embedder.identity.as_dict(),
-            captions=caption_source(captioner),
-            caches={name: len(cache) for name, cache in caches.items()},
-        ),
-    )
-    return caches
+    processes.wait()
+    if processes.is_main:
+        caches = open_triplet_caches(out_dir, embedder, triplets, captioner, expect_unlisted=True)
+        for cache in caches.values():
+            cache.compact()  # one shard per cache: training memory-maps it without a copy
+        write_json_atomic(
+            Path(out_dir) / "manifest.json",
+            artifact_manifest(
+                "triplet_embeddings",
+                triplets=str(triplet_dir),
+                triplet_set=triplets,
+                embedder=embedder.identity.as_dict(),
+                captions=caption_source(captioner),
+                caches={name: len(cache) for name, cache in caches.items()},
+            ),
+        )
+    processes.wait()
+    return open_triplet_caches(out_dir, embedder, triplets, captioner)
 
 
-def _embed_chunk(embedder, caches, todo, triplets, batch_size: int, shard: Path, captioner: Captioner | None) -> None:
-    """Embed one shard's triplets into the caches that lack them (each cache gets its own subset)."""
+def _embed_chunk(
+    embedder, caches, numbers, todo, triplets, batch_size: int, shard: Path, captioner: Captioner | None
+) -> None:
+    """Embed one shard's triplets into the caches that lack them (each cache gets its own subset), as cache
+    shards ``numbers[name]``."""
     if any(t.reference_image is None or t.target_image is None for t in triplets):
         raise DataError(
             f"triplets in {shard} have no images (a caption-only corpus set); realise them first with "
@@ -156,4 +186,4 @@ def _embed_chunk(embedder, caches, todo, triplets, batch_size: int, shard: Path,
     for name in CACHE_KINDS:
         idx = rows(name)
         if idx:
-            caches[name].append([triplets[i].id for i in idx], outputs[name](idx))
+            caches[name].write_shard(numbers[name], [triplets[i].id for i in idx], outputs[name](idx))

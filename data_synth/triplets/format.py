@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
+from fusion_diff.utils.sharding import Processes
 
 FORMAT = "webdataset-tar"
 FORMAT_VERSION = 1
@@ -171,6 +172,7 @@ def build_dataset(
     overwrite: bool = False,
     progress: bool = True,
     unit: str = "triplet",
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Build (or resume) a sharded dataset and return its manifest.
 
@@ -179,7 +181,10 @@ def build_dataset(
     and lets an interrupted build resume by regenerating only the shards that are not done.
     ``items`` are ``range`` blocks of ``shard_size`` consecutive item indices (``unit`` names them for
     the progress bar). A directory holding a different build is refused (``overwrite=True`` replaces it).
+    ``processes`` (a launched job, e.g. ``synth realise`` under ``accelerate launch``): each process builds
+    its own run of the missing shards and the main process writes the manifest.
     """
+    processes = processes or Processes.single()
     out = Path(out_dir)
     shard_dir = out / SHARD_DIR
     identity = {
@@ -191,33 +196,41 @@ def build_dataset(
         "shard_size": shard_size,
         "format": {"name": FORMAT, "version": FORMAT_VERSION},
     }
-    previous = _claim_directory(out, identity, overwrite)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob(".*.tmp"):  # temp files of an interrupted run
-        stale.unlink()
     ranges = shard_ranges(num_samples, shard_size)
-    records: dict[int, dict[str, Any]] = {}
-    for index in range(len(ranges)):
-        record = _done_record(shard_dir, index)
-        if record is not None:
-            records[index] = record
-    if previous is not None and previous.get("complete") and len(records) == len(ranges):
-        return previous  # already built and intact: leave the manifest (and its timestamp) alone
-
     extra = {k: v for k, v in identity.items() if k not in ("config", "seed")}
     base = artifact_manifest("triplets", config=config, seed=seed, **extra, source=source, complete=False)
-    write_json_atomic(out / MANIFEST, base)
-    todo = [(make_shard, shard_dir, i, items) for i, items in enumerate(ranges) if i not in records]
+    def done() -> dict[int, dict[str, Any]]:
+        return {i: r for i in range(len(ranges)) if (r := _done_record(shard_dir, i)) is not None}
+
+    records: dict[int, dict[str, Any]] = {}
+    with processes.main_first():  # the main process claims the folder; the others then read what it decided
+        if processes.is_main:
+            previous = _claim_directory(out, identity, overwrite)
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            for stale in shard_dir.glob(".*.tmp"):  # temp files of an interrupted run
+                stale.unlink()
+            records = done()
+            if not (previous is not None and previous.get("complete") and len(records) == len(ranges)):
+                write_json_atomic(out / MANIFEST, base)  # else: built and intact, leave it (and its timestamp) alone
+    if not processes.is_main:
+        records = done()
+    current = read_json(out / MANIFEST, "triplet dataset manifest")
+    if current.get("complete") and len(records) == len(ranges):
+        return current
+    todo = processes.take([(make_shard, shard_dir, i, items) for i, items in enumerate(ranges) if i not in records])
     done_items = sum(len(ranges[i]) for i in records)
-    with tqdm(total=num_samples, initial=done_items, unit=unit, desc=f"synth {out.name}", disable=not progress) as bar:
+    total = done_items + sum(len(items) for *_, items in todo)
+    desc = f"synth {out.name}" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
+    with tqdm(total=total, initial=done_items, unit=unit, desc=desc, disable=not progress) as bar:
         for record in _run_jobs(_build_one, todo, workers):
             records[record["index"]] = record
             bar.update(record["num_items"])
-
-    shards = [records[i] for i in range(len(ranges))]
-    manifest = {**base, **summarise(shards), "complete": True}
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+    processes.wait()
+    if processes.is_main:
+        shards = [records.get(i) or _done_record(shard_dir, i) for i in range(len(ranges))]  # and the others' shards
+        write_json_atomic(out / MANIFEST, {**base, **summarise(shards), "complete": True})
+    processes.wait()
+    return read_json(out / MANIFEST, "triplet dataset manifest")
 
 
 def _claim_directory(out: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:

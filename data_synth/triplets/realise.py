@@ -18,9 +18,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from data_synth.triplets.format import (
@@ -37,6 +36,10 @@ from data_synth.triplets.format import (
     read_shard,
 )
 from fusion_diff.errors import ConfigError
+from fusion_diff.utils.sharding import Processes
+
+if TYPE_CHECKING:  # torch is imported where it runs: `fusion-diff synth --help` reads RealiseConfig's defaults
+    import torch
 
 GENERATOR = "data_synth.triplets.realise"
 GENERATOR_VERSION = "1"
@@ -72,6 +75,8 @@ class RealiseConfig:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
 
     def runtime(self) -> tuple[str, torch.dtype]:
+        import torch
+
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         name = self.dtype or ("float16" if device.startswith("cuda") else "float32")
         if not isinstance(getattr(torch, name, None), torch.dtype):
@@ -97,6 +102,8 @@ def _filter_embedder(spec_json: str):
 
 def clip_scores(embedder, ref_images, tgt_images, ref_captions, tgt_captions) -> tuple[torch.Tensor, torch.Tensor]:
     """(directional similarity, image-image similarity) per triplet, from one joint embedder."""
+    import torch
+
     images = embedder.embed_images(list(ref_images) + list(tgt_images))
     texts = embedder.embed_texts(list(ref_captions) + list(tgt_captions))
     n = len(ref_images)
@@ -106,6 +113,8 @@ def clip_scores(embedder, ref_images, tgt_images, ref_captions, tgt_captions) ->
 
 
 def _generators(device: str, seed: int, indices: list[int]) -> list[torch.Generator]:
+    import torch
+
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in indices]
 
 
@@ -138,7 +147,10 @@ def realise_batch(records: list[dict[str, Any]], indices: list[int], seed: int, 
         image_guidance_scale=config.image_guidance,
         generator=_generators(device, seed + 1, indices),
     ).images
-    embedder = _filter_embedder(json.dumps(config.filter_embedder, sort_keys=True))
+    from fusion_diff.embedding.factory import with_runtime
+
+    spec = with_runtime(config.filter_embedder, device, str(dtype).removeprefix("torch."))  # the filter follows the job
+    embedder = _filter_embedder(json.dumps(spec, sort_keys=True))
     directional, image_similarity = clip_scores(
         embedder, references, targets, [r["reference_caption"] for r in records], [r["target_caption"] for r in records]
     )
@@ -176,8 +188,12 @@ def realise_triplets(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
-    """Realise a caption-edit triplet set (``synth corpus`` output) into a triplet set with images."""
+    """Realise a caption-edit triplet set (``synth corpus`` output) into a triplet set with images.
+
+    ``processes``: under ``accelerate launch``, each process (one per GPU) realises its own source shards.
+    """
     config = config or RealiseConfig()
     source_dir = Path(source_dir).resolve()
     source = load_manifest(source_dir)
@@ -200,4 +216,5 @@ def realise_triplets(
         overwrite=overwrite,
         progress=progress,
         unit="shard",
+        processes=processes,
     )

@@ -12,11 +12,13 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.errors import ConfigError, MissingFileError
-from fusion_diff.retrieval.method import RetrievalMethod
+
+if TYPE_CHECKING:  # torch: imported when a method is built, not when the CLI lists the names
+    from fusion_diff.embedding.base import JointEmbedder
+    from fusion_diff.retrieval.method import RetrievalMethod
 
 # name -> ("module:attribute[.attribute]", what the query is)
 METHODS: dict[str, tuple[str, str]] = {
@@ -113,6 +115,8 @@ def create_method(name: str, /, *, embedder: JointEmbedder | None = None, **opti
             pipeline.bind_embedder(embedder)
         options["pipeline"] = pipeline
     method = method_factory(name)(**options)
+    from fusion_diff.retrieval.method import RetrievalMethod
+
     if not isinstance(method, RetrievalMethod):
         raise ConfigError(
             f"{METHODS[name][0]} did not build a RetrievalMethod (name, gallery_mode, protocol, query_embeddings)."

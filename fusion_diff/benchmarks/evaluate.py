@@ -122,6 +122,7 @@ class Evaluator:
         batch_size: int = 64,
         query_batch_size: int | None = None,
         progress: bool = True,
+        device: str = "cpu",
     ) -> None:
         self.units = [data] if isinstance(data, BenchmarkData) else list(data)
         if not self.units or len({(u.benchmark, u.split) for u in self.units}) != 1:
@@ -137,6 +138,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.query_batch_size = query_batch_size  # None: all queries in one call (methods batch internally)
         self.progress = progress
+        self.device = device  # where the exact gallery search runs (faiss searches on the CPU)
         self._backbone_key = identity_digest(embedder.identity.as_dict())
         self._image_tables: dict[str, EmbeddingTable] = {}
 
@@ -294,6 +296,8 @@ class Evaluator:
             gallery_embeds = self.fused(unit, gallery)
         else:
             gallery_embeds = self.image_table(unit).lookup(gallery)
+        if self.index_backend == "exact":
+            gallery_embeds = gallery_embeds.to(self.device)
         index = build_index(gallery_embeds, gallery, backend=self.index_backend)
         query_embeds = self.query_embeddings(method, unit, queries)
 

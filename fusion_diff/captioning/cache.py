@@ -29,8 +29,10 @@ from fusion_diff.captioning.base import Captioner, identity_digest
 from fusion_diff.captioning.retrieval import RetrievalCaptioner
 from fusion_diff.embedding.base import ImageInput, upgrade_identity
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.utils.image_sources import batches_of, loaded_batches
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir
+from fusion_diff.utils.sharding import SaveClock
 
 CAPTION_CACHE_KIND = "fusion_diff.captions"
 CAPTION_CACHE_VERSION = 1
@@ -177,16 +179,20 @@ def caption_with_cache(
     images: Sequence[ImageInput],
     cache: CaptionCache | str | os.PathLike | None = None,
     batch_size: int = 32,
-    progress: bool = False,
-    chunk_size: int = 1024,
+    progress: bool | tqdm = False,
+    chunk_size: int = 256,
     image_embeds: torch.Tensor | None = None,
+    save_seconds: float = 60.0,
+    num_workers: int = 0,
 ) -> list[str]:
     """Captions of ``images`` (aligned with ``ids``), computing only those the cache lacks.
 
-    Work goes chunk by chunk (``chunk_size`` images), each chunk flushed to the cache file, so an
-    interrupted run resumes where it stopped. ``cache`` may be a ``CaptionCache``, a path, or None
-    (in memory). ``image_embeds`` (aligned with ``ids``) may pass precomputed ``f(I)`` of the
-    captioner's own embedder to a ``RetrievalCaptioner``, which then skips re-embedding.
+    The cache file is saved every ``chunk_size`` new captions or every ``save_seconds``, whichever
+    comes first, so an interrupted run loses at most that much and resumes where it stopped.
+    ``cache`` may be a ``CaptionCache``, a path, or None (in memory). ``images`` are decoded by
+    ``num_workers`` DataLoader workers. ``image_embeds`` (aligned with ``ids``) may pass precomputed
+    ``f(I)`` of the captioner's own embedder to a ``RetrievalCaptioner``, which then skips
+    re-embedding. ``progress``: show a bar (with the remaining time), or update the given one.
     """
     if len(ids) != len(images):
         raise ValueError(f"{len(ids)} ids but {len(images)} images")
@@ -203,18 +209,28 @@ def caption_with_cache(
     for n, image_id in enumerate(ids):
         position.setdefault(image_id, n)  # an id seen twice is captioned from its first image
     todo = cache.missing(ids)
-    with tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress) as bar:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            rows = [position[i] for i in chunk]
-            if use_embeds:
-                candidates = captioner.rank(image_embeds[torch.tensor(rows)])
-                bar.update(len(rows))
-            else:
-                candidates = []
-                for first in range(0, len(rows), batch_size):  # batch by batch, for a live progress bar
-                    batch = [images[r] for r in rows[first : first + batch_size]]
-                    candidates.extend(captioner.caption_candidates(batch, batch_size=batch_size))
-                    bar.update(len(batch))
-            cache.add(chunk, candidates)  # one atomic flush per chunk: the unit of resumption
+    clock = SaveClock(chunk_size, save_seconds)
+    own_bar = not isinstance(progress, tqdm)
+    bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress) if own_bar else progress
+    try:
+        if use_embeds:  # no images to read: rank chunk by chunk
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start : start + chunk_size]
+                cache.add(chunk, captioner.rank(image_embeds[torch.tensor([position[i] for i in chunk])]))
+                bar.update(len(chunk))
+        else:
+            rows = [position[i] for i in todo]  # batches never straddle a save point
+            batches = [b for start in range(0, len(rows), chunk_size) for b in batches_of(rows[start : start + chunk_size], batch_size)]
+            done = 0
+            for batch in loaded_batches(images, batches, num_workers):
+                chunk = todo[done : done + len(batch)]
+                cache.add(chunk, captioner.caption_candidates(batch, batch_size=batch_size), flush=False)
+                done += len(batch)
+                bar.update(len(batch))
+                if clock.tick(len(batch)):
+                    cache.flush()  # atomic: the unit of resumption
+            cache.flush()
+    finally:
+        if own_bar:
+            bar.close()
     return cache.captions(ids)

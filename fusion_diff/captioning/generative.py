@@ -23,6 +23,7 @@ from fusion_diff.captioning.base import Captioner
 from fusion_diff.embedding.base import ImageInput
 from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import ConfigError, MissingFileError
+from fusion_diff.utils.runtime import announce
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_GENERATION: dict[str, Any] = {"max_new_tokens": 30, "num_beams": 3}
@@ -60,6 +61,7 @@ class GenerativeCaptioner(Captioner):
         self.model_id = str(model_id_or_path)
         self.device = torch.device(device)
         self.dtype = dtype
+        announce(f"captioner {self.model_id}", self.device, dtype)
         self.prompt = prompt
         self.num_candidates = num_candidates
         try:

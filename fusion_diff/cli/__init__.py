@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "viz",  # joint-space plots
     "bench",  # speed benchmarks
     "serve",  # the composed-search web page
+    "smoke",  # every heavy path once, with throughput
 )
 
 
@@ -42,7 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_progress_notes() -> None:
+    """The library's INFO lines (which model runs where, in what precision) go to stderr for the CLI."""
+    import logging
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # no-op when logging is set up already
+    logging.getLogger("fusion_diff").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_progress_notes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

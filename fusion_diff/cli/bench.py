@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-import torch
-
 from fusion_diff.errors import MissingFileError
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
@@ -34,6 +32,8 @@ def load_script(name: str) -> ModuleType:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     torch.set_num_threads(args.threads)
     results: dict[str, object] = {}
     sampling = load_script("bench_sampling")

@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fusion_diff.captioning import CaptionCache, Captioner, caption_with_cache, create_captioner
-from fusion_diff.cli.embed import IMAGE_SUFFIXES, add_embedder_args
-from fusion_diff.embedding.base import JointEmbedder
+from fusion_diff.cli.embed import add_embedder_args
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
+from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
+
+if TYPE_CHECKING:  # the captioners import torch and transformers: only when a command runs
+    from fusion_diff.captioning import Captioner
+    from fusion_diff.embedding.base import JointEmbedder
+    from fusion_diff.utils.sharding import Processes
 
 
 def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True) -> None:
@@ -49,12 +54,17 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
         "--caption-num-beams", type=int, help="generative: beam width (default: the checkpoint's, else 3)"
     )
     group.add_argument(
-        "--caption-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generative: precision"
+        "--caption-dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="generative: precision (default: the command's --dtype where it has one, else fp32)",
     )
 
 
 def captioner_from_args(args: argparse.Namespace, embedder: JointEmbedder | None) -> Captioner | None:
     """The captioner named by ``add_captioner_args`` flags (None for ``--captioner none``)."""
+    from fusion_diff.captioning import create_captioner
+
     return create_captioner(captioner_spec(args), embedder)
 
 
@@ -85,7 +95,7 @@ def captioner_spec(args: argparse.Namespace) -> dict | None:
         "type": "generative",
         "model": args.captioner_model,
         "device": getattr(args, "device", "cpu"),
-        "dtype": args.caption_dtype,
+        "dtype": args.caption_dtype or getattr(args, "dtype", None) or "fp32",
         "prompt": args.caption_prompt,
         "num_candidates": args.caption_top_k,
         "generation": {
@@ -95,6 +105,16 @@ def captioner_spec(args: argparse.Namespace) -> dict | None:
         },
     }
     return spec
+
+
+def prepare_captioner(captioner: Captioner | None, processes: Processes) -> None:
+    """Fill a retrieval captioner's bank-embedding cache on the main process first, so that the processes of a
+    sharded job read it instead of all writing it at once."""
+    from fusion_diff.captioning import RetrievalCaptioner
+
+    if isinstance(captioner, RetrievalCaptioner):
+        with processes.main_first():
+            captioner.bank_embeddings()
 
 
 def image_folder(root: Path) -> tuple[list[str], list[Path]]:
@@ -113,15 +133,33 @@ def image_folder(root: Path) -> tuple[list[str], list[Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusion_diff.captioning.job import caption_sharded
     from fusion_diff.cli.eval import build_backbone  # --model world (default) or any embedder
+    from fusion_diff.utils.sharding import Processes
 
-    ids, paths = image_folder(Path(args.images))
+    processes = Processes.current()
+    args.device = processes.device(args.device)
+    ids, images = tar_images(args.images) if is_tar_source(args.images) else image_folder(Path(args.images))
     captioner = captioner_from_args(args, build_backbone(args) if args.captioner == "retrieval" else None)
     assert captioner is not None
-    cache = CaptionCache.open(args.out, captioner.identity)
-    before = len(cache)
-    caption_with_cache(captioner, ids, paths, cache, batch_size=args.batch_size, progress=True)
-    print(f"{len(ids)} images captioned ({len(cache) - before} new) by {captioner.describe()} -> {args.out}")
+    prepare_captioner(captioner, processes)
+    _, new = caption_sharded(
+        captioner,
+        ids,
+        images,
+        args.out,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        save_every=args.save_every,
+        save_seconds=args.save_seconds,
+        num_workers=args.num_workers,
+        processes=processes,
+    )
+    if processes.is_main:
+        print(
+            f"{len(ids)} images captioned ({new} new) by {captioner.describe()} in {processes.world_size} "
+            f"process(es) -> {args.out}"
+        )
     return 0
 
 
@@ -133,12 +171,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Caption every image under --images into a caption cache (JSON: {image id (file stem): caption}, plus "
             "the captioner's identity). The file is rewritten atomically after each chunk; running the command "
             "again resumes, and a file made by another captioner is refused. The retrieval captioner ranks the "
-            "bank with the embedder (--model world, the default, is the shapes world's backbone)."
+            "bank with the embedder (--model world, the default, is the shapes world's backbone). Under "
+            "`accelerate launch -m fusion_diff.cli caption ...` each process captions its own chunks into "
+            "<out>.parts/ and the main process merges them; work saved before a crash is kept."
         ),
     )
-    parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="folder of images (searched recursively; id = file stem) or webdataset tar shards (a .tar path, glob, "
+        "{000..099} range or fsspec URL; id = sample key)",
+    )
     parser.add_argument("--out", required=True, help="caption cache file to write or resume (.json)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument(
+        "--chunk-size", type=int, default=1024, help="images per work unit (the unit of sharding between processes)"
+    )
+    parser.add_argument("--save-every", type=int, default=256, help="save the work done every this many images...")
+    parser.add_argument("--save-seconds", type=float, default=60.0, help="...or every this many seconds")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
     add_captioner_args(parser, allow_none=False)
     add_embedder_args(parser, required=False)
     parser.set_defaults(func=run)

@@ -1,19 +1,23 @@
-"""``fusion-diff embed images|texts|pairs``: embed files into an embedding cache (resumable)."""
+"""``fusion-diff embed images|texts|pairs``: embed files into an embedding cache (resumable, sharded by process).
+
+Run alone, or as ``accelerate launch -m fusion_diff.cli embed ...`` on N processes/GPUs: each process
+embeds its own chunks and the main one lists them (``fusion_diff.embedding.job``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fusion_diff.embedding import EmbeddingCache, JointEmbedder, create_embedder, embed_with_cache
 from fusion_diff.errors import DataError, MissingFileError
+from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a command runs
+    import torch
+
+    from fusion_diff.embedding import JointEmbedder
 
 
 def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -41,6 +45,8 @@ def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) ->
 
 def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
     """Build the embedder named by ``add_embedder_args`` flags."""
+    from fusion_diff.embedding.factory import create_embedder
+
     return create_embedder(embedder_spec(args))
 
 
@@ -79,8 +85,12 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     return records
 
 
-def _image_inputs(source: Path) -> tuple[list[str], list[Path]]:
-    """(ids, paths) from a folder (id = path relative to it, without suffix) or a JSONL of {"id", "image"}."""
+def _image_inputs(name: str) -> tuple[list[str], list[Any]]:
+    """(ids, images) from a folder (id = path relative to it, without suffix), tar shards (id = sample key)
+    or a JSONL of {"id", "image"}."""
+    if is_tar_source(name):
+        return tar_images(name)
+    source = Path(name)
     if source.is_dir():
         paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
@@ -101,29 +111,45 @@ def _text_inputs(source: Path) -> tuple[list[str], list[str]]:
     return [str(i) for i in range(len(lines))], lines
 
 
-def _embed_pair_batch(embedder: JointEmbedder, batch_size: int, batch: list[tuple[Path, str]]) -> torch.Tensor:
-    return embedder.embed_pairs([image for image, _ in batch], [text for _, text in batch], batch_size)
-
-
 def run(args: argparse.Namespace) -> int:
+    from fusion_diff.embedding.job import embed_sharded
+    from fusion_diff.utils.sharding import Processes
+
+    processes = Processes.current()
+    args.device = processes.device(args.device)
     embedder = embedder_from_args(args)
     if args.kind == "images":
-        ids, items = _image_inputs(Path(args.images))
-        kind, embed_fn = "image", partial(embedder.embed_images, batch_size=args.batch_size)
+        ids, items = _image_inputs(args.images)
+        kind = "image"
+
+        def embed_batch(batch: list[Any]) -> torch.Tensor:
+            return embedder.embed_images(batch, batch_size=len(batch))
+
     elif args.kind == "texts":
         ids, items = _text_inputs(Path(args.texts))
-        kind, embed_fn = "text", partial(embedder.embed_texts, batch_size=args.batch_size)
+        kind = "text"
+
+        def embed_batch(batch: list[Any]) -> torch.Tensor:
+            return embedder.embed_texts(batch, batch_size=len(batch))
+
     else:
         source = Path(args.pairs)
         records = read_jsonl(source, ("id", "image", "text"))
         ids, items = [str(r["id"]) for r in records], [(source.parent / r["image"], r["text"]) for r in records]
-        kind, embed_fn = "fused", partial(_embed_pair_batch, embedder, args.batch_size)
-    cache = EmbeddingCache.open(args.out, {**embedder.identity.as_dict(), "kind": kind})
-    before = len(cache)
-    embed_with_cache(cache, ids, items, embed_fn, batch_size=args.chunk_size, progress=True)
-    print(
-        f"{args.out}: {len(cache)} {kind} embeddings ({len(cache) - before} new, dim {cache.dim}) by {embedder.identity.describe()}"
+        kind = "fused"
+
+        def embed_batch(batch: list[Any]) -> torch.Tensor:
+            return embedder.embed_pairs([i for i, _ in batch], [t for _, t in batch], batch_size=len(batch))
+
+    identity = {**embedder.identity.as_dict(), "kind": kind}
+    cache, new = embed_sharded(
+        args.out, identity, ids, items, embed_batch, args.chunk_size, args.batch_size, args.num_workers, processes
     )
+    if processes.is_main:
+        print(
+            f"{args.out}: {len(cache)} {kind} embeddings ({new} new, dim {cache.dim}) by "
+            f"{embedder.identity.describe()} in {processes.world_size} process(es)"
+        )
     return 0
 
 
@@ -136,7 +162,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     specs = {
-        "images": ("--images", 'folder of images (id = relative path without suffix) or JSONL of {"id", "image"}'),
+        "images": (
+            "--images",
+            (
+                "folder of images (id = relative path without suffix), webdataset tar shards (a .tar path, glob, "
+                '{000..099} range or fsspec URL; id = sample key) or JSONL of {"id", "image"}'
+            ),
+        ),
         "texts": ("--texts", 'JSONL of {"id", "text"} or a text file with one text per line (id = line number)'),
         "pairs": ("--pairs", 'JSONL of {"id", "image", "text"}: fused f(I, T) embeddings'),
     }
@@ -145,6 +177,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument(flag, required=True, help=help_text)
         sub.add_argument("--out", required=True, help="cache folder (created, or resumed if it exists)")
         sub.add_argument("--batch-size", type=int, default=64, help="model batch size")
-        sub.add_argument("--chunk-size", type=int, default=4096, help="items per cache shard (the unit of resumption)")
+        sub.add_argument(
+            "--chunk-size", type=int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
+        )
+        sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
         add_embedder_args(sub)
         sub.set_defaults(func=run)

@@ -161,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
     embedder = build_backbone(args)
     # Before anything is embedded: a pipeline trained on another backbone is refused here.
     methods = [build_method(name, options[name], args, units, embedder) for name in args.method]
+    for method in methods:  # sampling methods run their pipeline on --device, like every model of the job
+        if getattr(method, "pipeline", None) is not None:
+            method.pipeline.to(args.device)
     evaluator = Evaluator(
         units,
         embedder,
@@ -170,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         circo_shared_concept=args.circo_shared_concept,
         index_backend=args.index,
         batch_size=args.batch_size,
+        device=args.device,
     )
     out = Path(args.out)
     stem = f"{args.benchmark}-{units[0].split}" + (f"-{args.phrasing}-phrasing" if args.phrasing != "benchmark" else "")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fusion_diff.cli.embed import add_embedder_args, embedder_from_args, read_jsonl
-from fusion_diff.embedding import EmbeddingCache
 from fusion_diff.errors import DataError
-from fusion_diff.pipelines import Emb2EmbMethod, FusionDiffMethod, FusionDiffPipeline
-from fusion_diff.retrieval.method import QueryContext
+
+if TYPE_CHECKING:  # the pipelines import torch and diffusers: only when the command runs
+    from fusion_diff.pipelines import Emb2EmbMethod, FusionDiffMethod, FusionDiffPipeline
 
 
 def _method(args: argparse.Namespace, pipeline: FusionDiffPipeline) -> FusionDiffMethod | Emb2EmbMethod:
+    from fusion_diff.pipelines import Emb2EmbMethod, FusionDiffMethod
+
     shared = dict(
         num_inference_steps=args.steps,
         text_guidance=args.text_guidance,
@@ -29,6 +32,10 @@ def _method(args: argparse.Namespace, pipeline: FusionDiffPipeline) -> FusionDif
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusion_diff.embedding import EmbeddingCache
+    from fusion_diff.pipelines import FusionDiffPipeline
+    from fusion_diff.retrieval.method import QueryContext
+
     embedder = embedder_from_args(args)
     pipeline = FusionDiffPipeline.from_pretrained(args.pipeline, embedder=embedder)
     if args.sampler:

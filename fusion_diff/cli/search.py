@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 
 from fusion_diff.cli.embed import add_embedder_args, embedder_from_args
-from fusion_diff.embedding import EmbeddingCache
 from fusion_diff.errors import CacheMismatchError, ConfigError
-from fusion_diff.retrieval import build_index
 from fusion_diff.utils.io import atomic_path
 
 # identity keys that must agree for two embeddings to live in the same space
@@ -30,6 +28,9 @@ def check_same_space(gallery: dict, queries: dict, where: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusion_diff.embedding import EmbeddingCache
+    from fusion_diff.retrieval import build_index
+
     gallery = EmbeddingCache.read(args.gallery)
     gallery_ids, gallery_embeds = gallery.load()
     if args.queries:

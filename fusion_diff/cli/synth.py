@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusion_diff.cli.caption import add_captioner_args, captioner_from_args
+from fusion_diff.cli.caption import add_captioner_args, captioner_from_args, prepare_captioner
 from fusion_diff.errors import ConfigError
 
 if TYPE_CHECKING:  # the embedding package imports open_clip: only load it for embed-triplets
@@ -59,6 +59,10 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 def run_realise(args: argparse.Namespace) -> int:
     from data_synth.triplets.realise import RealiseConfig, realise_triplets
+    from fusion_diff.utils.sharding import Processes
+
+    processes = Processes.current()
+    args.device = processes.device(args.device or ("cuda" if processes.state.device.type == "cuda" else None))
 
     filter_spec = json.loads(args.filter_embedder) if args.filter_embedder else RealiseConfig().filter_embedder
     config = RealiseConfig(
@@ -76,8 +80,11 @@ def run_realise(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    manifest = realise_triplets(args.triplets, args.out, config, seed=args.seed, overwrite=args.overwrite)
-    print(_summary(manifest, args.out))
+    manifest = realise_triplets(
+        args.triplets, args.out, config, seed=args.seed, overwrite=args.overwrite, processes=processes
+    )
+    if processes.is_main:
+        print(_summary(manifest, args.out))
     return 0
 
 
@@ -90,31 +97,41 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
-    """The shapes world's backbone (default) or any embedder spec given as JSON."""
+    """The shapes world's backbone (default) or any embedder spec given as JSON, on ``--device`` / ``--dtype``."""
     if args.embedder == "world":
         from data_synth.shapes.backbone import load_world_embedder
 
         return load_world_embedder(train_if_missing=False, fusion_weight=args.fusion_weight)
-    from fusion_diff.embedding.factory import create_embedder
+    from fusion_diff.embedding.factory import create_embedder, with_runtime
 
     try:
         spec = json.loads(Path(args.embedder).read_text() if Path(args.embedder).is_file() else args.embedder)
     except json.JSONDecodeError as err:
         raise ConfigError(f"--embedder must be 'world', a JSON spec or a JSON file ({err}).") from err
-    return create_embedder(spec)
+    return create_embedder(with_runtime(spec, args.device, args.dtype))
 
 
 def run_embed(args: argparse.Namespace) -> int:
     import time
 
     from data_synth.triplets.embed import embed_triplets
+    from fusion_diff.utils.sharding import Processes
 
+    processes = Processes.current()
+    args.device = processes.device(args.device)
     embedder = embedder_from_args(args)
     captioner = captioner_from_args(args, embedder)
+    prepare_captioner(captioner, processes)
     start = time.perf_counter()
-    caches = embed_triplets(args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner)
+    caches = embed_triplets(
+        args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner, processes=processes
+    )
     sizes = ", ".join(f"{name} {len(cache)}" for name, cache in caches.items())
-    print(f"embedded with {embedder.identity.describe()} in {time.perf_counter() - start:.1f} s: {sizes} -> {args.out}")
+    if processes.is_main:
+        print(
+            f"embedded with {embedder.identity.describe()} in {processes.world_size} process(es), "
+            f"{time.perf_counter() - start:.1f} s: {sizes} -> {args.out}"
+        )
     return 0
 
 
@@ -237,5 +254,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             '\'{"backend": "openclip", "model_name": "ViT-L-14", "pretrained": "openai"}\'')
     embed.add_argument("--fusion-weight", type=float, default=0.5, help="image weight a of the world backbone's fusion")
     embed.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
+    embed.add_argument("--device", default="cpu", help="torch device of the embedder and the captioner (cpu, cuda)")
+    embed.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="precision of the embedder and the captioner"
+    )
     add_captioner_args(embed)
     embed.set_defaults(func=run_embed)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from fusion_diff.viz import PROJECTIONS, VIZ_FILE, load_viz_inputs, render_figures
-
 
 def run(args: argparse.Namespace) -> int:
+    from fusion_diff.viz import load_viz_inputs, render_figures
+
     written = render_figures(
         load_viz_inputs(args.inputs), args.out, max_queries=args.max_queries, num_neighbors=args.neighbors,
         method=args.method, seed=args.seed,
@@ -26,16 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(reference -> generated query -> target per query, with each query's nearest gallery items) and, "
             "when a trajectory is present, trajectory.png (z through the sampling steps, and its cosine to the "
             "target per step). Input: a .safetensors file with tensors reference [Q,d], query [Q,d], target [Q,d], "
-            f"optional gallery [N,d] and trajectory [steps,Q,d]; or a results folder holding {VIZ_FILE} "
-            "(written by fusion_diff.viz.save_viz_inputs, e.g. by the demo)."
+            "optional gallery [N,d] and trajectory [steps,Q,d]; or a results folder holding the file that "
+            "fusion_diff.viz.save_viz_inputs writes (e.g. the demo's)."
         ),
     )
     parser.add_argument(
-        "--inputs", required=True, help=f"a viz .safetensors file, or a results folder holding {VIZ_FILE}"
+        "--inputs", required=True, help="a viz .safetensors file, or a results folder holding one"
     )
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     parser.add_argument(
-        "--method", choices=PROJECTIONS, default="auto", help="2-D projection (auto: umap if installed, else tsne)"
+        "--method",
+        default="auto",
+        help="2-D projection: auto (umap if installed, else tsne) or one of fusion_diff.viz.PROJECTIONS (checked "
+        "when the command runs, so that --help loads no plotting library)",
     )
     parser.add_argument("--max-queries", type=int, default=12, help="plot the first N queries (more gets unreadable)")
     parser.add_argument("--neighbors", type=int, default=5, help="nearest gallery items shown per query (0: none)")

@@ -13,7 +13,9 @@ pages in lazily (``compact()`` merges shards into one). A shard that was renamed
 not yet listed in the manifest (a crash between the two writes) is complete by construction and is
 adopted on the next ``open``.
 
-One writer at a time per cache folder (no locking).
+One writer of the manifest at a time per cache folder (no locking). Several processes of a sharded
+job (``fusion_diff.embedding.job``) may each write shards of their own numbers with ``write_shard``;
+the main process then lists them all by re-opening the cache.
 """
 
 from __future__ import annotations
@@ -66,12 +68,23 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: str | os.PathLike, identity: dict[str, Any], create: bool = True) -> EmbeddingCache:
+    def open(
+        cls,
+        root: str | os.PathLike,
+        identity: dict[str, Any],
+        create: bool = True,
+        repair: bool = False,
+        expect_unlisted: bool = False,
+    ) -> EmbeddingCache:
         """Open (or create) the cache at ``root`` for ``identity``; a cache made by anything else is refused.
 
         ``identity`` is the embedder's ``identity.as_dict()`` plus what else defines the vectors
         (``kind``: "image" / "text" / "fused", a captioner id, ...). Its ``dim`` key, when present,
-        fixes the embedding size.
+        fixes the embedding size. ``repair`` (for the jobs that write the cache): drop missing or
+        corrupt shards from the manifest, with a warning, so that their ids are computed again;
+        readers keep ``repair=False`` and are refused such a cache. ``expect_unlisted``: the shards
+        that the manifest does not list were written by the processes of a job (``write_shard``),
+        not left by a crash, so adopting them is not worth a warning.
         """
         root = Path(root)
         identity = _canonical(identity)
@@ -99,8 +112,11 @@ class EmbeddingCache:
                 f"Embedding cache {root} was made by another embedder or setting ({diffs}). Delete {root} to rebuild "
                 "it, or point to a cache directory of its own for this embedder."
             )
-        cache = cls(root, stored, manifest.get("dim"), manifest["shards"])
-        if cache._adopt_orphans():
+        shards = manifest["shards"]
+        if repair:
+            shards = cls._readable(root, shards)
+        cache = cls(root, stored, manifest.get("dim"), shards)
+        if cache._adopt_orphans(repair, quiet=expect_unlisted) or len(shards) != len(manifest["shards"]):
             cache._write_manifest()
         return cache
 
@@ -113,6 +129,20 @@ class EmbeddingCache:
                 f"{Path(root) / MANIFEST} is not an embedding cache manifest. Point to a folder made by fusion-diff embed."
             )
         return cls.open(root, manifest["identity"], create=False)
+
+    @classmethod
+    def _readable(cls, root: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The listed shards that can be read; the others are named in a warning and left out."""
+        kept = []
+        for shard in shards:
+            try:
+                cls._read_ids(root / shard["file"])
+            except DataError as err:
+                logger.warning("%s Its ids will be computed again.", err)
+                (root / shard["file"]).unlink(missing_ok=True)
+                continue
+            kept.append(shard)
+        return kept
 
     @staticmethod
     def _read_ids(path: Path) -> list[str]:
@@ -128,12 +158,14 @@ class EmbeddingCache:
                 f"Embedding cache shard {path} is corrupt ({err}). Delete {path.parent} and rebuild."
             ) from err
 
-    def _adopt_orphans(self) -> int:
+    def _adopt_orphans(self, repair: bool = False, quiet: bool = False) -> int:
         """Reconcile shards the manifest does not list, left by a crash between two atomic writes.
 
         A shard whose ids are all cached already is a leftover of ``compact`` (its rows live on in
-        another shard) and is removed; a shard of new ids was appended just before the crash and is
-        adopted. Anything else cannot be explained and is refused.
+        another shard) and is removed; a shard of new ids was appended just before the crash (or
+        written by a process of a sharded job) and is adopted, in shard-number order. With
+        ``repair``, an unreadable one is removed (it was never listed: nothing is lost). Anything
+        else cannot be explained and is refused.
         """
         listed = {shard["file"] for shard in self._shards}
         orphans = sorted(
@@ -141,7 +173,14 @@ class EmbeddingCache:
         )
         adopted = 0
         for path in orphans:
-            ids = self._read_ids(path)
+            try:
+                ids = self._read_ids(path)
+            except DataError as err:
+                if not repair:
+                    raise
+                logger.warning("%s Removed; its ids will be computed again.", err)
+                path.unlink()
+                continue
             if self._index.keys() >= set(ids):
                 path.unlink()
                 continue
@@ -155,7 +194,7 @@ class EmbeddingCache:
             self._dim = shape[1]
             self._register(path.name, ids)
             adopted += 1
-        if orphans:
+        if orphans and not quiet:
             logger.warning(
                 "%s: adopted %d shard(s) of an interrupted append, removed %d leftover(s) of an interrupted compact.",
                 self.root,
@@ -215,15 +254,24 @@ class EmbeddingCache:
             )
         if not ids:
             return
-        name = f"shard-{self._next_shard_number():05d}.safetensors"
-        tensor = embeds.detach().to("cpu", torch.float32).contiguous()
-        with atomic_path(self.root / name) as tmp:
-            save_file({_TENSOR: tensor}, str(tmp), metadata={"ids": json.dumps(ids)})
-        self._dim = tensor.shape[1]
+        name = self.write_shard(self.next_shard_number(), ids, embeds)
+        self._dim = embeds.shape[1]
         self._register(name, ids)
         self._write_manifest()
 
-    def _next_shard_number(self) -> int:
+    def write_shard(self, number: int, ids: Sequence[str], embeds: torch.Tensor) -> str:
+        """Write shard ``number`` (atomically) without listing it: the next ``open`` adopts it.
+
+        This is how the processes of a sharded job write side by side: each writes the numbers of
+        its own work units and only the main process touches the manifest.
+        """
+        name = f"shard-{number:05d}.safetensors"
+        tensor = embeds.detach().to("cpu", torch.float32).contiguous()
+        with atomic_path(self.root / name) as tmp:
+            save_file({_TENSOR: tensor}, str(tmp), metadata={"ids": json.dumps([str(i) for i in ids])})
+        return name
+
+    def next_shard_number(self) -> int:
         numbers = [int(m.group(1)) for p in self.root.glob("shard-*.safetensors") if (m := _SHARD_RE.match(p.name))]
         return max(numbers, default=-1) + 1
 
@@ -234,7 +282,7 @@ class EmbeddingCache:
         ids, embeds = self.load()
         old = [self.root / shard["file"] for shard in self._shards]
         self._shards, self._shard_ids, self._index = [], [], {}
-        name = f"shard-{self._next_shard_number():05d}.safetensors"
+        name = f"shard-{self.next_shard_number():05d}.safetensors"
         with atomic_path(self.root / name) as tmp:
             save_file({_TENSOR: embeds.contiguous()}, str(tmp), metadata={"ids": json.dumps(ids)})
         self._register(name, ids)

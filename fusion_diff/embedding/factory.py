@@ -33,3 +33,31 @@ def create_embedder(spec: dict[str, Any]) -> JointEmbedder:
     if unknown:
         raise ConfigError(f"Unknown key(s) {unknown} for the {backend!r} embedder; accepted: {sorted(accepted)}.")
     return cls(**spec)
+
+
+# precision spellings -> (open_clip ``precision``, torch dtype name used by the VLM backend)
+_PRECISIONS = {
+    "fp32": ("fp32", "float32"),
+    "float32": ("fp32", "float32"),
+    "fp16": ("fp16", "float16"),
+    "float16": ("fp16", "float16"),
+    "bf16": ("bf16", "bfloat16"),
+    "bfloat16": ("bf16", "bfloat16"),
+}
+
+
+def with_runtime(spec: dict[str, Any], device: str | None, dtype: str | None) -> dict[str, Any]:
+    """``spec`` with the job's device and precision filled in where the spec does not set them itself,
+    so that every model of a job follows its ``--device`` / ``--dtype``."""
+    spec = dict(spec)
+    if device is not None:
+        spec.setdefault("device", device)
+    if dtype is not None:
+        if dtype not in _PRECISIONS:
+            raise ConfigError(f"Unknown precision {dtype!r}; use one of {sorted(_PRECISIONS)}.")
+        openclip_name, torch_name = _PRECISIONS[dtype]
+        if spec.get("backend", "openclip") == "openclip":
+            spec.setdefault("precision", openclip_name)
+        else:
+            spec.setdefault("dtype", torch_name)
+    return spec

@@ -22,6 +22,7 @@ from fusion_diff.embedding.images import as_rgb, embed_in_batches
 from fusion_diff.embedding.registry import ensure_registered
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.utils.io import atomic_path
+from fusion_diff.utils.runtime import announce
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _PRECISIONS = ("fp32", "fp16", "bf16")
@@ -117,6 +118,7 @@ class OpenCLIPEmbedder(JointEmbedder):
         self.model_name = model_name
         self.fusion_weight = float(fusion_weight)
         self.device = torch.device(device)
+        announce(f"open_clip {model_name} embedder", self.device, precision)
         checkpoint, tag = self._resolve_pretrained(model_name, pretrained)
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(

@@ -19,6 +19,7 @@ from fusion_diff.embedding.base import EmbedderIdentity, ImageInput, JointEmbedd
 from fusion_diff.embedding.images import as_rgb, embed_in_batches
 from fusion_diff.embedding.openclip import checkpoint_fingerprint
 from fusion_diff.errors import ConfigError, MissingFileError
+from fusion_diff.utils.runtime import announce
 
 DEFAULT_INSTRUCTION = "Summarize above {modality} in one word:"
 _MODALITY = {"image": "image", "text": "sentence", "pair": "image and sentence"}
@@ -51,6 +52,7 @@ class VLMEmbedder(JointEmbedder):
         self.instruction = instruction
         self.device = torch.device(device)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        announce(f"VLM embedder {self.model_id}", self.device, dtype)
         local = Path(self.model_id).is_dir()
         if not local and (self.model_id.startswith(("/", ".", "~")) or self.model_id.count("/") > 1):
             raise MissingFileError(f"VLM folder not found: {self.model_id}. Pass a save_pretrained folder or a hub id.")

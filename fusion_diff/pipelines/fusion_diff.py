@@ -27,6 +27,7 @@ from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
 from fusion_diff.models.prior import FusionPrior
 from fusion_diff.retrieval.method import check_mix_weight, mix_toward_reference
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
+from fusion_diff.utils.runtime import warn_slow_bf16_once
 
 # Denoiser compute precision -> autocast dtype (None: the weights' own dtype).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -358,6 +359,7 @@ class FusionDiffPipeline(DiffusionPipeline):
             raise ValueError("mix_reference > 0 needs the reference: pass control_embeds.")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
+        warn_slow_bf16_once(self.device, precision, "Fusion-Diff sampling")
         autocast = torch.autocast(
             self.device.type, dtype=PRECISIONS[precision], enabled=PRECISIONS[precision] is not None
         )

@@ -63,7 +63,7 @@ def mix_toward_reference(queries: torch.Tensor, reference: torch.Tensor, weight:
     check_mix_weight(weight)
     if weight == 0.0:
         return queries
-    mixed = (1 - weight) * queries + weight * F.normalize(reference.to(queries.dtype), dim=-1)
+    mixed = (1 - weight) * queries + weight * F.normalize(reference.to(queries.device, queries.dtype), dim=-1)
     return F.normalize(mixed, dim=-1)
 
 

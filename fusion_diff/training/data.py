@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -133,16 +134,24 @@ TRIPLET_FIELDS = ("reference_fused", "reference_image", "instruction_text", "tar
 
 
 def write_random_caches(
-    out_dir: str | os.PathLike, fields: Sequence[str], num: int, dim: int, seed: int = 0
+    out_dir: str | os.PathLike,
+    fields: Sequence[str],
+    num: int,
+    dim: int,
+    seed: int = 0,
+    embedder_identity: dict[str, Any] | None = None,
 ) -> list[str]:
     """Unit-norm Gaussian embeddings in one cache per field (shared ids): for tests and throughput benchmarks.
 
     ``fields`` is ``PAIR_FIELDS`` for a stage-1 set or ``TRIPLET_FIELDS`` for a stage-2 set.
+    ``embedder_identity``: label the caches as that embedder's (the smoke run's random stand-ins for its
+    embeddings, so that the trained pipeline evaluates with it); default a ``random`` backend.
     """
     generator = torch.Generator().manual_seed(seed)
     ids = [f"rand-{i:07d}" for i in range(num)]
+    base = embedder_identity or {"backend": "random", "model": "gaussian", "pretrained": None}
     for name in fields:
-        identity = {"backend": "random", "model": "gaussian", "pretrained": None, "dim": dim, "kind": name}
+        identity = {**base, "dim": dim, "kind": name}
         cache = EmbeddingCache.open(Path(out_dir) / name, identity)
         embeds = torch.randn(num, dim, generator=generator)
         cache.append(ids, torch.nn.functional.normalize(embeds, dim=-1))

@@ -11,7 +11,10 @@ Losses (Lin et al., SIGIR 2024), on one batch of images with their pseudo-words 
 
 The backbone is frozen, so its global features and patch tokens are computed once per image into
 an ``EmbeddingCache`` (resumable) and the caption sentences' text features likewise; a training step
-runs only the mapper and one batched text-tower pass over the ``3B`` pseudo-word prompts.
+runs only the mapper and one batched text-tower pass over the ``3B`` pseudo-word prompts. Patch
+tokens cost ~1 MB per image at ViT-L/14, so ``data.feature_mode: on_the_fly`` keeps only the small
+caption features and runs the frozen image tower on each batch instead (DataLoader workers decode
+and preprocess the images): more compute per step, no feature disk for 100K+ images.
 
 Captions: a shapes-world pair set carries the scene graph's split (``subject`` / ``attributes``);
 for a folder of real images a captioner (``fusion_diff.captioning``, e.g. BLIP through transformers)
@@ -37,6 +40,7 @@ from torch import nn
 from fusion_diff.captioning.base import identity_digest
 from fusion_diff.embedding.base import ImageInput, JointEmbedder
 from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
+from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.models.fti4cir import FTI4CIRMapper, FTI4CIRMapperOutput
 from fusion_diff.pipelines.fti4cir import (
@@ -47,6 +51,7 @@ from fusion_diff.pipelines.fti4cir import (
     backbone_identity,
     encode_images,
     pseudo_word_batch,
+    visual_features,
 )
 from fusion_diff.training.config import TrainConfig, require
 from fusion_diff.training.data import CachedEmbeddingDataset
@@ -100,6 +105,9 @@ class FTI4CIRModelConfig:
         return {name: getattr(self, name) for name in names}
 
 
+FEATURE_MODES = ("cached", "on_the_fly")
+
+
 @dataclass
 class FTI4CIRDataConfig:
     """Unlabeled training images: a pair set (``pair_dir``) or a folder of images captioned on the fly.
@@ -118,6 +126,7 @@ class FTI4CIRDataConfig:
     val_fraction: float = 0.02
     feature_cache: str | None = None  # default: <cache root>/fti4cir
     feature_batch_size: int = 64
+    feature_mode: str = "cached"  # cached: patch tokens on disk | on_the_fly: the frozen tower runs per batch
 
     def __post_init__(self) -> None:
         require((self.pair_dir is None) != (self.image_dir is None), "pair_dir", "or image_dir: set exactly one")
@@ -125,6 +134,7 @@ class FTI4CIRDataConfig:
         require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         require(self.max_images is None or self.max_images > 0, "max_images", "must be > 0 or null")
         require(self.feature_batch_size > 0, "feature_batch_size", "must be > 0")
+        require(self.feature_mode in FEATURE_MODES, "feature_mode", f"must be one of {FEATURE_MODES}")
 
 
 # --------------------------------------------------------------------------- captions
@@ -295,11 +305,33 @@ class FTI4CIRDataset(CachedEmbeddingDataset):
 
     Fields: ``image_embeds [d]`` (unit norm), ``patch_tokens [P, w]``, ``subject_prompt_ids [L]``
     ("a photo of * with {t}"), ``attribute_prefix_ids [L]`` ("a photo of {s} with"),
-    ``caption_embeds [d]`` (unit-norm features of "a photo of {s} with {t}").
+    ``caption_embeds [d]`` (unit-norm features of "a photo of {s} with {t}"). On the fly (``images``
+    and ``preprocess`` given), ``image_embeds`` and ``patch_tokens`` are not stored: batches carry the
+    preprocessed ``pixels [3, H, W]`` instead, and the task runs the frozen tower on them.
     """
 
-    def __init__(self, ids: list[str], tensors: dict[str, torch.Tensor], identities: dict[str, dict] | None = None):
+    def __init__(
+        self,
+        ids: list[str],
+        tensors: dict[str, torch.Tensor],
+        identities: dict[str, dict] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        preprocess: Any = None,
+    ):
         self.ids, self.tensors, self.identities = ids, tensors, identities or {}
+        self.images, self.preprocess = images, preprocess
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(index)
+        if self.images is not None:
+            item["pixels"] = self.preprocess(as_rgb(self.images[index]))
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = super().__getitems__(indices)
+        if self.images is not None:
+            batch["pixels"] = torch.stack([self.preprocess(as_rgb(self.images[i])) for i in indices])
+        return batch
 
 
 def _cached(
@@ -328,8 +360,10 @@ def build_fti4cir_dataset(
     images: TrainingImages,
     cache_root: Path,
     batch_size: int = 64,
+    feature_mode: str = "cached",
 ) -> FTI4CIRDataset:
-    """Features of every image (one pass of the frozen towers, cached) plus the tokenized prompts."""
+    """Features of every image (one pass of the frozen towers, cached; the image tower's only with
+    ``feature_mode="cached"``) plus the tokenized prompts."""
     model = embedder.model
     dims = backbone_dims(model)
     d, p, w = dims["embed_dim"], dims["num_patches"], dims["patch_dim"]
@@ -347,7 +381,6 @@ def build_fti4cir_dataset(
         "dim": d + p * w,
         "source": images.source,
     }
-    table = _cached(cache_root, visual_identity, images.ids, images.images, visual, batch_size * 16)
     sentences = [f"{s} | {t}" for s, t in zip(images.subjects, images.attributes)]
     text_identity = {
         **backbone,
@@ -365,12 +398,17 @@ def build_fti4cir_dataset(
     pairs = list(zip(images.subjects, images.attributes))
     caption_embeds = _cached(cache_root, text_identity, images.ids, pairs, caption_features, 1024)
     tensors = {
-        "image_embeds": table[:, :d],
-        "patch_tokens": table[:, d:].view(-1, p, w),  # a view: rows are copied once, by the split
         "subject_prompt_ids": prompter.subject_prompts(images.attributes),
         "attribute_prefix_ids": prompter.attribute_prefixes(images.subjects),
         "caption_embeds": caption_embeds,
     }
+    if feature_mode == "on_the_fly":
+        return FTI4CIRDataset(
+            images.ids, tensors, {"caption_embeds": text_identity}, list(images.images), embedder.preprocess
+        )
+    table = _cached(cache_root, visual_identity, images.ids, images.images, visual, batch_size * 16)
+    tensors["image_embeds"] = table[:, :d]
+    tensors["patch_tokens"] = table[:, d:].view(-1, p, w)  # a view: rows are copied once, by the split
     return FTI4CIRDataset(images.ids, tensors, {"image_embeds": visual_identity, "caption_embeds": text_identity})
 
 
@@ -394,6 +432,7 @@ class FTI4CIRTask:
         feature_cache: str | os.PathLike | None = None,
         feature_batch_size: int = 64,
         validation_fn: ValidationFn | None = None,
+        feature_mode: str = "cached",
     ):
         if not all(hasattr(embedder, a) for a in ("model", "tokenizer", "preprocess")):
             raise ConfigError(
@@ -415,7 +454,7 @@ class FTI4CIRTask:
         self.text_encoder = PseudoWordTextEncoder(embedder.model, self.prompter.placeholder_id, self.prompter.eot_id)
         cache_root = Path(feature_cache) if feature_cache else cache_dir("fti4cir")
         dataset = build_fti4cir_dataset(
-            embedder, self.prompter, self.text_encoder, images, cache_root, feature_batch_size
+            embedder, self.prompter, self.text_encoder, images, cache_root, feature_batch_size, feature_mode
         )
         val = torch.tensor([is_validation(i, val_fraction) for i in images.ids])
         if val.all():
@@ -432,6 +471,15 @@ class FTI4CIRTask:
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         return self.dataset
+
+    def with_image_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with ``image_embeds`` and ``patch_tokens``: cached, or from the frozen tower on its pixels."""
+        if "pixels" not in batch:
+            return batch
+        parameter = next(self.embedder.model.parameters())
+        with torch.no_grad():
+            pooled, patches = visual_features(self.embedder.model, batch["pixels"].to(parameter.device, parameter.dtype))
+        return {**batch, "image_embeds": pooled.float(), "patch_tokens": patches}
 
     def losses(self, output: FTI4CIRMapperOutput, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The three loss terms; the three pseudo-word prompts go through the text tower as one batch."""
@@ -458,6 +506,7 @@ class FTI4CIRTask:
     def compute_loss(
         self, trainable: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = self.with_image_features(batch)
         devices = [batch["image_embeds"].device] if batch["image_embeds"].is_cuda else []
         with torch.random.fork_rng(devices=devices):  # the mappers' dropout draws from the step's generator
             torch.manual_seed(generator.initial_seed())
@@ -486,10 +535,13 @@ class FTI4CIRTask:
             return {}
         device = next(trainable.parameters()).device
         sums: dict[str, float] = {}
-        queries = []
+        queries, gallery = [], []
         n = len(self.val_dataset)
         for start in range(0, n, batch_size):
-            batch = {k: v[start : start + batch_size].to(device) for k, v in self.val_dataset.tensors.items()}
+            rows = list(range(start, min(start + batch_size, n)))
+            batch = {k: v.to(device) for k, v in self.val_dataset.__getitems__(rows).items()}
+            batch = self.with_image_features(batch)
+            gallery.append(batch["image_embeds"])
             output = trainable(batch["image_embeds"], batch["patch_tokens"].float())
             terms = {name: float(value) for name, value in self.losses(output, batch).items()}
             terms["num_attributes"] = float(output.num_attributes.float().mean())
@@ -497,8 +549,7 @@ class FTI4CIRTask:
                 sums[name] = sums.get(name, 0.0) + value * len(output.num_attributes) / n
             both, counts = pseudo_word_batch(output, "both")
             queries.append(self.text_encoder(self.prompter.pseudo_prompts(output.num_attributes), both, counts).float())
-        gallery = self.val_dataset.tensors["image_embeds"].to(device)
-        ranks = (F.normalize(torch.cat(queries), dim=-1) @ gallery.T).argmax(dim=1)
+        ranks = (F.normalize(torch.cat(queries), dim=-1) @ torch.cat(gallery).T).argmax(dim=1)
         sums["pseudo_sentence_image_r1"] = float((ranks == torch.arange(n, device=device)).float().mean())
         return sums
 
@@ -508,7 +559,8 @@ class FTI4CIRTask:
 
 def _rows(dataset: FTI4CIRDataset, rows: torch.Tensor) -> FTI4CIRDataset:
     tensors = {name: tensor.index_select(0, rows) for name, tensor in dataset.tensors.items()}
-    return FTI4CIRDataset([dataset.ids[i] for i in rows.tolist()], tensors, dataset.identities)
+    images = None if dataset.images is None else [dataset.images[i] for i in rows.tolist()]
+    return FTI4CIRDataset([dataset.ids[i] for i in rows.tolist()], tensors, dataset.identities, images, dataset.preprocess)
 
 
 def build(config: TrainConfig, validation_fn: ValidationFn | None = None) -> FTI4CIRTask:
@@ -520,7 +572,14 @@ def build(config: TrainConfig, validation_fn: ValidationFn | None = None) -> FTI
     else:
         images = read_captioned_folder(data.image_dir, data.captioner, embedder, data.caption_cache, data.max_images)
     return FTI4CIRTask(
-        config.model, embedder, images, data.val_fraction, data.feature_cache, data.feature_batch_size, validation_fn
+        config.model,
+        embedder,
+        images,
+        data.val_fraction,
+        data.feature_cache,
+        data.feature_batch_size,
+        validation_fn,
+        data.feature_mode,
     )
 
 

@@ -39,6 +39,7 @@ from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.training.config import TrainConfig, ValidationConfig, config_to_dict, save_config
 from fusion_diff.training.task import TrainingTask, ValidationFn, get_task_spec
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
+from fusion_diff.utils.runtime import warn_slow_bf16_once
 
 logger = get_logger(__name__)
 
@@ -84,6 +85,7 @@ def train(
         raise ValueError("train(): pass validation_fn to the task's builder when you pass a built task.")
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(config)
+    warn_slow_bf16_once(accelerator.device, accelerator.mixed_precision, "training (mixed_precision)")
     set_seed(config.seed)
     if task is None:
         spec = get_task_spec(config.task)
