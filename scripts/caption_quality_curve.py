@@ -56,6 +56,8 @@ class OracleCaptioner(Captioner):
         self.captions = load_oracle_captions(self.path)
         self._digest = hashlib.sha1(self.path.read_bytes()).hexdigest()[:16]
 
+    reads_paths = True  # captions are looked up by image file name, so the caption job passes paths
+
     @property
     def identity(self) -> dict[str, Any]:
         return {"type": ORACLE, "captions": self._digest}

@@ -222,7 +222,11 @@ def caption_with_cache(
             rows = [position[i] for i in todo]  # batches never straddle a save point
             batches = [b for start in range(0, len(rows), chunk_size) for b in batches_of(rows[start : start + chunk_size], batch_size)]
             done = 0
-            for batch in loaded_batches(images, batches, num_workers):
+            if getattr(captioner, "reads_paths", False):  # looks images up by file name: give it the paths
+                loaded = ([images[r] for r in batch] for batch in batches)
+            else:
+                loaded = loaded_batches(images, batches, num_workers)
+            for batch in loaded:
                 chunk = todo[done : done + len(batch)]
                 cache.add(chunk, captioner.caption_candidates(batch, batch_size=batch_size), flush=False)
                 done += len(batch)
