@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusion_diff.errors import DataError, MissingFileError
-from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
+from fusion_diff.utils.image_sources import folder_images, is_tar_source, tar_images
 
 if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a command runs
     import torch
@@ -85,26 +86,32 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     return records
 
 
+def unique_ids(records: list[dict[str, Any]], source: Path) -> list[str]:
+    """The records' ids as strings; a repeated id would silently keep one record only, so it is refused."""
+    ids = [str(r["id"]) for r in records]
+    repeated = sorted(item for item, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise DataError(f"{source}: ids repeat ({len(repeated)}, e.g. {repeated[:3]}); every line needs its own id.")
+    return ids
+
+
 def _image_inputs(name: str) -> tuple[list[str], list[Any]]:
-    """(ids, images) from a folder (id = path relative to it, without suffix), tar shards (id = sample key)
-    or a JSONL of {"id", "image"}."""
+    """(ids, images) from a folder (``folder_images``: id = path relative to it, without suffix unless two files
+    differ only in suffix), tar shards (id = sample key) or a JSONL of {"id", "image"}."""
     if is_tar_source(name):
         return tar_images(name)
     source = Path(name)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under {source}.")
-        return [p.relative_to(source).with_suffix("").as_posix() for p in paths], paths
+        return folder_images(source)
     records = read_jsonl(source, ("id", "image"))
-    return [str(r["id"]) for r in records], [source.parent / r["image"] for r in records]
+    return unique_ids(records, source), [source.parent / r["image"] for r in records]
 
 
 def _text_inputs(source: Path) -> tuple[list[str], list[str]]:
     """(ids, texts) from JSONL {"id", "text"} or a plain text file (id = 0-based line number)."""
     if source.suffix == ".jsonl":
         records = read_jsonl(source, ("id", "text"))
-        return [str(r["id"]) for r in records], [r["text"] for r in records]
+        return unique_ids(records, source), [r["text"] for r in records]
     if not source.is_file():
         raise MissingFileError(f"Text file not found: {source}.")
     lines = source.read_text(encoding="utf-8").splitlines()
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = Path(args.pairs)
         records = read_jsonl(source, ("id", "image", "text"))
-        ids, items = [str(r["id"]) for r in records], [(source.parent / r["image"], r["text"]) for r in records]
+        ids, items = unique_ids(records, source), [(source.parent / r["image"], r["text"]) for r in records]
         kind = "fused"
 
         def embed_batch(batch: list[Any]) -> torch.Tensor:
@@ -165,7 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "images": (
             "--images",
             (
-                "folder of images (id = relative path without suffix), webdataset tar shards (a .tar path, glob, "
+                "folder of images (id = relative path without suffix; files that differ only in suffix keep it), webdataset tar shards (a .tar path, glob, "
                 '{000..099} range or fsspec URL; id = sample key) or JSONL of {"id", "image"}'
             ),
         ),
