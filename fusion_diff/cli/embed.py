@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusion_diff.cli.arguments import finite_float, non_negative_int, positive_int
 from fusion_diff.errors import DataError, MissingFileError
 from fusion_diff.utils.image_sources import folder_images, is_tar_source, tar_images
 
@@ -35,7 +36,7 @@ def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) ->
         "--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file (openclip only)"
     )
     group.add_argument(
-        "--fusion-weight", type=float, default=0.5, help="a in f(I,T) = normalize(a f(I) + (1-a) f(T)) (openclip)"
+        "--fusion-weight", type=finite_float, default=0.5, help="a in f(I,T) = normalize(a f(I) + (1-a) f(T)) (openclip)"
     )
     group.add_argument("--instruction", default=None, help="VLM prompt instruction; {modality} is filled in (vlm only)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -183,10 +184,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub = kinds.add_parser(kind, help=f"embed {kind}", description=f"Embed {kind} into an embedding cache.")
         sub.add_argument(flag, required=True, help=help_text)
         sub.add_argument("--out", required=True, help="cache folder (created, or resumed if it exists)")
-        sub.add_argument("--batch-size", type=int, default=64, help="model batch size")
+        sub.add_argument("--batch-size", type=positive_int, default=64, help="model batch size")
         sub.add_argument(
             "--chunk-size", type=int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
         )
-        sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+        sub.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers decoding images")
         add_embedder_args(sub)
         sub.set_defaults(func=run)

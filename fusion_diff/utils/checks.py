@@ -34,6 +34,17 @@ def require_finite_settings(where: str, **settings: float) -> None:
         raise ConfigError(f"{where}: {', '.join(bad)} must be finite number(s).")
 
 
+def require_counts(where: str, minimum: int = 1, **counts: int) -> None:
+    """Raise ``ConfigError`` naming every count that is not an integer >= ``minimum`` (items, queries, sizes)."""
+    bad = [
+        f"{name}={value!r}"
+        for name, value in counts.items()
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    ]
+    if bad:
+        raise ConfigError(f"{where}: {', '.join(bad)}; each must be an integer >= {minimum}.")
+
+
 def check_top_k(k: int) -> int:
     """``k`` of a top-k search: an integer >= 1 (a gallery smaller than k gives all of it)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

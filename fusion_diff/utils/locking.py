@@ -32,12 +32,15 @@ def exclusive_folder(folder: str | os.PathLike, job: str) -> Iterator[Path]:
     """Hold ``folder``'s writer lock for the block (``job`` says what writes it, for the holder record).
 
     Raises ``FolderInUseError`` naming the holder when another live process holds it. The folder is
-    created if needed; the lock file stays (its presence means nothing, only a held ``flock`` does).
+    created if needed (and removed again if the block wrote nothing into it); the lock file stays (its
+    presence means nothing, only a held ``flock`` does).
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,6 +50,7 @@ def exclusive_folder(folder: str | os.PathLike, job: str) -> Iterator[Path]:
                 f"finish (or stop it), or write to another folder. The lock in {path} is released as soon as its "
                 "holder exits, even when it is killed, so this holder is still running."
             ) from None
+        locked = True
         record = {
             "job": job,
             "pid": os.getpid(),
@@ -58,7 +62,16 @@ def exclusive_folder(folder: str | os.PathLike, job: str) -> Iterator[Path]:
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         yield folder
     finally:
+        if locked and created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            _remove_empty(folder, path)  # a job that failed before writing anything leaves no folder behind
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _remove_empty(folder: Path, path: Path) -> None:
+    """Remove the lock file (still locked: nobody else can take it meanwhile) and then the folder, if still empty."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _describe_holder(path: Path) -> str:
