@@ -51,7 +51,8 @@ TRAIN_LOG = "train_log.jsonl"
 CONFIG_CHANGES = "config_changes.jsonl"  # settings changed on resume, and from which step they apply
 RUN_CONFIG = "run_config.yaml"  # the config of the latest (possibly unfinished) run
 FINAL_CONFIG = "training_config.yaml"
-COSMETIC_SECTIONS = {"logging", "validation", "checkpointing"}  # may change between a run and its resumption
+# Not training settings: may change between a run and its resumption (a run folder may move, too).
+NOT_SETTINGS = {"logging", "validation", "checkpointing", "output_dir"}
 MANIFEST = "training_manifest.json"  # beside the pipeline's own manifest.json
 
 
@@ -276,8 +277,8 @@ class TrainingRun:
         path = self.output_dir / LOGS / RUN_CONFIG
         if not path.is_file():
             return {}
-        before = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, skip=COSMETIC_SECTIONS)
-        now = _flatten(config_to_dict(self.config), skip=COSMETIC_SECTIONS)
+        before = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, skip=NOT_SETTINGS)
+        now = _flatten(config_to_dict(self.config), skip=NOT_SETTINGS)
         return {
             key: {"before": before.get(key), "after": now.get(key)}
             for key in sorted(before.keys() | now.keys())
