@@ -142,7 +142,7 @@ def test_issue21_item1_same_stem_images_keep_both(tmp_path, tiny_openclip_checkp
 # --------------------------------------------------------------------------- item 2
 def test_issue21_item2_diverging_training_stops_without_saving_nan(pairs, tmp_path):
     config_file = tmp_path / "prior.yaml"
-    config_file.write_text(yaml.safe_dump(prior_raw(pairs, tmp_path / "inf")))
+    config_file.write_text(yaml.safe_dump(prior_raw(pairs, tmp_path / "inf", max_train_steps=2)))
     with pytest.raises(ConfigError, match=r"'optim\.learning_rate' must be a finite number"):
         main(["train", "prior", "--config", str(config_file), "optim.learning_rate=.inf"])
     with pytest.raises(ConfigError, match=r"'optim\.learning_rate' must be a finite number"):
