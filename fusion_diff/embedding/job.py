@@ -8,7 +8,6 @@ same shards, rows and values.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +17,6 @@ from tqdm.auto import tqdm
 
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.utils.image_sources import batches_of, loaded_batches
-from fusion_diff.utils.locking import exclusive_folder
 from fusion_diff.utils.sharding import Processes
 
 
@@ -43,8 +41,7 @@ def embed_sharded(
     if len(ids) != len(items):
         raise ValueError(f"embed_sharded needs one item per id, got {len(ids)} ids and {len(items)} items.")
     processes = processes or Processes.current()
-    # One job per cache: its main process holds the folder's writer lock for all the job's processes.
-    with exclusive_folder(root, "embedding job") if processes.is_main else contextlib.nullcontext():
+    with processes.exclusive(root, "embedding job"):
         with processes.main_first():  # the main process repairs and lists leftovers of a crashed run first
             cache = EmbeddingCache.open(root, identity, repair=True)
         todo = cache.missing(ids)

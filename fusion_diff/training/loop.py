@@ -97,7 +97,8 @@ def train(
     with lock:
         if task is None:
             spec = get_task_spec(config.task)
-            task = spec.build(config, validation_fn or resolve_validation_fn(config.validation))
+            with accelerator.main_process_first():  # the main process fills any feature cache; the others read it
+                task = spec.build(config, validation_fn or resolve_validation_fn(config.validation))
         return TrainingRun(config, task, accelerator, output_dir).run(resume, stop_at_step)
 
 
