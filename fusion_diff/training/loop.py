@@ -274,7 +274,7 @@ class TrainingRun:
         return (self.global_step % self.steps_per_epoch) * self.sched.gradient_accumulation_steps
 
     def _config_changes(self) -> dict[str, dict[str, object]]:
-        """Settings (outside the cosmetic sections) that differ from the checkpointed run's: {key: {before, after}}."""
+        """Settings (``NOT_SETTINGS`` aside) that differ from the checkpointed run's: {key: {before, after}}."""
         path = self.output_dir / LOGS / RUN_CONFIG
         if not path.is_file():
             return {}
@@ -538,7 +538,7 @@ class _Window:
         return record
 
 
-def _flatten(tree: dict, prefix: str = "", skip: set[str] = frozenset()) -> dict[str, object]:
+def _flatten(tree: dict, prefix: str = "", skip: frozenset[str] | set[str] = frozenset()) -> dict[str, object]:
     """``{"optim": {"learning_rate": x}}`` -> ``{"optim.learning_rate": x}`` (lists and scalars are leaves);
     top-level sections in ``skip`` are left out."""
     flat: dict[str, object] = {}
