@@ -21,3 +21,11 @@ class ConfigError(FusionDiffError, ValueError):
 
 class CacheMismatchError(FusionDiffError, ValueError):
     """An on-disk cache was made by another backbone, captioner, dimension or generator."""
+
+
+class FolderInUseError(FusionDiffError, RuntimeError):
+    """Another live job is writing to the same output folder (it holds the folder's lock)."""
+
+
+class TrainingDivergedError(FusionDiffError, ArithmeticError):
+    """The training loss or the trained weights became NaN or infinite; nothing past the last good step is saved."""

@@ -35,6 +35,7 @@ from data_synth.shapes.edits import ATTRIBUTE_KINDS, AnyEdit, CompositeEdit, Edi
 from data_synth.shapes.instructions import describe_edit
 from data_synth.shapes.render import render, run_render_jobs, world_fingerprint
 from data_synth.shapes.scene import COLOURS, SHAPES, SIZES, Scene, SceneObject, sample_scene, sample_scene_in_split
+from fusion_diff.utils.checks import require_counts
 from fusion_diff.utils.io import artifact_manifest, atomic_path, write_json_atomic
 
 SPLITS: dict[str, str] = {"val": "dev", "test1": "test1"}  # CIRR split -> image folder and name prefix
@@ -52,6 +53,11 @@ class BenchmarkConfig:
     seed: int = 0
     image_size: int = 64
     world: str = field(default_factory=world_fingerprint)  # what the world looked like (not a setting)
+
+    def __post_init__(self) -> None:
+        require_counts(
+            "shapes benchmark", val_queries=self.val_queries, test_queries=self.test_queries, image_size=self.image_size
+        )
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from data_synth.shapes.render import run_render_jobs, world_fingerprint
 from data_synth.shapes.scene import Scene, sample_scene_in_split
 from fusion_diff.benchmarks.circo import IMAGE_DIR, INFO_FILE, coco_file_name
 from fusion_diff.benchmarks.shapes import oracle_captions_path
+from fusion_diff.utils.checks import require_counts
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 
 SPLITS: tuple[str, ...] = ("val", "test")
@@ -60,6 +61,17 @@ class OpenBenchmarkConfig:
     max_targets: int = 8  # right answers rendered per query (the rest of them count in the meta)
     negatives: int = 4  # hard negatives rendered per query
     world: str = field(default_factory=world_fingerprint)  # what the world looked like (not a setting)
+
+    def __post_init__(self) -> None:
+        require_counts(
+            "shapes open benchmark",
+            val_queries=self.val_queries,
+            test_queries=self.test_queries,
+            image_size=self.image_size,
+            min_targets=self.min_targets,
+            max_targets=self.max_targets,
+        )
+        require_counts("shapes open benchmark", minimum=0, negatives=self.negatives)
 
 
 @dataclass(frozen=True)

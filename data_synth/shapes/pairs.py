@@ -31,6 +31,7 @@ from data_synth.shapes.scene import Scene, sample_scene_in_split
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.utils.checks import require_counts
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
 
 PAIRS_FILE = "pairs.jsonl"
@@ -46,6 +47,9 @@ class PairSetConfig:
     image_size: int = 64
     chunk_size: int = CHUNK
     world: str = field(default_factory=world_fingerprint)  # what the world looked like (not a setting)
+
+    def __post_init__(self) -> None:
+        require_counts("pair set", n=self.n, image_size=self.image_size, chunk_size=self.chunk_size)
 
 
 @dataclass(frozen=True)

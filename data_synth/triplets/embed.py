@@ -97,42 +97,44 @@ def embed_triplets(
     manifest = load_manifest(triplet_dir)
     triplets = triplet_identity(manifest)
     processes = processes or Processes.current()
-    with processes.main_first():  # the main process repairs and lists what a crashed run left first
-        caches = open_triplet_caches(out_dir, embedder, triplets, captioner, repair=True)
-    base = {name: cache.next_shard_number() for name, cache in caches.items()}
-    processes.wait()  # nobody writes a shard before every process has read the folders
-    units = processes.take(range(len(manifest["shards"])))
-    mine = sum(int(manifest["shards"][k]["count"]) for k in units)
-    desc = "embed triplets" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
-    with tqdm(total=mine, unit="triplet", desc=desc, disable=not progress) as bar:
-        for k in units:
-            shard = manifest["shards"][k]
-            path = triplet_dir / SHARD_DIR / shard["name"]
-            samples = list(read_shard(path, shard["sha256"]))
-            ids = [sample.key for sample in samples]
-            todo = {name: set(cache.missing(ids)) for name, cache in caches.items()}
-            wanted = [s for s in samples if any(s.key in missing for missing in todo.values())]
-            if wanted:
-                numbers = {name: base[name] + k for name in caches}
-                _embed_chunk(embedder, caches, numbers, todo, [decode(s) for s in wanted], batch_size, path, captioner)
-            bar.update(len(samples))
-    processes.wait()
-    if processes.is_main:
-        caches = open_triplet_caches(out_dir, embedder, triplets, captioner, expect_unlisted=True)
-        for cache in caches.values():
-            cache.compact()  # one shard per cache: training memory-maps it without a copy
-        write_json_atomic(
-            Path(out_dir) / "manifest.json",
-            artifact_manifest(
-                "triplet_embeddings",
-                triplets=str(triplet_dir),
-                triplet_set=triplets,
-                embedder=embedder.identity.as_dict(),
-                captions=caption_source(captioner),
-                caches={name: len(cache) for name, cache in caches.items()},
-            ),
-        )
-    processes.wait()
+    with processes.exclusive(out_dir, "triplet embedding job"):
+        with processes.main_first():  # the main process repairs and lists what a crashed run left first
+            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, repair=True)
+        base = {name: cache.next_shard_number() for name, cache in caches.items()}
+        processes.wait()  # nobody writes a shard before every process has read the folders
+        units = processes.take(range(len(manifest["shards"])))
+        mine = sum(int(manifest["shards"][k]["count"]) for k in units)
+        desc = "embed triplets" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
+        with tqdm(total=mine, unit="triplet", desc=desc, disable=not progress) as bar:
+            for k in units:
+                shard = manifest["shards"][k]
+                path = triplet_dir / SHARD_DIR / shard["name"]
+                samples = list(read_shard(path, shard["sha256"]))
+                ids = [sample.key for sample in samples]
+                todo = {name: set(cache.missing(ids)) for name, cache in caches.items()}
+                wanted = [s for s in samples if any(s.key in missing for missing in todo.values())]
+                if wanted:
+                    numbers = {name: base[name] + k for name in caches}
+                    chunk = [decode(s) for s in wanted]
+                    _embed_chunk(embedder, caches, numbers, todo, chunk, batch_size, path, captioner)
+                bar.update(len(samples))
+        processes.wait()
+        if processes.is_main:
+            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, expect_unlisted=True)
+            for cache in caches.values():
+                cache.compact()  # one shard per cache: training memory-maps it without a copy
+            write_json_atomic(
+                Path(out_dir) / "manifest.json",
+                artifact_manifest(
+                    "triplet_embeddings",
+                    triplets=str(triplet_dir),
+                    triplet_set=triplets,
+                    embedder=embedder.identity.as_dict(),
+                    captions=caption_source(captioner),
+                    caches={name: len(cache) for name, cache in caches.items()},
+                ),
+            )
+        processes.wait()
     return open_triplet_caches(out_dir, embedder, triplets, captioner)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +105,15 @@ def validate_submission(
     ``partial``, queries that ``unanswerable`` names (images missing from ``data``) may be absent; the
     server scores them as misses.
     """
-    if not isinstance(submission, dict):
+    if isinstance(submission, (str, os.PathLike)):
         source = source or str(submission)
-        submission = read_json(submission, "submission file")
+        submission = read_json(submission, "submission file", unique_keys=True)
     source = source or "submission"
+    if not isinstance(submission, dict):
+        raise DataError(
+            f"{source} is not a valid {data.name} submission: the file must hold one JSON object mapping each query "
+            f"id to its ranked list, found a JSON {type(submission).__name__}."
+        )
     if data.benchmark == "circo":
         problems = _circo_problems(submission, data, unanswerable(data) if partial else set())
     elif data.benchmark in ("cirr", "shapes"):

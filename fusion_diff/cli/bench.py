@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+from fusion_diff.cli.arguments import positive_int
 from fusion_diff.errors import MissingFileError
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
@@ -82,9 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "top-50 search of those many queries over a --gallery of random embeddings. Targets on 2 CPU cores: "
         ">= 20 queries/s at 10 steps, <= 2 s per search of 1,000 queries over 100,000 items.",
     )
-    parser.add_argument("--queries", type=int, default=1000, help="number of queries")
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 1], help="sampler steps to time")
-    parser.add_argument("--dim", type=int, default=512, help="embedding size")
+    parser.add_argument("--queries", type=positive_int, default=1000, help="number of queries")
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[10, 1], help="sampler steps to time")
+    parser.add_argument("--dim", type=positive_int, default=512, help="embedding size")
     parser.add_argument("--sampler", choices=("ddim", "dpm++", "ddpm"), default="ddim")
     parser.add_argument(
         "--precision",
@@ -93,9 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=["fp32", "bf16"],
         help="denoiser precision(s) to time (bf16: autocast, ~2x faster on CPUs with AVX512-BF16/AMX)",
     )
-    parser.add_argument("--gallery", type=int, default=100_000, help="gallery size for the search timing")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch (and FAISS) threads")
+    parser.add_argument("--gallery", type=positive_int, default=100_000, help="gallery size for the search timing")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per measurement (median reported)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch (and FAISS) threads")
     parser.add_argument("--no-search", action="store_true", help="time sampling only")
     parser.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
     parser.set_defaults(func=run)

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusion_diff.cli.arguments import finite_float, non_negative_int, positive_int
 from fusion_diff.cli.embed import add_embedder_args
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
@@ -39,7 +40,7 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
     )
     group.add_argument(
         "--caption-top-k",
-        type=int,
+        type=positive_int,
         default=1,
         help="candidate captions per image (retrieval: k nearest; generative: beams kept); fused embeddings average "
         "their text embeddings",
@@ -47,11 +48,11 @@ def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True)
     group.add_argument("--caption-prompt", help="generative: text prefix, e.g. 'a photography of'")
     group.add_argument(
         "--caption-max-new-tokens",
-        type=int,
+        type=positive_int,
         help="generative: longest caption, in tokens (default: the checkpoint's generation config, else 30)",
     )
     group.add_argument(
-        "--caption-num-beams", type=int, help="generative: beam width (default: the checkpoint's, else 3)"
+        "--caption-num-beams", type=positive_int, help="generative: beam width (default: the checkpoint's, else 3)"
     )
     group.add_argument(
         "--caption-dtype",
@@ -183,13 +184,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "{000..099} range or fsspec URL; id = sample key)",
     )
     parser.add_argument("--out", required=True, help="caption cache file to write or resume (.json)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument(
         "--chunk-size", type=int, default=1024, help="images per work unit (the unit of sharding between processes)"
     )
-    parser.add_argument("--save-every", type=int, default=256, help="save the work done every this many images...")
-    parser.add_argument("--save-seconds", type=float, default=60.0, help="...or every this many seconds")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--save-every", type=positive_int, default=256, help="save the work done every this many images...")
+    parser.add_argument("--save-seconds", type=finite_float, default=60.0, help="...or every this many seconds")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers decoding images")
     add_captioner_args(parser, allow_none=False)
     add_embedder_args(parser, required=False)
     parser.set_defaults(func=run)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusion_diff.cli.arguments import finite_float, non_negative_int, positive_int
 from fusion_diff.errors import DataError, MissingFileError
-from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
+from fusion_diff.utils.image_sources import folder_images, is_tar_source, tar_images
 
 if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a command runs
     import torch
@@ -34,7 +36,7 @@ def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) ->
         "--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file (openclip only)"
     )
     group.add_argument(
-        "--fusion-weight", type=float, default=0.5, help="a in f(I,T) = normalize(a f(I) + (1-a) f(T)) (openclip)"
+        "--fusion-weight", type=finite_float, default=0.5, help="a in f(I,T) = normalize(a f(I) + (1-a) f(T)) (openclip)"
     )
     group.add_argument("--instruction", default=None, help="VLM prompt instruction; {modality} is filled in (vlm only)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -85,26 +87,32 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     return records
 
 
+def unique_ids(records: list[dict[str, Any]], source: Path) -> list[str]:
+    """The records' ids as strings; a repeated id would silently keep one record only, so it is refused."""
+    ids = [str(r["id"]) for r in records]
+    repeated = sorted(item for item, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise DataError(f"{source}: ids repeat ({len(repeated)}, e.g. {repeated[:3]}); every line needs its own id.")
+    return ids
+
+
 def _image_inputs(name: str) -> tuple[list[str], list[Any]]:
-    """(ids, images) from a folder (id = path relative to it, without suffix), tar shards (id = sample key)
-    or a JSONL of {"id", "image"}."""
+    """(ids, images) from a folder (``folder_images``: id = path relative to it, without suffix unless two files
+    differ only in suffix), tar shards (id = sample key) or a JSONL of {"id", "image"}."""
     if is_tar_source(name):
         return tar_images(name)
     source = Path(name)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under {source}.")
-        return [p.relative_to(source).with_suffix("").as_posix() for p in paths], paths
+        return folder_images(source)
     records = read_jsonl(source, ("id", "image"))
-    return [str(r["id"]) for r in records], [source.parent / r["image"] for r in records]
+    return unique_ids(records, source), [source.parent / r["image"] for r in records]
 
 
 def _text_inputs(source: Path) -> tuple[list[str], list[str]]:
     """(ids, texts) from JSONL {"id", "text"} or a plain text file (id = 0-based line number)."""
     if source.suffix == ".jsonl":
         records = read_jsonl(source, ("id", "text"))
-        return [str(r["id"]) for r in records], [r["text"] for r in records]
+        return unique_ids(records, source), [r["text"] for r in records]
     if not source.is_file():
         raise MissingFileError(f"Text file not found: {source}.")
     lines = source.read_text(encoding="utf-8").splitlines()
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = Path(args.pairs)
         records = read_jsonl(source, ("id", "image", "text"))
-        ids, items = [str(r["id"]) for r in records], [(source.parent / r["image"], r["text"]) for r in records]
+        ids, items = unique_ids(records, source), [(source.parent / r["image"], r["text"]) for r in records]
         kind = "fused"
 
         def embed_batch(batch: list[Any]) -> torch.Tensor:
@@ -165,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "images": (
             "--images",
             (
-                "folder of images (id = relative path without suffix), webdataset tar shards (a .tar path, glob, "
+                "folder of images (id = relative path without suffix; files that differ only in suffix keep it), webdataset tar shards (a .tar path, glob, "
                 '{000..099} range or fsspec URL; id = sample key) or JSONL of {"id", "image"}'
             ),
         ),
@@ -176,10 +184,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub = kinds.add_parser(kind, help=f"embed {kind}", description=f"Embed {kind} into an embedding cache.")
         sub.add_argument(flag, required=True, help=help_text)
         sub.add_argument("--out", required=True, help="cache folder (created, or resumed if it exists)")
-        sub.add_argument("--batch-size", type=int, default=64, help="model batch size")
+        sub.add_argument("--batch-size", type=positive_int, default=64, help="model batch size")
         sub.add_argument(
             "--chunk-size", type=int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
         )
-        sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+        sub.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers decoding images")
         add_embedder_args(sub)
         sub.set_defaults(func=run)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fusion_diff.cli.arguments import positive_int
 from fusion_diff.errors import ConfigError
 
 SPLITS = ("val", "test")
@@ -290,7 +291,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--captioner-model", help="generative / scene captioner: local Hugging Face id or save_pretrained folder"
     )
     captioning.add_argument(
-        "--caption-top-k", type=int, default=1, help="candidate captions per image (fused embeddings average them)"
+        "--caption-top-k", type=positive_int, default=1, help="candidate captions per image (fused embeddings average them)"
     )
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument(
@@ -333,7 +334,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     output.add_argument("--cache-dir", help="embedding/caption cache root (default: the fusion_diff cache, eval/)")
     output.add_argument("--index", choices=("exact", "faiss"), default="exact", help="gallery search backend")
-    output.add_argument("--batch-size", type=int, default=64, help="images per embedding forward pass")
+    output.add_argument("--batch-size", type=positive_int, default=64, help="images per embedding forward pass")
     output.add_argument("--no-submission", action="store_true", help="do not write test-server files on test splits")
     parser.set_defaults(func=run)
 

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fusion_diff.cli.arguments import positive_int
 from fusion_diff.cli.caption import add_captioner_args, captioner_spec
 from fusion_diff.cli.embed import add_embedder_args
 from fusion_diff.cli.eval import backbone_spec, route_options
@@ -157,13 +158,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     build.add_argument("--gallery-mode", choices=("image", "fused"), help="gallery f(I) or f(I, caption)")
     build.add_argument("--type", choices=INDEX_TYPES, default="auto", help="index type (auto: by gallery size)")
-    build.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
-    build.add_argument("--nprobe", type=int, help="IVF lists searched per query (default nlist/64, >= 16)")
-    build.add_argument("--ef-search", type=int, default=256, help="HNSW efSearch")
+    build.add_argument("--nlist", type=positive_int, help="IVF lists (default ~4 sqrt(N))")
+    build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query (default nlist/64, >= 16)")
+    build.add_argument("--ef-search", type=positive_int, default=256, help="HNSW efSearch")
     build.add_argument(
         "--calibration-texts", help="text file of modification texts: the recall report then uses composed queries"
     )
-    build.add_argument("--batch-size", type=int, default=64, help="images per embedding forward pass")
+    build.add_argument("--batch-size", type=positive_int, default=64, help="images per embedding forward pass")
     add_embedder_args(build, required=False)  # --model world (default): the shapes world's backbone
     add_captioner_args(build)
     build.set_defaults(func=run_build)
@@ -195,7 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query.add_argument("--index", type=Path, required=True, help="retriever folder (fusion-diff index build --out)")
     query.add_argument("--image", nargs="+", required=True, help="reference image(s)")
     query.add_argument("--text", nargs="+", required=True, help="modification text(s), one per image")
-    query.add_argument("-k", "--k", type=int, default=10, help="hits per query")
+    query.add_argument("-k", "--k", type=positive_int, default=10, help="hits per query")
     query.add_argument("--exclude", nargs="+", help="gallery ids to leave out of every ranking (e.g. the reference)")
     query.add_argument("--method", help="another registry method for this query (same gallery mode)")
     query.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option for this query")

@@ -6,10 +6,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusion_diff.cli.embed import add_embedder_args, embedder_from_args, read_jsonl
+from fusion_diff.cli.arguments import finite_float, positive_int
+from fusion_diff.cli.embed import add_embedder_args, embedder_from_args, read_jsonl, unique_ids
 from fusion_diff.errors import DataError
 
 if TYPE_CHECKING:  # the pipelines import torch and diffusers: only when the command runs
+    import torch
+
+    from fusion_diff.embedding import JointEmbedder
     from fusion_diff.pipelines import Emb2EmbMethod, FusionDiffMethod, FusionDiffPipeline
 
 
@@ -32,15 +36,16 @@ def _method(args: argparse.Namespace, pipeline: FusionDiffPipeline) -> FusionDif
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check every setting and input first; the cache folder is created only when there is something to store."""
     from fusion_diff.embedding import EmbeddingCache
     from fusion_diff.pipelines import FusionDiffPipeline
-    from fusion_diff.retrieval.method import QueryContext
+    from fusion_diff.utils.locking import exclusive_folder
 
     embedder = embedder_from_args(args)
     pipeline = FusionDiffPipeline.from_pretrained(args.pipeline, embedder=embedder)
     if args.sampler:
         pipeline.set_sampler(args.sampler)
-    method = _method(args, pipeline)
+    method = _method(args, pipeline)  # refuses impossible settings before anything is written
 
     records = read_jsonl(args.queries, ("id", "reference", "instruction"))
     with_caption = sum("caption" in r for r in records)
@@ -49,17 +54,31 @@ def run(args: argparse.Namespace) -> int:
             f"{args.queries}: {with_caption} of {len(records)} queries have a 'caption'; give every reference a "
             "captioner caption, or none (image-only control)."
         )
-    cache = EmbeddingCache.open(
-        args.out, {**embedder.identity.as_dict(), "kind": "query", "protocol": method.protocol()}
-    )
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{args.queries}: query ids repeat; every line needs its own id.")
-    missing = set(cache.missing(ids))
-    todo = [r for r in records if r["id"] in missing]
-    if not todo:
-        print(f"all {len(records)} queries are already in {args.out}")
-        return 0
+    ids = unique_ids(records, args.queries)
+    identity = {**embedder.identity.as_dict(), "kind": "query", "protocol": method.protocol()}
+    with exclusive_folder(args.out, "sampling job"):  # removed again if nothing gets written
+        cache = EmbeddingCache.open(args.out, identity, create=False) if EmbeddingCache.exists(args.out) else None
+        missing = set(cache.missing(ids) if cache is not None else ids)
+        todo = [r for r, i in zip(records, ids, strict=True) if i in missing]
+        if not todo:
+            print(f"all {len(records)} queries are already in {args.out}")
+            return 0
+        queries = _sample(args, embedder, method, todo, with_caption > 0)
+        cache = cache or EmbeddingCache.open(args.out, identity)
+        cache.append([str(r["id"]) for r in todo], queries)
+    print(f"sampled {len(todo)} query embeddings ({method.name}, control: {method.control_used}) into {args.out}")
+    return 0
+
+
+def _sample(
+    args: argparse.Namespace,
+    embedder: JointEmbedder,
+    method: FusionDiffMethod | Emb2EmbMethod,
+    todo: list[dict],
+    with_caption: bool,
+) -> torch.Tensor:
+    """The query embeddings of the ``todo`` records."""
+    from fusion_diff.retrieval.method import QueryContext
 
     paths = [(args.queries.parent / r["reference"]) for r in todo]
     texts = [r["instruction"] for r in todo]
@@ -73,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             fused = embedder.embed_pairs(paths, captions, progress=True)
     context = QueryContext(
         embedder=embedder,
-        query_ids=[r["id"] for r in todo],
+        query_ids=[str(r["id"]) for r in todo],
         modification_texts=texts,
         modification_text_embeds=embedder.embed_texts(texts, progress=True),
         reference_image_embeds=image,
@@ -81,9 +100,7 @@ def run(args: argparse.Namespace) -> int:
         reference_captions=captions,
         reference_fused_embeds=fused,
     )
-    cache.append(context.query_ids, method.query_embeddings(context))
-    print(f"sampled {len(todo)} query embeddings ({method.name}, control: {method.control_used}) into {args.out}")
-    return 0
+    return method.query_embeddings(context)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,13 +118,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--queries", type=Path, required=True, help="JSON lines file of queries")
     parser.add_argument("--out", type=Path, required=True, help="embedding cache folder for the query embeddings")
     parser.add_argument("--sampler", choices=("ddim", "dpm++", "ddpm"), default=None, help="default: the saved one")
-    parser.add_argument("--steps", type=int, default=10, help="sampler steps (1 = z0 from pure noise in one step)")
-    parser.add_argument("--control-guidance", type=float, default=1.5, help="guidance scale of the reference")
-    parser.add_argument("--text-guidance", type=float, default=1.5, help="guidance scale of the modification text")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples averaged per query (less noise)")
-    parser.add_argument("--mix-reference", type=float, default=0.0, help="weight m of normalize((1-m) z + m ref)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=10, help="sampler steps (1 = z0 from pure noise in one step)"
+    )
+    parser.add_argument("--control-guidance", type=finite_float, default=1.5, help="guidance scale of the reference")
+    parser.add_argument(
+        "--text-guidance", type=finite_float, default=1.5, help="guidance scale of the modification text"
+    )
+    parser.add_argument("--num-samples", type=positive_int, default=1, help="samples averaged per query (less noise)")
+    parser.add_argument(
+        "--mix-reference", type=finite_float, default=0.0, help="weight m of normalize((1-m) z + m ref)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    parser.add_argument("--batch-size", type=int, default=1024, help="rows per sampling chunk")
+    parser.add_argument("--batch-size", type=positive_int, default=1024, help="rows per sampling chunk")
     parser.add_argument(
         "--sampling-precision",
         choices=("fp32", "bf16"),
@@ -122,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--emb2emb",
-        type=float,
+        type=finite_float,
         default=None,
         metavar="STRENGTH",
         help="prior-only emb2emb baseline: noise the reference to this strength in [0, 1], denoise with the text",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusion_diff.cli.arguments import finite_float, positive_int
 from fusion_diff.cli.caption import add_captioner_args, captioner_from_args, prepare_captioner
 from fusion_diff.errors import ConfigError
 
@@ -137,10 +138,10 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser, n_help: str) -> None:
     parser.add_argument("--out", required=True, help="dataset directory (created; re-running the same command resumes)")
-    parser.add_argument("--n", type=int, default=None, help=n_help)
+    parser.add_argument("--n", type=positive_int, default=None, help=n_help)
     parser.add_argument("--seed", type=int, default=0, help="dataset seed: same seed, same bytes, whatever --workers")
-    parser.add_argument("--shard-size", type=int, default=1000, help="triplets per tar shard")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes writing shards in parallel")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="triplets per tar shard")
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes writing shards in parallel")
     parser.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
 
 
@@ -170,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _common(shapes, "number of triplets (default 200000)")
-    shapes.add_argument("--image-size", type=int, default=64, help="rendered image size in pixels")
+    shapes.add_argument("--image-size", type=positive_int, default=64, help="rendered image size in pixels")
     shapes.add_argument("--kinds", nargs="+", choices=ALL_KINDS, help="edit kinds to sample (default: all)")
     shapes.add_argument("--no-composite", action="store_true", help="only single edits, no two-edit compositions")
     shapes.add_argument(
@@ -198,7 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     corpus.add_argument("--image-field", default="image", help="image path field/column; such references are not redrawn")
     corpus.add_argument("--kinds", nargs="+", choices=RULE_KINDS, help="rule kinds to use (default: all)")
     corpus.add_argument("--llm", default=None, help="transformers text-generation model id or path for free-form edits")
-    corpus.add_argument("--llm-probability", type=float, default=1.0, help="share of captions edited by the LLM")
+    corpus.add_argument("--llm-probability", type=finite_float, default=1.0, help="share of captions edited by the LLM")
     corpus.set_defaults(func=run_corpus)
 
     realise = sub.add_parser(
@@ -219,16 +220,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     realise.add_argument("--text-to-image-model", default=defaults.text_to_image_model, help="diffusers pipeline id or path")
     realise.add_argument("--edit-model", default=defaults.edit_model, help="InstructPix2Pix-class diffusers pipeline id or path")
     realise.add_argument("--filter-embedder", default=None, help="JSON embedder spec for the CLIP filter (default: open_clip ViT-L-14 openai)")
-    realise.add_argument("--image-size", type=int, default=defaults.image_size, help="reference image size (multiple of 8)")
-    realise.add_argument("--text-to-image-steps", type=int, default=defaults.text_to_image_steps, help="denoising steps for references")
-    realise.add_argument("--edit-steps", type=int, default=defaults.edit_steps, help="denoising steps for edits")
-    realise.add_argument("--edit-guidance", type=float, default=defaults.edit_guidance, help="text guidance of the edit")
-    realise.add_argument("--image-guidance", type=float, default=defaults.image_guidance, help="image guidance of the edit")
-    realise.add_argument("--min-directional-similarity", type=float, default=defaults.min_directional_similarity,
+    realise.add_argument("--image-size", type=positive_int, default=defaults.image_size, help="reference image size (multiple of 8)")
+    realise.add_argument("--text-to-image-steps", type=positive_int, default=defaults.text_to_image_steps, help="denoising steps for references")
+    realise.add_argument("--edit-steps", type=positive_int, default=defaults.edit_steps, help="denoising steps for edits")
+    realise.add_argument("--edit-guidance", type=finite_float, default=defaults.edit_guidance, help="text guidance of the edit")
+    realise.add_argument("--image-guidance", type=finite_float, default=defaults.image_guidance, help="image guidance of the edit")
+    realise.add_argument("--min-directional-similarity", type=finite_float, default=defaults.min_directional_similarity,
                          help="drop edits whose CLIP directional similarity is below this")
-    realise.add_argument("--min-image-similarity", type=float, default=defaults.min_image_similarity,
+    realise.add_argument("--min-image-similarity", type=finite_float, default=defaults.min_image_similarity,
                          help="drop edits whose reference/target CLIP image similarity is below this")
-    realise.add_argument("--batch-size", type=int, default=defaults.batch_size, help="triplets per pipeline call")
+    realise.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="triplets per pipeline call")
     realise.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     realise.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: float16 on cuda)")
     realise.set_defaults(func=run_realise)
@@ -252,8 +253,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--embedder", default="world",
                        help="'world' (the shapes world backbone) or a JSON embedder spec / file, e.g. "
                             '\'{"backend": "openclip", "model_name": "ViT-L-14", "pretrained": "openai"}\'')
-    embed.add_argument("--fusion-weight", type=float, default=0.5, help="image weight a of the world backbone's fusion")
-    embed.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
+    embed.add_argument("--fusion-weight", type=finite_float, default=0.5, help="image weight a of the world backbone's fusion")
+    embed.add_argument("--batch-size", type=positive_int, default=256, help="items per forward pass")
     embed.add_argument("--device", default="cpu", help="torch device of the embedder and the captioner (cpu, cuda)")
     embed.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="precision of the embedder and the captioner"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fusion_diff.cli.arguments import positive_int
+
 TASK_HELP = {
     "prior": "Stage 1: the diffusion prior over fused embeddings, on image-caption pair embeddings.",
     "adapter": "Stage 2: the Control-Adapter on synthetic triplet embeddings, with the stage-1 prior frozen.",
@@ -46,7 +48,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stop-at-step",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="save a checkpoint and exit at step N (e.g. to fit a job time limit); continue with --resume latest",

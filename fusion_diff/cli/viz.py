@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fusion_diff.cli.arguments import non_negative_int, positive_int
+
 
 def run(args: argparse.Namespace) -> int:
     from fusion_diff.viz import load_viz_inputs, render_figures
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="2-D projection: auto (umap if installed, else tsne) or one of fusion_diff.viz.PROJECTIONS (checked "
         "when the command runs, so that --help loads no plotting library)",
     )
-    parser.add_argument("--max-queries", type=int, default=12, help="plot the first N queries (more gets unreadable)")
-    parser.add_argument("--neighbors", type=int, default=5, help="nearest gallery items shown per query (0: none)")
+    parser.add_argument("--max-queries", type=positive_int, default=12, help="plot the first N queries (more gets unreadable)")
+    parser.add_argument("--neighbors", type=non_negative_int, default=5, help="nearest gallery items shown per query (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="projection seed")
     parser.set_defaults(func=run)

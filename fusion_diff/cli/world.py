@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fusion_diff.cli.arguments import finite_float, non_negative_int, positive_int
+
 QUALITY_TARGETS = {"zero_shot_colour_acc": 0.90, "zero_shot_shape_acc": 0.90, "image_to_caption_r1": 0.50}
 
 
@@ -27,17 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     backbone.add_argument("--cache", type=Path, default=None, help="cache folder (default: $FUSION_DIFF_CACHE/shapes_backbone)")
     # Unset options keep data_synth.shapes.backbone.BackboneConfig's defaults (not repeated here).
-    backbone.add_argument("--steps", type=int, help="optimisation steps (default: BackboneConfig.steps)")
-    backbone.add_argument("--batch-size", type=int, help="pairs per step")
-    backbone.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    backbone.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
-    backbone.add_argument("--scene-loss-weight", type=float, help="weight of the scene-graph read-out loss (0: ClipLoss only)")
-    backbone.add_argument("--shape-loss-weight", type=float, help="weight of the shape term inside the scene-graph loss")
-    backbone.add_argument("--single-fraction", type=float, help="share of single-object scenes among the random ones")
-    backbone.add_argument("--time-budget", type=float, help="seconds: stop early and compress the cosine schedule to fit")
+    backbone.add_argument("--steps", type=positive_int, help="optimisation steps (default: BackboneConfig.steps)")
+    backbone.add_argument("--batch-size", type=positive_int, help="pairs per step")
+    backbone.add_argument("--lr", type=finite_float, help="peak AdamW learning rate")
+    backbone.add_argument("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up steps")
+    backbone.add_argument("--scene-loss-weight", type=finite_float, help="weight of the scene-graph read-out loss (0: ClipLoss only)")
+    backbone.add_argument("--shape-loss-weight", type=finite_float, help="weight of the shape term inside the scene-graph loss")
+    backbone.add_argument("--single-fraction", type=finite_float, help="share of single-object scenes among the random ones")
+    backbone.add_argument("--time-budget", type=finite_float, help="seconds: stop early and compress the cosine schedule to fit")
     backbone.add_argument("--seed", type=int, help="training seed")
-    backbone.add_argument("--threads", type=int, help="torch threads (1 is faster on a machine shared with other jobs)")
-    backbone.add_argument("--data-workers", type=int, help="processes rendering training batches")
+    backbone.add_argument("--threads", type=positive_int, help="torch threads (1 is faster on a machine shared with other jobs)")
+    backbone.add_argument("--data-workers", type=non_negative_int, help="processes rendering training batches")
     backbone.add_argument("--eval-only", action="store_true", help="only evaluate the cached backbone")
     backbone.set_defaults(func=_backbone)
 
@@ -63,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Score it with `fusion-diff eval --benchmark shapes-open --root DIR` (mAP@5/10/25/50).",
     )
     _benchmark_arguments(open_bench, "the root", val=500, test=1000)
-    open_bench.add_argument("--max-targets", type=int, default=8, help="right answers rendered per query (default %(default)s)")
+    open_bench.add_argument("--max-targets", type=positive_int, default=8, help="right answers rendered per query (default %(default)s)")
     open_bench.set_defaults(func=_benchmark_open)
 
     pairs = commands.add_parser(
@@ -73,9 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "manifest.json). Resumable: run it again after an interruption to finish the same set.",
     )
     pairs.add_argument("--out", type=Path, required=True, help="output folder")
-    pairs.add_argument("--n", type=int, default=50000, help="number of pairs (default %(default)s)")
+    pairs.add_argument("--n", type=positive_int, default=50000, help="number of pairs (default %(default)s)")
     pairs.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
-    pairs.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
+    pairs.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default %(default)s)")
     pairs.add_argument("--embed", type=Path, default=None, help="also embed them with the world backbone into this folder")
     pairs.set_defaults(func=_pairs)
 
@@ -89,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     captioner.add_argument("--pairs", type=Path, required=True, help="a finished pair set (`fusion-diff world pairs`)")
     captioner.add_argument("--out", type=Path, required=True, help="output folder")
-    captioner.add_argument("--steps", type=int, default=None, help="training steps of batch 128 (default: the demo's)")
+    captioner.add_argument("--steps", type=positive_int, default=None, help="training steps of batch 128 (default: the demo's)")
     captioner.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
     captioner.set_defaults(func=_captioner)
 
@@ -104,13 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     blip.add_argument("--pairs", type=Path, required=True, help="a finished pair set (`fusion-diff world pairs`)")
     blip.add_argument("--out", type=Path, required=True, help="output folder")
-    blip.add_argument("--steps", type=int, default=None, help="training steps (default: data_synth.shapes.blip.DEFAULT_STEPS)")
-    blip.add_argument("--batch-size", type=int, default=64, help="pairs per step (default %(default)s)")
-    blip.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
+    blip.add_argument("--steps", type=positive_int, default=None, help="training steps (default: data_synth.shapes.blip.DEFAULT_STEPS)")
+    blip.add_argument("--batch-size", type=positive_int, default=64, help="pairs per step (default %(default)s)")
+    blip.add_argument("--lr", type=finite_float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
     blip.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
     blip.add_argument(
         "--eval-scenes",
-        type=int,
+        type=non_negative_int,
         default=1000,
         help="caption this many held-out scenes through the generative path and print the quality (0: skip; "
         "default %(default)s)",
@@ -121,11 +123,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _benchmark_arguments(parser: argparse.ArgumentParser, root: str, val: int, test: int) -> None:
     """The options every world benchmark writer takes."""
     parser.add_argument("--out", type=Path, required=True, help=f"output folder ({root} for `fusion-diff eval`)")
-    parser.add_argument("--val", type=int, default=val, help="validation queries (default %(default)s)")
-    parser.add_argument("--test", type=int, default=test, help="test queries (default %(default)s)")
+    parser.add_argument("--val", type=positive_int, default=val, help="validation queries (default %(default)s)")
+    parser.add_argument("--test", type=positive_int, default=test, help="test queries (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
-    parser.add_argument("--image-size", type=int, default=64, help="rendered image size in pixels (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="rendered image size in pixels (default %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default %(default)s)")
 
 
 def _backbone(args: argparse.Namespace) -> int:

@@ -13,19 +13,22 @@ pages in lazily (``compact()`` merges shards into one). A shard that was renamed
 not yet listed in the manifest (a crash between the two writes) is complete by construction and is
 adopted on the next ``open``.
 
-One writer of the manifest at a time per cache folder (no locking). Several processes of a sharded
-job (``fusion_diff.embedding.job``) may each write shards of their own numbers with ``write_shard``;
-the main process then lists them all by re-opening the cache.
+One writing job at a time per cache folder: jobs hold the folder's lock (``writing()``, see
+``fusion_diff.utils.locking``) and a second one is refused, naming the first. Several processes of
+one sharded job (``fusion_diff.embedding.job``) write shards of their own numbers with
+``write_shard`` under the lock of their main process, which then lists them all by re-opening the
+cache. NaN or infinite embeddings are refused at every write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +39,9 @@ from tqdm.auto import tqdm
 
 from fusion_diff.embedding.base import upgrade_identity
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.utils.checks import require_finite
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
+from fusion_diff.utils.locking import exclusive_folder
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +124,11 @@ class EmbeddingCache:
         if cache._adopt_orphans(repair, quiet=expect_unlisted) or len(shards) != len(manifest["shards"]):
             cache._write_manifest()
         return cache
+
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        """True when ``root`` holds a cache (its manifest)."""
+        return (Path(root) / MANIFEST).is_file()
 
     @classmethod
     def read(cls, root: str | os.PathLike) -> EmbeddingCache:
@@ -235,6 +245,17 @@ class EmbeddingCache:
         return [item for item in dict.fromkeys(ids) if item not in self._index]
 
     # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def writing(self, job: str = "embedding job") -> Iterator[EmbeddingCache]:
+        """Hold the folder's writer lock for the block, and see what other writers appended before it.
+
+        A second job writing the same cache at once is refused (``FolderInUseError`` naming the holder):
+        two writers would pick the same shard numbers and list only part of each other's rows.
+        """
+        with exclusive_folder(self.root, job):
+            vars(self).update(vars(type(self).open(self.root, self.identity, create=False)))
+            yield self
+
     def append(self, ids: Sequence[str], embeds: torch.Tensor) -> None:
         """Store one chunk as a new shard (atomic), then list it in the manifest (atomic)."""
         ids = [str(item) for item in ids]
@@ -267,6 +288,12 @@ class EmbeddingCache:
         """
         name = f"shard-{number:05d}.safetensors"
         tensor = embeds.detach().to("cpu", torch.float32).contiguous()
+        require_finite(
+            tensor,
+            f"Embeddings for {self.root / name} (ids {list(ids)[:3]}...)",
+            "Refusing to cache them: a NaN/inf vector scores NaN against everything and ranks arbitrarily. Check "
+            "the model's inputs and settings (e.g. a NaN guidance scale) and recompute.",
+        )
         with atomic_path(self.root / name) as tmp:
             save_file({_TENSOR: tensor}, str(tmp), metadata={"ids": json.dumps([str(i) for i in ids])})
         return name
@@ -345,10 +372,13 @@ def embed_with_cache(
     if len(ids) != len(items):
         raise ValueError(f"embed_with_cache needs one item per id, got {len(ids)} ids and {len(items)} items.")
     first = {item: position for position, item in reversed(list(enumerate(ids)))}
-    todo = cache.missing(ids)
-    with tqdm(total=len(todo), desc=f"embedding into {cache.root.name}", disable=not progress, unit="item") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            cache.append(chunk, embed_fn([items[first[item]] for item in chunk]))
-            bar.update(len(chunk))
+    if cache.missing(ids):  # a cache that has everything is only read: no lock needed
+        with cache.writing():
+            todo = cache.missing(ids)
+            desc = f"embedding into {cache.root.name}"
+            with tqdm(total=len(todo), desc=desc, disable=not progress, unit="item") as bar:
+                for start in range(0, len(todo), batch_size):
+                    chunk = todo[start : start + batch_size]
+                    cache.append(chunk, embed_fn([items[first[item]] for item in chunk]))
+                    bar.update(len(chunk))
     return cache.load(ids)[1]

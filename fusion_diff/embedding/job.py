@@ -41,27 +41,28 @@ def embed_sharded(
     if len(ids) != len(items):
         raise ValueError(f"embed_sharded needs one item per id, got {len(ids)} ids and {len(items)} items.")
     processes = processes or Processes.current()
-    with processes.main_first():  # the main process repairs and lists leftovers of a crashed run first
-        cache = EmbeddingCache.open(root, identity, repair=True)
-    todo = cache.missing(ids)
-    base = cache.next_shard_number()
-    processes.wait()  # nobody writes a shard before every process has read the folder
-    first = {item: position for position, item in reversed(list(enumerate(ids)))}
-    units = processes.take(range(0, len(todo), chunk_size))
-    unit_batches = [batches_of([first[i] for i in todo[start : start + chunk_size]], batch_size) for start in units]
-    batches = loaded_batches(items, [b for bs in unit_batches for b in bs], num_workers)
-    mine = sum(len(b) for bs in unit_batches for b in bs)
-    desc = f"embedding into {cache.root.name}" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
-    with tqdm(total=mine, desc=desc, disable=not progress, unit="item") as bar:
-        for start, batches_of_unit in zip(units, unit_batches, strict=True):
-            parts = []
-            for _ in batches_of_unit:
-                batch = next(batches)
-                parts.append(embed_batch(batch).float().cpu())
-                bar.update(len(batch))
-            cache.write_shard(base + start // chunk_size, todo[start : start + chunk_size], torch.cat(parts))
-    processes.wait()
-    if processes.is_main:
-        EmbeddingCache.open(root, identity, expect_unlisted=True)  # lists every process's shards in the manifest
-    processes.wait()
-    return EmbeddingCache.open(root, identity, create=False), len(todo)
+    with processes.exclusive(root, "embedding job"):
+        with processes.main_first():  # the main process repairs and lists leftovers of a crashed run first
+            cache = EmbeddingCache.open(root, identity, repair=True)
+        todo = cache.missing(ids)
+        base = cache.next_shard_number()
+        processes.wait()  # nobody writes a shard before every process has read the folder
+        first = {item: position for position, item in reversed(list(enumerate(ids)))}
+        units = processes.take(range(0, len(todo), chunk_size))
+        unit_batches = [batches_of([first[i] for i in todo[start : start + chunk_size]], batch_size) for start in units]
+        batches = loaded_batches(items, [b for bs in unit_batches for b in bs], num_workers)
+        mine = sum(len(b) for bs in unit_batches for b in bs)
+        desc = f"embedding into {cache.root.name}" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
+        with tqdm(total=mine, desc=desc, disable=not progress, unit="item") as bar:
+            for start, batches_of_unit in zip(units, unit_batches, strict=True):
+                parts = []
+                for _ in batches_of_unit:
+                    batch = next(batches)
+                    parts.append(embed_batch(batch).float().cpu())
+                    bar.update(len(batch))
+                cache.write_shard(base + start // chunk_size, todo[start : start + chunk_size], torch.cat(parts))
+        processes.wait()
+        if processes.is_main:
+            EmbeddingCache.open(root, identity, expect_unlisted=True)  # lists every process's shards in the manifest
+        processes.wait()
+        return EmbeddingCache.open(root, identity, create=False), len(todo)

@@ -26,6 +26,7 @@ from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
 from fusion_diff.models.prior import FusionPrior
 from fusion_diff.retrieval.method import check_mix_weight, mix_toward_reference
+from fusion_diff.utils.checks import require_finite_settings
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
 from fusion_diff.utils.runtime import warn_slow_bf16_once
 
@@ -241,8 +242,6 @@ class FusionDiffPipeline(DiffusionPipeline):
         ``strength`` in [0, 1]: the share of the schedule that is re-run (0 returns the reference,
         1 samples from pure noise). The adapter, if any, is not used.
         """
-        if not 0.0 <= strength <= 1.0:
-            raise ConfigError(f"emb2emb: strength={strength} must be in [0, 1].")
         d = self.prior.config.embedding_dim
         reference = self._prepare(reference_embeds, "reference_embeds", d)
         text_embeds = self._prepare(
@@ -347,18 +346,19 @@ class FusionDiffPipeline(DiffusionPipeline):
         shared_noise: bool = False,
     ) -> FusionDiffPipelineOutput:
         """Shared loop of ``sample`` (``init`` None: start from noise) and ``emb2emb`` (start from noised ``init``)."""
-        if num_inference_steps < 1 or num_samples < 1 or batch_size < 1:
-            raise ConfigError("num_inference_steps, num_samples and batch_size must all be >= 1.")
-        if num_inference_steps == 1 and init is None and self.prior.config.prediction_type == "epsilon":
-            raise ConfigError(
-                "One-step sampling predicts z0 from pure noise, which an epsilon-prediction prior cannot do; "
-                "use >= 10 steps, or a prior trained with prediction_type='sample' or 'v_prediction'."
-            )
-        check_mix_weight(mix_reference)
+        self.check_sampling_settings(
+            num_inference_steps,
+            num_samples,
+            batch_size,
+            precision,
+            strength=None if init is None else strength,
+            mix_reference=mix_reference,
+            text_guidance=text_guidance,
+            control_guidance=control_guidance,
+            conditioning_scale=conditioning_scale,
+        )
         if mix_reference > 0 and control is None:
             raise ValueError("mix_reference > 0 needs the reference: pass control_embeds.")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
         warn_slow_bf16_once(self.device, precision, "Fusion-Diff sampling")
         autocast = torch.autocast(
             self.device.type, dtype=PRECISIONS[precision], enabled=PRECISIONS[precision] is not None
@@ -421,6 +421,36 @@ class FusionDiffPipeline(DiffusionPipeline):
             embeddings=embeddings.float().cpu().clone(),
             trajectory=None if trajectory is None else trajectory.float().cpu().clone(),
         )
+
+    def check_sampling_settings(
+        self,
+        num_inference_steps: int,
+        num_samples: int,
+        batch_size: int,
+        precision: str,
+        strength: float | None = None,
+        mix_reference: float = 0.0,
+        **scales: float,
+    ) -> None:
+        """Refuse settings that sampling cannot run with, before any work: counts below 1, one step from noise
+        with an epsilon prior, an unknown precision, ``strength`` (emb2emb; None: from noise) or ``mix_reference``
+        outside [0, 1], and NaN/inf guidance scales (they would give NaN queries that rank arbitrarily).
+        Methods call it when they are built."""
+        counts = {"num_inference_steps": num_inference_steps, "num_samples": num_samples, "batch_size": batch_size}
+        low = [f"{name}={value!r}" for name, value in counts.items() if not isinstance(value, int) or value < 1]
+        if low:
+            raise ConfigError(f"FusionDiffPipeline: {', '.join(low)}; each must be an integer >= 1.")
+        if num_inference_steps == 1 and strength is None and self.prior.config.prediction_type == "epsilon":
+            raise ConfigError(
+                "One-step sampling predicts z0 from pure noise, which an epsilon-prediction prior cannot do; "
+                "use >= 10 steps, or a prior trained with prediction_type='sample' or 'v_prediction'."
+            )
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
+        if strength is not None and not 0.0 <= strength <= 1.0:
+            raise ConfigError(f"emb2emb: strength={strength} must be in [0, 1].")
+        check_mix_weight(mix_reference)
+        require_finite_settings("FusionDiffPipeline sampling", **scales)
 
     @staticmethod
     def _noised_start(

@@ -13,7 +13,7 @@ import torch
 
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline, FusionDiffPipelineOutput
-from fusion_diff.retrieval.method import GalleryMode, QueryContext, check_mix_weight, mix_toward_reference
+from fusion_diff.retrieval.method import GalleryMode, QueryContext, mix_toward_reference
 
 ControlMode = Literal["auto", "fused", "image"]
 CONTROL_MODES = ("auto", "fused", "image")
@@ -40,7 +40,6 @@ class _SamplingMethod:
     ):
         if control_mode not in CONTROL_MODES:
             raise ConfigError(f"control_mode={control_mode!r}; choose one of {CONTROL_MODES}.")
-        check_mix_weight(mix_reference)
         self.pipeline = pipeline
         self.control_mode = control_mode
         self.seed = seed
@@ -140,6 +139,16 @@ class FusionDiffMethod(_SamplingMethod):
             batch_size,
             precision,
         )
+        pipeline.check_sampling_settings(
+            num_inference_steps,
+            num_samples,
+            batch_size,
+            precision,
+            mix_reference=mix_reference,
+            text_guidance=text_guidance,
+            control_guidance=control_guidance,
+            conditioning_scale=conditioning_scale,
+        )
         self.name = name
         self.control_guidance = control_guidance
         self.conditioning_scale = conditioning_scale
@@ -212,6 +221,15 @@ class Emb2EmbMethod(_SamplingMethod):
             gallery_mode,
             batch_size,
             precision,
+        )
+        pipeline.check_sampling_settings(
+            num_inference_steps,
+            num_samples,
+            batch_size,
+            precision,
+            strength=strength,
+            mix_reference=mix_reference,
+            text_guidance=text_guidance,
         )
         self.name = name
         self.strength = strength

@@ -15,6 +15,12 @@ import numpy as np
 import torch
 
 from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.utils.checks import check_top_k, require_finite
+
+NAN_QUERIES = (
+    "Recompute them (check the sampling settings, e.g. a NaN guidance scale): NaN/inf queries score NaN against "
+    "every gallery item and rank it arbitrarily."
+)
 
 
 @dataclass
@@ -55,6 +61,7 @@ class _Index:
                 f"Queries of shape {tuple(queries.shape)} do not match the {self.dim}-d gallery: queries and gallery "
                 "must come from the same embedder."
             )
+        require_finite(queries, "Search queries", NAN_QUERIES)
         return queries.detach().to(self.embeddings.device, torch.float32).contiguous()
 
     def _exclusion(self, exclude: Sequence[Sequence[str]] | None, num_queries: int) -> torch.Tensor:
@@ -75,7 +82,11 @@ class _Index:
     def search(
         self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
     ) -> SearchResult:
-        """Top-``k`` gallery items by inner product (cosine for unit-norm inputs), ``exclude[q]`` removed."""
+        """Top-``k`` gallery items by inner product (cosine for unit-norm inputs), ``exclude[q]`` removed.
+
+        ``k`` must be >= 1; a gallery smaller than ``k`` returns all of its items (``SearchResult`` is then
+        ``len(self)`` wide)."""
+        k = check_top_k(k)
         queries = self._check_queries(queries)
         banned = self._exclusion(exclude, queries.shape[0])
         k = min(k, len(self))
@@ -178,7 +189,10 @@ class FaissGalleryIndex(_Index):
 
 
 def build_index(embeddings: torch.Tensor, ids: Sequence[str], backend: str = "exact", **kwargs) -> _Index:
-    """A gallery index by backend name: ``"exact"`` (GalleryIndex) or ``"faiss"`` (FaissGalleryIndex)."""
+    """A gallery index by backend name: ``"exact"`` (GalleryIndex) or ``"faiss"`` (FaissGalleryIndex).
+
+    The gallery's vectors must be finite (one pass over them): a NaN row would score NaN for every query."""
+    require_finite(embeddings, "Gallery embeddings", "Re-embed those items (delete the cache and rebuild it).")
     backends = {"exact": GalleryIndex, "faiss": FaissGalleryIndex}
     if backend not in backends:
         raise ConfigError(f"Unknown search backend {backend!r}; choose one of {sorted(backends)}.")

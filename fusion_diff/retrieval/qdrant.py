@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from fusion_diff.errors import CacheMismatchError, ConfigError, DataError, MissingFileError
-from fusion_diff.retrieval.index import SearchResult
-from fusion_diff.retrieval.store import INDEX_KIND, PersistentIndex, space_differences
+from fusion_diff.retrieval.index import NAN_QUERIES, SearchResult
+from fusion_diff.retrieval.store import INDEX_KIND, NAN_GALLERY, PersistentIndex, space_differences
+from fusion_diff.utils.checks import check_top_k, require_finite
 from fusion_diff.utils.io import artifact_manifest
 
 UPLOAD_BATCH = 1024
@@ -129,6 +130,7 @@ class QdrantIndex:
         """Upload new items (numbered after the existing ones), then record the new count."""
         if embeddings.shape != (len(items), self.dim):
             raise DataError(f"{tuple(embeddings.shape)} embeddings for {len(items)} new {self.dim}-d items.")
+        require_finite(embeddings, f"Qdrant collection {self.collection!r}: new gallery embeddings", NAN_GALLERY)
         start = len(self)
         self.client.upload_collection(
             self.collection,
@@ -148,8 +150,10 @@ class QdrantIndex:
         """Top-``k`` by inner product for each query in one batch request; ``exclude[q]`` ids filtered out."""
         from qdrant_client import models
 
+        k = check_top_k(k)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise DataError(f"Queries of shape {tuple(queries.shape)} do not match the {self.dim}-d collection.")
+        require_finite(queries, "Search queries", NAN_QUERIES)
         if exclude is not None and len(exclude) != len(queries):
             raise ValueError(f"exclude needs one list per query: {len(exclude)} lists for {len(queries)} queries.")
         requests = [

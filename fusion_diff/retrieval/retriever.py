@@ -28,6 +28,7 @@ from fusion_diff.retrieval.index import SearchResult
 from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method
 from fusion_diff.retrieval.sources import TAR_MEMBER, GalleryItems, gallery_items
 from fusion_diff.retrieval.store import STAGING, IndexSettings, PersistentIndex, space_differences
+from fusion_diff.utils.checks import check_top_k
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir
 
@@ -400,6 +401,7 @@ class ComposedRetriever:
         """
         if isinstance(texts, str):
             reference_images, texts = [reference_images], [texts]  # type: ignore[list-item]
+        check_top_k(k)
         if self.index is None:
             raise ConfigError("This retriever has no gallery index: call index_gallery(...) or attach(index) first.")
         chosen = self.method_for(method, **method_options)

@@ -21,17 +21,9 @@ from PIL import Image
 
 from fusion_diff.embedding.base import ImageInput
 from fusion_diff.errors import DataError, MissingFileError
+from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, folder_images
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 TAR_MEMBER = "::"  # path of an image inside a shard: "shard.tar::member.jpg"
-
-
-def folder_images(root: Path) -> tuple[list[str], list[Path]]:
-    """(ids, paths) of every image under ``root``; id = path relative to it, without suffix."""
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under {root}.")
-    return [p.relative_to(root).with_suffix("").as_posix() for p in paths], paths
 
 
 class _TarImages(Sequence[ImageInput]):

@@ -33,6 +33,7 @@ import torch
 
 from fusion_diff.errors import CacheMismatchError, ConfigError, DataError, MissingFileError
 from fusion_diff.retrieval.index import FaissGalleryIndex, GalleryIndex, SearchResult, _Index
+from fusion_diff.utils.checks import require_finite
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
 
 INDEX_KIND = "gallery_index"
@@ -43,6 +44,7 @@ INDEX_TYPES = ("exact", "ivf-flat", "ivf-pq", "hnsw")
 EXACT_UP_TO = 200_000  # ``auto``: exact search below this many items (1k queries stay near 1 s on 2 cores)
 HNSW_UP_TO = 5_000_000  # ``auto``: HNSW up to here; beyond, IVF-PQ (HNSW keeps a graph + full vectors)
 RECALL_QUERIES = 1000  # held-out queries of the recall report
+NAN_GALLERY = "Re-embed those items: a NaN/inf vector would score NaN against every query. Nothing was written."
 
 
 @dataclass
@@ -273,6 +275,7 @@ class PersistentIndex:
             raise DataError(f"Index {root}: {tuple(embeddings.shape)} embeddings for {len(items)} items.")
         if not len(items):
             raise DataError(f"Index {root}: nothing to index (no gallery items).")
+        require_finite(embeddings, f"Index {root}: gallery embeddings", NAN_GALLERY)
         resolved = (settings or IndexSettings()).resolved(len(items), embeddings.shape[1])
         generation = _new_generation(root)
         _write_vectors(generation, embeddings, items)
@@ -317,6 +320,7 @@ class PersistentIndex:
             raise DataError(
                 f"Index {self.root}: {tuple(embeddings.shape)} embeddings for {len(items)} new {self.dim}-d items."
             )
+        require_finite(embeddings, f"Index {self.root}: new gallery embeddings", NAN_GALLERY)
         old = self.root / self.manifest["generation"]
         generation = _new_generation(self.root)
         _write_vectors(generation, torch.cat([self.embeddings, embeddings]), [*self.items, *items])

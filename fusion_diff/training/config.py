@@ -9,6 +9,7 @@ The effective config (defaults filled in, overrides applied) is saved with the t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -344,11 +345,13 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}.")
+        if not math.isfinite(value):  # .nan / .inf parse as YAML floats and would train or sample NaN
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}.")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

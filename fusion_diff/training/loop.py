@@ -14,6 +14,7 @@ with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -35,10 +36,11 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fusion_diff.errors import ConfigError, DataError, MissingFileError
+from fusion_diff.errors import ConfigError, DataError, MissingFileError, TrainingDivergedError
 from fusion_diff.training.config import TrainConfig, ValidationConfig, config_to_dict, save_config
 from fusion_diff.training.task import TrainingTask, ValidationFn, get_task_spec
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
+from fusion_diff.utils.locking import exclusive_folder
 from fusion_diff.utils.runtime import warn_slow_bf16_once
 
 logger = get_logger(__name__)
@@ -46,9 +48,11 @@ logger = get_logger(__name__)
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 TRAIN_LOG = "train_log.jsonl"
+CONFIG_CHANGES = "config_changes.jsonl"  # settings changed on resume, and from which step they apply
 RUN_CONFIG = "run_config.yaml"  # the config of the latest (possibly unfinished) run
 FINAL_CONFIG = "training_config.yaml"
-COSMETIC_SECTIONS = {"logging", "validation", "checkpointing"}  # may change between a run and its resumption
+# Not training settings: may change between a run and its resumption (a run folder may move, too).
+NOT_SETTINGS = {"logging", "validation", "checkpointing", "output_dir"}
 MANIFEST = "training_manifest.json"  # beside the pipeline's own manifest.json
 
 
@@ -87,10 +91,15 @@ def train(
     accelerator = make_accelerator(config)
     warn_slow_bf16_once(accelerator.device, accelerator.mixed_precision, "training (mixed_precision)")
     set_seed(config.seed)
-    if task is None:
-        spec = get_task_spec(config.task)
-        task = spec.build(config, validation_fn or resolve_validation_fn(config.validation))
-    return TrainingRun(config, task, accelerator, output_dir).run(resume, stop_at_step)
+    # One run per output folder: a second one would interleave checkpoints and log lines. The main
+    # process holds the lock for all processes of this run (only it writes the folder's shared files).
+    lock = exclusive_folder(output_dir, "training run") if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        if task is None:
+            spec = get_task_spec(config.task)
+            with accelerator.main_process_first():  # the main process fills any feature cache; the others read it
+                task = spec.build(config, validation_fn or resolve_validation_fn(config.validation))
+        return TrainingRun(config, task, accelerator, output_dir).run(resume, stop_at_step)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -229,30 +238,77 @@ class TrainingRun:
 
     def _resume(self, resume: str | None) -> int:
         """Load the checkpoint (if any); return how many batches of the current epoch were already seen."""
-        if resume is None:
-            return 0
-        checkpoint = find_checkpoint(resume, self.output_dir)
+        earlier = find_checkpoint("latest", self.output_dir)
+        if resume is None and earlier is not None:
+            raise ConfigError(
+                f"{self.output_dir} holds checkpoints of an earlier run (newest: {earlier.name}); a fresh run there "
+                "would mix its checkpoints with them. Continue that run with --resume latest, or train into a new "
+                f"output_dir (or delete {self.output_dir / CHECKPOINTS}) to start over."
+            )
+        checkpoint = find_checkpoint(resume, self.output_dir) if resume is not None else None
         if checkpoint is None:
-            self.accelerator.print(f"No checkpoint in {self.output_dir / CHECKPOINTS}; starting from step 0.")
+            if resume is not None:
+                self.accelerator.print(f"No checkpoint in {self.output_dir / CHECKPOINTS}; starting from step 0.")
+            if self.accelerator.is_main_process:  # a fresh run's logs hold its own steps only
+                _truncate_log(self.log_path, 0)
+                _truncate_log(self.log_path.with_name(CONFIG_CHANGES), -1)
             return 0
-        self._warn_if_config_changed()
+        changes = self._config_changes()
         self.accelerator.load_state(str(checkpoint))
         self.global_step = int(checkpoint.name.split("-")[-1])
+        self._apply_loop_settings()
         self.accelerator.print(f"Resumed from {checkpoint} (step {self.global_step}).")
         if self.accelerator.is_main_process:
             _truncate_log(self.log_path, self.global_step)
+            changes_log = self.log_path.with_name(CONFIG_CHANGES)
+            _truncate_log(changes_log, self.global_step - 1)  # changes made at or after this step were undone
+            if changes:
+                logger.warning(
+                    f"Resuming at step {self.global_step} with changed settings; they apply from this step on and "
+                    f"are recorded in {changes_log}: "
+                    + "; ".join(f"{k}: {v['before']!r} -> {v['after']!r}" for k, v in changes.items())
+                )
+                record = {"step": self.global_step, "checkpoint": str(checkpoint), "changed": changes}
+                with changes_log.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
         return (self.global_step % self.steps_per_epoch) * self.sched.gradient_accumulation_steps
 
-    def _warn_if_config_changed(self) -> None:
-        """A resumed run equals an uninterrupted one only with the same config; say which sections differ."""
+    def _config_changes(self) -> dict[str, dict[str, object]]:
+        """Settings (``NOT_SETTINGS`` aside) that differ from the checkpointed run's: {key: {before, after}}."""
         path = self.output_dir / LOGS / RUN_CONFIG
         if not path.is_file():
-            return
-        before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        now = config_to_dict(self.config)
-        changed = sorted(k for k in now.keys() - COSMETIC_SECTIONS if before.get(k) != now[k])
-        if changed:
-            logger.warning(f"Resuming with a config that differs from the checkpointed run in {changed} ({path}).")
+            return {}
+        before = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, skip=NOT_SETTINGS)
+        now = _flatten(config_to_dict(self.config), skip=NOT_SETTINGS)
+        return {
+            key: {"before": before.get(key), "after": now.get(key)}
+            for key in sorted(before.keys() | now.keys())
+            if before.get(key) != now.get(key)
+        }
+
+    def _apply_loop_settings(self) -> None:
+        """Put this run's optimiser and EMA settings back after ``load_state``.
+
+        ``load_state`` restores the checkpointed run's learning rate, betas, eps and weight decay (in the
+        optimiser's param groups and the scheduler's base rates) and its EMA decay settings; without this,
+        a resumed run would train with the old values while ``training_config.yaml`` records the new ones.
+        The schedule's shape (warm-up, length) is this run's already: its scheduler was built from this config.
+        """
+        optim, scheduler = self.config.optim, self.lr_scheduler.scheduler
+        for group, base in zip(self.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] *= optim.learning_rate / base  # keeps the schedule's factor at the resumed step
+            group.update(
+                initial_lr=optim.learning_rate,
+                betas=(optim.adam_beta1, optim.adam_beta2),
+                eps=optim.adam_epsilon,
+                weight_decay=optim.weight_decay,
+            )
+        scheduler.base_lrs = [optim.learning_rate] * len(scheduler.base_lrs)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if self.ema is not None:
+            ema = self.config.ema
+            self.ema.decay, self.ema.use_ema_warmup, self.ema.inv_gamma = ema.decay, ema.use_warmup, ema.inv_gamma
+            self.ema.power, self.ema.update_after_step = ema.power, ema.update_after_step
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: str | None, stop_at_step: int | None) -> TrainResult:
@@ -328,6 +384,8 @@ class TrainingRun:
             self.rates.append(record["samples_per_s"])
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             self._log(record)
+            if not math.isfinite(record["loss"]):  # the same reduced value on every process: all stop together
+                raise self._diverged(f"the loss is {record['loss']}")
         before_end = self.global_step < max_steps
         stopped = self.global_step == stop_at_step and before_end
         every = cfg.checkpointing.every_n_steps
@@ -358,6 +416,7 @@ class TrainingRun:
     def _save_checkpoint(self) -> None:
         """``save_state`` into a temporary folder renamed when complete; prune beyond ``total_limit``."""
         acc = self.accelerator
+        self._check_weights()
         root = self.output_dir / CHECKPOINTS
         final = root / f"checkpoint-{self.global_step}"
         partial = root / f".partial-checkpoint-{self.global_step}"
@@ -376,6 +435,26 @@ class TrainingRun:
             for old in found[: max(0, len(found) - limit)] if limit else []:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
+
+    def _check_weights(self) -> None:
+        """Refuse to save NaN/inf weights (the same trained and EMA weights on every process: all stop together)."""
+        tensors = [*self.params, *(self.ema.shadow_params if self.ema is not None else [])]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise self._diverged("the trained weights hold NaN or inf")
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        good = find_checkpoint("latest", self.output_dir)
+        where = (
+            f"The last checkpoint saved before it is {good}: continue from it with --resume {good} and a lower "
+            "optim.learning_rate"
+            if good is not None
+            else "No checkpoint was saved before it: start again with a lower optim.learning_rate"
+        )
+        return TrainingDivergedError(
+            f"Training {self.task.name} in {self.output_dir} diverged by step {self.global_step}: {what} "
+            f"(optim.learning_rate={self.config.optim.learning_rate}). Nothing from the diverged steps was saved. "
+            f"{where} (or clip gradients with optim.max_grad_norm > 0; with fp16, try bf16)."
+        )
 
     def _validate(self) -> None:
         """Score the weights being trained (the EMA ones when EMA is on) on the main process."""
@@ -399,6 +478,7 @@ class TrainingRun:
     def _save_final(self) -> None:
         """Final weights (EMA when on) via ``task.save_final``, the effective config and a manifest."""
         acc = self.accelerator
+        self._check_weights()
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return
@@ -407,11 +487,14 @@ class TrainingRun:
         self.unwrapped.eval()
         self.task.save_final(self.unwrapped, self.output_dir)
         save_config(self.config, self.output_dir / FINAL_CONFIG)
+        changes_log = self.log_path.with_name(CONFIG_CHANGES)
+        changes = _read_jsonl(changes_log)
         manifest = artifact_manifest(
             f"training/{self.task.name}",
             config_to_dict(self.config),
             self.config.seed,
             global_step=self.global_step,
+            config_changes=changes,  # settings changed on resume: the config above applies from each "step" on
             weights="ema" if self.ema is not None else "raw",
             num_processes=acc.num_processes,
             distributed_type=str(acc.distributed_type),
@@ -455,22 +538,35 @@ class _Window:
         return record
 
 
-def _flat_scalars(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
-    """Flatten a nested config for trackers, which accept scalar hyper-parameters only."""
-    flat: dict[str, int | float | str | bool] = {}
+def _flatten(tree: dict, prefix: str = "", skip: frozenset[str] | set[str] = frozenset()) -> dict[str, object]:
+    """``{"optim": {"learning_rate": x}}`` -> ``{"optim.learning_rate": x}`` (lists and scalars are leaves);
+    top-level sections in ``skip`` are left out."""
+    flat: dict[str, object] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
+        if key in skip:
+            continue
         if isinstance(value, dict):
-            flat.update(_flat_scalars(value, f"{name}."))
-        elif isinstance(value, (int, float, str, bool)):
+            flat.update(_flatten(value, f"{name}."))
+        else:
             flat[name] = value
     return flat
 
 
+def _flat_scalars(tree: dict) -> dict[str, int | float | str | bool]:
+    """Flatten a nested config for trackers, which accept scalar hyper-parameters only."""
+    return {k: v for k, v in _flatten(tree).items() if isinstance(v, (int, float, str, bool))}
+
+
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step, so a resumed run's log reads like an uninterrupted one."""
+    """Drop log lines past ``step`` (the resumed one; 0 for a fresh run): the log reads like one uninterrupted run."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    kept = [record for record in _read_jsonl(path) if record.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

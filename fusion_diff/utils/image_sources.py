@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
+import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fusion_diff.errors import DataError, MissingFileError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -34,6 +38,38 @@ class TarMember:
 
     def __str__(self) -> str:
         return f"{self.url}:{self.name}"
+
+
+def folder_images(root: str | os.PathLike) -> tuple[list[str], list[Path]]:
+    """(ids, paths) of every image under ``root``, sorted; id = path relative to ``root`` without its suffix.
+
+    Files that differ only in their suffix (``x.png`` and ``x.jpg``) would share an id, and one of them
+    would be lost; those keep their suffix in the id (``x.png``, ``x.jpg``), with a warning. Every other
+    id stays suffix-free, so ids are unique and do not depend on which other files are in the folder
+    unless they collide.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingFileError(f"Image folder not found: {root}. Pass the folder that holds the images.")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under {root}.")
+    relative = [p.relative_to(root) for p in paths]
+    ids = [r.with_suffix("").as_posix() for r in relative]
+    shared = {item for item, n in Counter(ids).items() if n > 1}
+    if shared:
+        ids = [r.as_posix() if item in shared else item for r, item in zip(relative, ids, strict=True)]
+        logger.warning(
+            "%s: %d image ids are shared by files that differ only in their suffix (e.g. %s); those files keep "
+            "their suffix in the id, so none is lost.",
+            root,
+            len(shared),
+            sorted(shared)[:3],
+        )
+    repeated = sorted(item for item, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise DataError(f"Image ids repeat under {root} even with suffixes, e.g. {repeated[:3]}; rename those files.")
+    return ids, paths
 
 
 def is_tar_source(source: str) -> bool:

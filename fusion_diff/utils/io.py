@@ -37,15 +37,37 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
         tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Read JSON, naming the file and the problem when it is missing or not valid JSON."""
+class _RepeatedKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _RepeatedKeyError(next(key for n, key in enumerate(keys) if key in keys[:n]))
+    return dict(pairs)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", unique_keys: bool = False) -> Any:
+    """Read JSON, naming the file and the problem when it is missing or not valid JSON.
+
+    ``unique_keys``: refuse an object that repeats a key (JSON readers silently keep its last value,
+    so a repeated entry hides the earlier one), for files people write by hand or by script.
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}. Check the path (or rebuild the artifact that writes it).")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys if unique_keys else None)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{what} {path} is not valid JSON ({err}). Delete it and rebuild, or fix the file.") from err
+    except _RepeatedKeyError as err:
+        raise DataError(
+            f"{what} {path} repeats the key {err.key!r} in one object; a JSON reader would keep only its last value. "
+            "Keep one entry per key."
+        ) from err
 
 
 def library_versions() -> dict[str, str]:

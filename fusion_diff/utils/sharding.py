@@ -11,6 +11,7 @@ finished units' files and redoes only the rest.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,13 @@ class Processes:
         with self.state.main_process_first():
             yield
         self.wait()
+
+    def exclusive(self, folder: str | os.PathLike, job: str) -> contextlib.AbstractContextManager:
+        """The output folder's writer lock (``fusion_diff.utils.locking``), held by the main process for the
+        whole job: a second job into the folder is refused, while this job's processes write under it."""
+        from fusion_diff.utils.locking import exclusive_folder
+
+        return exclusive_folder(folder, job) if self.is_main else contextlib.nullcontext()
 
     def wait(self) -> None:
         if self.state is not None:
