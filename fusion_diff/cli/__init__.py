@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 # (module under fusion_diff.cli, one-line summary). Each module defines ``register(subparsers)``
 # that adds its sub-command(s) with ``set_defaults(func=...)``.
@@ -30,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusion-diff",
         description="Zero-shot composed image retrieval with fused-embedding diffusion (Fusion-Diff) and FTI4CIR.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of a failure (also accepted anywhere on the line; or FUSION_DIFF_DEBUG=1)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -62,4 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fusion_diff.cli.failures import entry
+
+    entry()

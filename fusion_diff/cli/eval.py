@@ -77,7 +77,7 @@ def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     the methods that take trained weights (``pipeline`` of fusion-diff / emb2emb, ``checkpoint`` of fti4cir).
     An option that no method takes fails, named, rather than being dropped.
     """
-    from fusion_diff.baselines.registry import PIPELINE_METHODS, method_options
+    from fusion_diff.baselines.registry import PIPELINE_METHODS, check_method_options, method_options
 
     methods = list(dict.fromkeys(args.method))
     accepted = {name: method_options(name) for name in methods}
@@ -126,7 +126,7 @@ def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             routed[name][key] = value
     for name, key, value in specific:
         routed[name][key] = value
-    return routed
+    return {name: check_method_options(name, options, "--set") for name, options in routed.items()}
 
 
 def build_method(name: str, options: dict[str, Any], args: argparse.Namespace, units, embedder):

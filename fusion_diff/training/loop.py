@@ -35,7 +35,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fusion_diff.errors import ConfigError, DataError, MissingFileError
+from fusion_diff.errors import ConfigError, DataError, FusionDiffError, MissingFileError
 from fusion_diff.training.config import TrainConfig, ValidationConfig, config_to_dict, save_config
 from fusion_diff.training.task import TrainingTask, ValidationFn, get_task_spec
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
@@ -142,6 +142,27 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def unloadable_checkpoint(checkpoint: Path, err: Exception) -> FusionDiffError:
+    """The error for a checkpoint ``load_state`` refused: another architecture (the config's model section
+    changed) or a damaged file (offering the previous checkpoint)."""
+    reason = " ".join(str(err).split())[:300]
+    if isinstance(err, RuntimeError) and ("size mismatch" in reason or "key(s) in state_dict" in reason):
+        return ConfigError(
+            f"Checkpoint {checkpoint} was saved by another model architecture than the config's 'model' section "
+            f"({reason}). Resume with the config it was trained with ({checkpoint.parents[1] / LOGS / RUN_CONFIG}), "
+            "or train the new architecture into another output_dir."
+        )
+    steps = sorted(int(p.name.split("-")[-1]) for p in checkpoint.parent.glob("checkpoint-*") if p.is_dir()
+                   and p.name.split("-")[-1].isdigit())  # fmt: skip
+    older = [step for step in steps if step < int(checkpoint.name.split("-")[-1])]
+    fix = (
+        f"Resume from the previous one with --resume {checkpoint.parent / f'checkpoint-{older[-1]}'}"
+        if older
+        else "There is no earlier checkpoint: start again without --resume"
+    )
+    return DataError(f"Checkpoint {checkpoint} is damaged or incomplete ({reason}). {fix} (and delete {checkpoint}).")
+
+
 def step_generator(seed: int, process: int, step: int, micro_step: int, device: torch.device) -> torch.Generator:
     """A generator that depends only on ``(seed, process, step, micro_step)``: resumed runs redraw the same noise."""
     state = int(np.random.SeedSequence([seed, process, step, micro_step]).generate_state(1, dtype=np.uint64)[0])
@@ -236,7 +257,10 @@ class TrainingRun:
             self.accelerator.print(f"No checkpoint in {self.output_dir / CHECKPOINTS}; starting from step 0.")
             return 0
         self._warn_if_config_changed()
-        self.accelerator.load_state(str(checkpoint))
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except Exception as err:  # noqa: BLE001  (torch, safetensors and pickle each raise their own on bad files)
+            raise unloadable_checkpoint(checkpoint, err) from err
         self.global_step = int(checkpoint.name.split("-")[-1])
         self.accelerator.print(f"Resumed from {checkpoint} (step {self.global_step}).")
         if self.accelerator.is_main_process:
