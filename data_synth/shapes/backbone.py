@@ -62,6 +62,7 @@ from data_synth.shapes.edits import apply_edit, sample_edit
 from data_synth.shapes.render import render, render_array, world_fingerprint
 from data_synth.shapes.scene import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, SceneObject, sample_scene_in_split
 from fusion_diff.embedding.openclip import OpenCLIPEmbedder, save_checkpoint
+from fusion_diff.embedding.text_checks import tokenize_checked
 from fusion_diff.embedding.registry import ensure_registered
 from fusion_diff.errors import MissingFileError
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
@@ -206,7 +207,7 @@ class PairStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"{cfg.seed}:{index}")
         scenes = training_scenes(rng, cfg.batch_size, cfg.sibling_fraction, cfg.single_fraction)
         images = np.stack([render_array(s, cfg.render_size, rng) for s in scenes])
-        tokens = self.tokenizer([caption_scene(s, rng) for s in scenes])
+        tokens = tokenize_checked(self.tokenizer, [caption_scene(s, rng) for s in scenes])
         return preprocess_batch(images, self.preprocess_cfg), tokens, scene_targets(scenes)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

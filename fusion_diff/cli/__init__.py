@@ -55,10 +55,22 @@ def _show_progress_notes() -> None:
     logging.getLogger("fusion_diff").setLevel(logging.INFO)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``section.key=value`` overrides may stand anywhere (argparse takes a
+    positional list only in one piece: ``--config c.yaml a=1 --resume latest b=2`` would reject ``b=2``)."""
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *(item for item in extra if not item.startswith("-") and "=" in item)]
+        extra = [item for item in extra if item not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     _show_progress_notes()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

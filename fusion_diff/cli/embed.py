@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusion_diff.cli.argtypes import non_negative_int, positive_int
 from fusion_diff.errors import DataError, MissingFileError
 from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
 
@@ -176,10 +177,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub = kinds.add_parser(kind, help=f"embed {kind}", description=f"Embed {kind} into an embedding cache.")
         sub.add_argument(flag, required=True, help=help_text)
         sub.add_argument("--out", required=True, help="cache folder (created, or resumed if it exists)")
-        sub.add_argument("--batch-size", type=int, default=64, help="model batch size")
+        sub.add_argument("--batch-size", type=positive_int, default=64, help="model batch size")
         sub.add_argument(
-            "--chunk-size", type=int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
+            "--chunk-size", type=positive_int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
         )
-        sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+        sub.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers decoding images")
         add_embedder_args(sub)
         sub.set_defaults(func=run)

@@ -99,6 +99,8 @@ def _os_error_message(err: OSError, argv: Sequence[str]) -> str | None:
     if isinstance(err, NotADirectoryError):
         return f"{path} is a file (or lies under one) where a folder is expected. Pass a folder path."
     if isinstance(err, FileExistsError):
+        if path and os.path.isfile(path):
+            return f"{path} is a file where a folder is expected (an output folder?). Pass a folder path."
         return f"{path} exists already and is in the way. Remove it or choose another path."
     return None
 

@@ -82,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main_for_task(task: str, argv: list[str] | None = None) -> int:
     """Entry point of ``adapters/train_<task>.py``: the same arguments as ``fusion-diff train <task>``."""
+    from fusion_diff.cli import parse_args
+
     parser = argparse.ArgumentParser(prog=f"train_{task}.py", description=TASK_HELP[task])
     add_task_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     args.task = task
     return args.func(args)
