@@ -22,4 +22,5 @@ def _bounded_int(low: int, high: int | None, what: str):
 
 positive_int = _bounded_int(1, None, ">= 1")
 non_negative_int = _bounded_int(0, None, ">= 0")
+port = _bounded_int(1, 65536, "a port number in [1, 65535]")
 seed_int = _bounded_int(0, 2**32, "in [0, 2**32) (numpy's seed range)")

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusion_diff.cli.argtypes import non_negative_int, positive_int
 from fusion_diff.cli.embed import add_embedder_args
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_images
@@ -183,13 +184,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "{000..099} range or fsspec URL; id = sample key)",
     )
     parser.add_argument("--out", required=True, help="caption cache file to write or resume (.json)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument(
-        "--chunk-size", type=int, default=1024, help="images per work unit (the unit of sharding between processes)"
+        "--chunk-size", type=positive_int, default=1024, help="images per work unit (the unit of sharding between processes)"
     )
-    parser.add_argument("--save-every", type=int, default=256, help="save the work done every this many images...")
+    parser.add_argument("--save-every", type=positive_int, default=256, help="save the work done every this many images...")
     parser.add_argument("--save-seconds", type=float, default=60.0, help="...or every this many seconds")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers decoding images")
     add_captioner_args(parser, allow_none=False)
     add_embedder_args(parser, required=False)
     parser.set_defaults(func=run)

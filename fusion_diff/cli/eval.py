@@ -78,6 +78,7 @@ def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     An option that no method takes fails, named, rather than being dropped.
     """
     from fusion_diff.baselines.registry import PIPELINE_METHODS, check_method_options, method_options
+    from fusion_diff.training.config import did_you_mean
 
     methods = list(dict.fromkeys(args.method))
     accepted = {name: method_options(name) for name in methods}
@@ -121,7 +122,8 @@ def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             routed[name][weights[name]] = args.checkpoint
     for flag, key, value in shared:
         if not takers(key):
-            raise ConfigError(f"{flag}: none of the methods {methods} takes {key!r}.")
+            known = set().union(*(accepted[name] or () for name in methods))
+            raise ConfigError(f"{flag}: none of the methods {methods} takes {key!r}{did_you_mean(key, known)}.")
         for name in takers(key):
             routed[name][key] = value
     for name, key, value in specific:
@@ -147,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks.report import markdown_table, write_rankings, write_results
     from fusion_diff.benchmarks.submission import write_result_submissions
 
+    options = route_options(args)  # bad options fail before any data or model loads
     units = load_benchmark(
         args.benchmark,
         args.root,
@@ -157,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
         circo_gallery=args.circo_gallery,
         phrasing=args.phrasing,
     )
-    options = route_options(args)  # bad options fail before any model loads
     embedder = build_backbone(args)
     # Before anything is embedded: a pipeline trained on another backbone is refused here.
     methods = [build_method(name, options[name], args, units, embedder) for name in args.method]

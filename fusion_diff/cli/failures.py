@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fusion_diff.errors import FusionDiffError
 
@@ -96,12 +97,21 @@ def _os_error_message(err: OSError, argv: Sequence[str]) -> str | None:
         return f"{path or 'a file'} does not exist. Check the path (relative paths start at {os.getcwd()})."
     if isinstance(err, IsADirectoryError):
         return f"{path} is a folder where a file is expected. Pass a file path."
-    if isinstance(err, NotADirectoryError):
-        return f"{path} is a file (or lies under one) where a folder is expected. Pass a folder path."
+    if isinstance(err, (NotADirectoryError, FileExistsError)) and (file := _file_in_the_way(path)):
+        held = "" if file == str(path) else f" (to hold {path})"
+        return f"{file} is a file where a folder is expected{held}. Pass a folder path, or move the file."
     if isinstance(err, FileExistsError):
-        if path and os.path.isfile(path):
-            return f"{path} is a file where a folder is expected (an output folder?). Pass a folder path."
         return f"{path} exists already and is in the way. Remove it or choose another path."
+    return None
+
+
+def _file_in_the_way(path: str | None) -> str | None:
+    """``path`` or its nearest existing ancestor, when that is a file (a folder was to be made there)."""
+    if not path:
+        return None
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            return str(candidate) if candidate.is_file() else None
     return None
 
 
