@@ -62,9 +62,10 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fusion_diff.training.config import load_config
+
+    config = load_config(args.config, task=args.task, overrides=args.overrides)  # a bad config fails in a second
     from fusion_diff.training.loop import train
 
-    config = load_config(args.config, task=args.task, overrides=args.overrides)
     result = train(config, resume=args.resume, stop_at_step=args.stop_at_step)
     from accelerate import PartialState
 

@@ -1,7 +1,9 @@
-"""Texts a CLIP tokenizer cuts, or that say nothing: warned about (once per batch, with counts), never dropped.
+"""Texts a CLIP tokenizer cuts, and empty instructions: warned about (once per batch, with counts), never dropped.
 
 open_clip's tokenizers cut every text at the model's context length (77 tokens for the OpenAI models, fewer for
-small ones) without a word, so a long instruction silently loses its end; an empty one embeds as the empty prompt.
+small ones) without a word, so a long instruction silently loses its end; an empty instruction embeds as the empty
+prompt (the null condition), so its query is the reference's alone. Empty *texts* in general are fine (the null
+prompt is one on purpose), so emptiness is checked where instructions enter: ``QueryContext``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
-    """``tokenizer(texts)`` (an open_clip tokenizer), warning once for the batch how many texts were cut to the
-    context length and how many are empty."""
+    """``tokenizer(texts)`` (an open_clip tokenizer), warning once for the batch how many texts it cut to the
+    context length."""
     texts = list(texts)
     tokens = tokenizer(texts)
     context = tokens.shape[1]
@@ -27,16 +29,20 @@ def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str
         longer = tokenizer(maybe_long, context_length=context + 1)
         pad = tokenizer([""], context_length=context + 1)[0, -1]
         cut = [text for text, row in zip(maybe_long, longer) if row[-1] != pad]
-    empty = sum(not text.strip() for text in texts)
-    if cut or empty:
-        notes = []
-        if cut:
-            example = cut[0] if len(cut[0]) <= 80 else cut[0][:77] + "..."
-            notes.append(
-                f"{len(cut)} longer than the text encoder's {context}-token context, cut to it (their end does not "
-                f"reach the model; e.g. {example!r})"
-            )
-        if empty:
-            notes.append(f"{empty} empty (embedded as the empty prompt)")
-        logger.warning(f"Of {len(texts)} texts in this batch, {' and '.join(notes)}. Shorten or fill them in.")
+    if cut:
+        example = cut[0] if len(cut[0]) <= 80 else cut[0][:77] + "..."
+        logger.warning(
+            f"{len(cut)} of {len(texts)} texts in this batch are longer than the text encoder's {context}-token "
+            f"context and were cut to it (their end does not reach the model), e.g. {example!r}. Shorten them."
+        )
     return tokens
+
+
+def warn_empty_instructions(instructions: Sequence[str]) -> None:
+    """One warning for a batch of queries with empty modification texts (their query is the reference alone)."""
+    empty = sum(not text.strip() for text in instructions)
+    if empty:
+        logger.warning(
+            f"{empty} of {len(instructions)} queries in this batch have an empty instruction: each is embedded as "
+            "the empty prompt, so its query is the reference alone. Fill them in, or drop those queries."
+        )
