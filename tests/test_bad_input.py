@@ -51,7 +51,9 @@ def world(tmp_path_factory, tiny_openclip, tiny_openclip_checkpoint) -> dict[str
     (root / "pairs_nokey.jsonl").write_text(json.dumps({"id": "0", "image": "imgs/red.png"}) + "\n")
 
     torch.manual_seed(0)
-    prior = FusionPrior(embedding_dim=tiny_openclip.dim, **TINY_PRIOR, embedder_identity=tiny_openclip.identity.as_dict())
+    prior = FusionPrior(
+        embedding_dim=tiny_openclip.dim, **TINY_PRIOR, embedder_identity=tiny_openclip.identity.as_dict()
+    )
     pipeline = FusionDiffPipeline(prior, sampling_scheduler("ddim", prior), ControlAdapter.from_prior(prior, 1))
     pipeline.save_pretrained(root / "pipe")
     shutil.copytree(root / "pipe", root / "pipe_no_prior")
@@ -409,7 +411,9 @@ def test_console_prints_one_paragraph_and_exits_1(tmp_path):
 
 
 def test_console_debug_shows_the_traceback(tmp_path):
-    proc = _console("--debug", "synth", "corpus", "--captions", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
+    proc = _console(
+        "--debug", "synth", "corpus", "--captions", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")
+    )
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr and "MissingFileError" in proc.stderr
 

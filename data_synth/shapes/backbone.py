@@ -57,13 +57,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data_synth.shapes.captions import caption_scene, canonical_caption, object_phrase
+from data_synth.shapes.captions import canonical_caption, caption_scene, object_phrase
 from data_synth.shapes.edits import apply_edit, sample_edit
 from data_synth.shapes.render import render, render_array, world_fingerprint
 from data_synth.shapes.scene import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, SceneObject, sample_scene_in_split
 from fusion_diff.embedding.openclip import OpenCLIPEmbedder, save_checkpoint
-from fusion_diff.embedding.text_checks import tokenize_checked
 from fusion_diff.embedding.registry import ensure_registered
+from fusion_diff.embedding.text_checks import tokenize_checked
 from fusion_diff.errors import MissingFileError
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir

@@ -259,7 +259,7 @@ class TrainingRun:
         self._warn_if_config_changed()
         try:
             self.accelerator.load_state(str(checkpoint))
-        except Exception as err:  # noqa: BLE001  (torch, safetensors and pickle each raise their own on bad files)
+        except Exception as err:  # torch, safetensors and pickle each raise their own on bad files
             raise unloadable_checkpoint(checkpoint, err) from err
         self.global_step = int(checkpoint.name.split("-")[-1])
         self.accelerator.print(f"Resumed from {checkpoint} (step {self.global_step}).")
