@@ -489,6 +489,8 @@ def check_demo_config(config: DemoConfig, path: Path) -> None:
             check_captioner_spec({"model": "<trained by the demo>", **spec} if spec.get("type") == "scene" else spec)
         except ConfigError as err:
             raise ConfigError(f"{path}: 'evaluation.captioner': {err}") from err
+        if spec.get("type") == "retrieval" and spec.get("bank") and not Path(spec["bank"]).exists():
+            raise MissingFileError(f"{path}: 'evaluation.captioner.bank' {spec['bank']} does not exist.")
     placeholders = {"output_dir": "<out>", "data.pair_embeddings": "<out>", "data.triplet_embeddings": "<out>",
                     "model.prior_path": "<out>", "data.pair_dir": "<out>", "model.backbone.cache": "<out>"}  # fmt: skip
     stages = {"stage1": "prior", "stage2": "adapter", "fti4cir": "fti4cir"}

@@ -228,7 +228,7 @@ CASES = [
     Case("demo-config-missing", ["demo", "--config", "{tmp}/nope.yaml"], "Config not found: {tmp}/nope.yaml"),
     Case("demo-method-option-typo", ["demo", "--config", "{configs}/demo_quick.yaml", "out_dir={tmp}/out",
                                      "evaluation.methods.fusion-diff.num_sample=8"],
-         "'evaluation.methods.fusion-diff'): method 'fusion-diff' does not take option 'num_sample' (did you mean"),
+         "'evaluation.methods.fusion-diff'): method 'fusion-diff' does not take option(s) ['num_sample'] (did you mean"),
     Case("demo-method-option-nan", ["demo", "--config", "{configs}/demo_quick.yaml", "out_dir={tmp}/out",
                                     "evaluation.methods.fusion-diff.control_guidance=.nan"],
          "'control_guidance' must be a finite number"),
@@ -241,6 +241,9 @@ CASES = [
          "'training.stage2'"),
     Case("demo-captioner-type", ["demo", "--config", "{configs}/demo_quick.yaml", "out_dir={tmp}/out",
                                  "evaluation.captioner.type=scen"], "Unknown captioner type 'scen'"),
+    Case("demo-caption-bank-missing", ["demo", "--config", "{configs}/demo_quick.yaml", "out_dir={tmp}/out",
+                                       "evaluation.captioner={{type: retrieval, bank: {tmp}/nope.txt}}"],
+         "'evaluation.captioner.bank' {tmp}/nope.txt does not exist"),
     Case("demo-seed-negative", ["demo", "--config", "{configs}/demo_quick.yaml", "out_dir={tmp}/out", "seed=-1"],
          "'seed' must be in [0, 2**32)"),
     # ---- serve's argument checks
@@ -330,6 +333,16 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     assert run_cli(["train", "prior", "--config", "x.yaml"]) == 130
     err = capsys.readouterr().err
     assert "fusion-diff train prior: interrupted" in err and "Traceback" not in err
+
+
+def test_sys_exit_inside_a_command_keeps_its_meaning(monkeypatch, capsys):
+    import fusion_diff.cli.train as train_cli
+
+    monkeypatch.setattr(train_cli, "run", _failing_command(SystemExit(None)))
+    assert run_cli(["train", "prior", "--config", "x.yaml"]) == 0
+    monkeypatch.setattr(train_cli, "run", _failing_command(SystemExit("stopped: no work left")))
+    assert run_cli(["train", "prior", "--config", "x.yaml"]) == 1
+    assert capsys.readouterr().err.strip() == "fusion-diff train prior: stopped: no work left"
 
 
 def test_main_still_raises_the_library_errors():

@@ -103,16 +103,17 @@ def check_method_options(name: str, options: dict[str, Any], source: str) -> dic
     accepted = method_options(name)
     if accepted is None:
         return dict(options)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"{source}: method {name!r} does not take option(s) {unknown}{did_you_mean(unknown[0], accepted)}; "
+            f"it takes {sorted(accepted)}."
+        )
     hints = _option_hints(name)
-    checked = {}
-    for key, value in options.items():
-        if key not in accepted:
-            raise ConfigError(
-                f"{source}: method {name!r} does not take option {key!r}{did_you_mean(key, accepted)}; "
-                f"it takes {sorted(accepted)}."
-            )
-        checked[key] = convert_value(value, hints[key], source, key) if _plain_type(hints.get(key)) else value
-    return checked
+    return {
+        key: convert_value(value, hints[key], source, key) if _plain_type(hints.get(key)) else value
+        for key, value in options.items()
+    }
 
 
 def _option_hints(name: str) -> dict[str, Any]:

@@ -45,7 +45,10 @@ def run_cli(
         print(f"\n{command}: interrupted; resumable steps continue where they stopped when run again.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as err:  # argparse (exit 2) and --help (exit 0) end here on purpose
-        return err.code if isinstance(err.code, int) else EXIT_FAILED
+        if err.code is None or isinstance(err.code, int):
+            return err.code or 0
+        print(f"{command}: {err.code}", file=sys.stderr)  # sys.exit("message"), as Python itself reports it
+        return EXIT_FAILED
     except Exception as err:  # noqa: BLE001  (the console's last line of defence: every failure is reported)
         print(describe_failure(err, command, argv, debug), file=sys.stderr)
         if debug:
