@@ -222,7 +222,8 @@ CASES = [
          "{tmp}/nope.txt not found"),
     Case("caption-images-missing", ["caption", "--images", "{tmp}/nope", "--out", "{tmp}/out", "--captioner",
                                     "retrieval", "--caption-bank", "{w}/bad.jsonl", *EMB], "{tmp}/nope"),
-    Case("caption-batch-size-0", ["caption", "--images", "{w}/imgs", "--out", "{tmp}/out", "--batch-size", "0"],
+    Case("caption-batch-size-0", ["caption", "--images", "{w}/imgs", "--out", "{tmp}/out", "--captioner", "scene",
+                                  "--batch-size", "0"],
          "argument --batch-size: must be >= 1, got 0", code=2),
     # ---- demo: its config is checked whole before the first step (out_dir must not appear)
     Case("demo-config-missing", ["demo", "--config", "{tmp}/nope.yaml"], "Config not found: {tmp}/nope.yaml"),
