@@ -128,8 +128,9 @@ def resolve_validation_fn(validation: ValidationConfig) -> ValidationFn | None:
     return functools.partial(fn, **validation.kwargs)
 
 
-def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
-    """``"latest"`` -> the newest complete ``checkpoint-N`` (None if there is none); else the given folder."""
+def find_checkpoint(resume: str, output_dir: Path, before: int | None = None) -> Path | None:
+    """``"latest"`` -> the newest complete ``checkpoint-N`` (None if there is none; with ``before``, the newest
+    with N < before); else the given folder."""
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir() or not path.name.removeprefix("checkpoint-").isdigit():
@@ -139,6 +140,7 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
         return path
     root = output_dir / CHECKPOINTS
     found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    found = [p for p in found if before is None or int(p.name.split("-")[-1]) < before]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
@@ -152,12 +154,10 @@ def unloadable_checkpoint(checkpoint: Path, err: Exception) -> FusionDiffError:
             f"({reason}). Resume with the config it was trained with ({checkpoint.parents[1] / LOGS / RUN_CONFIG}), "
             "or train the new architecture into another output_dir."
         )
-    steps = sorted(int(p.name.split("-")[-1]) for p in checkpoint.parent.glob("checkpoint-*") if p.is_dir()
-                   and p.name.split("-")[-1].isdigit())  # fmt: skip
-    older = [step for step in steps if step < int(checkpoint.name.split("-")[-1])]
+    previous = find_checkpoint("latest", checkpoint.parents[1], before=int(checkpoint.name.split("-")[-1]))
     fix = (
-        f"Resume from the previous one with --resume {checkpoint.parent / f'checkpoint-{older[-1]}'}"
-        if older
+        f"Resume from the previous one with --resume {previous}"
+        if previous
         else "There is no earlier checkpoint: start again without --resume"
     )
     return DataError(f"Checkpoint {checkpoint} is damaged or incomplete ({reason}). {fix} (and delete {checkpoint}).")
