@@ -3,7 +3,8 @@
 
 import sys
 
+from fusion_diff.cli.failures import run_cli
 from fusion_diff.cli.train import main_for_task
 
 if __name__ == "__main__":
-    sys.exit(main_for_task("prior"))
+    sys.exit(run_cli(main=lambda argv: main_for_task("prior", argv), prog="train_prior.py"))

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
-from fusion_diff.training.config import load_config, load_dataclass, require
+from fusion_diff.training.config import did_you_mean, load_config, load_dataclass, require
 from fusion_diff.utils.io import atomic_path, write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
@@ -121,6 +121,9 @@ class DemoConfig:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seed range)")
 
 
 def default_config_path(quick: bool) -> Path:
@@ -298,7 +301,7 @@ class Demo:
         out = self.path(name)
         demo_overrides = [f"output_dir={out}", f"seed={self.config.seed}"] + [f"{k}={v}" for k, v in paths.items()]
         overrides = demo_overrides + getattr(self.config.training, f"{name}_overrides")
-        config = load_config(self.config_dir / getattr(self.config.training, name), overrides=overrides)
+        config = load_config(stage_config_path(self.config_dir, getattr(self.config.training, name)), overrides=overrides)
         inputs = _fingerprint(paths.values())
         if (out / MANIFEST).is_file():
             if load_config(out / FINAL_CONFIG) == config and _read_inputs(out) == inputs:
@@ -457,20 +460,78 @@ class Demo:
 
 def run_demo(quick: bool = False, config_path: str | Path | None = None, overrides: list[str] | None = None,
              progress: bool = True) -> Path:  # fmt: skip
-    """Load the demo config (strictly), run every step, and return the path of the markdown table."""
+    """Load the demo config (strictly), check every option, run every step, and return the markdown table's path."""
     path = Path(config_path) if config_path else default_config_path(quick)
     config = load_dataclass(DemoConfig, path, overrides or [])
-    rows = config.evaluation.methods
-    unknown = sorted({options.get("method", row) for row, options in rows.items()} - _known_methods())
-    if unknown:
-        raise ConfigError(f"{path}: unknown method(s) {unknown} in 'evaluation.methods'; see fusion-diff eval --help.")
+    check_demo_config(config, path)
     return Demo(config, path.parent, progress).run()
 
 
-def _known_methods() -> set[str]:
-    from fusion_diff.baselines.registry import METHODS
+def check_demo_config(config: DemoConfig, path: Path) -> None:
+    """Everything the later steps read, checked now rather than minutes in: each table row's method and options
+    (unknown keys with the closest known one, types, finite numbers), the captioner spec, and each stage's training
+    config (found, and loading strictly with the demo's overrides)."""
+    from fusion_diff.baselines.registry import METHODS, check_method_options
+    from fusion_diff.captioning.factory import check_captioner_spec
 
-    return set(METHODS)
+    for row, options in config.evaluation.methods.items():
+        name = options.get("method", row)
+        if name not in METHODS:
+            raise ConfigError(
+                f"{path}: unknown method {name!r} in 'evaluation.methods.{row}'{did_you_mean(name, METHODS)}; "
+                f"choose one of {sorted(METHODS)} (see fusion-diff eval --help)."
+            )
+        check_method_options(name, {k: v for k, v in options.items() if k != "method"},
+                             f"{path} ('evaluation.methods.{row}')")  # fmt: skip
+    spec = config.evaluation.captioner
+    if spec.get("type") not in (None, "none"):
+        try:
+            check_captioner_spec({"model": "<trained by the demo>", **spec} if spec.get("type") == "scene" else spec)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: 'evaluation.captioner': {err}") from err
+        if spec.get("type") == "retrieval" and spec.get("bank") and not Path(spec["bank"]).exists():
+            raise MissingFileError(f"{path}: 'evaluation.captioner.bank' {spec['bank']} does not exist.")
+    placeholders = {"output_dir": "<out>", "data.pair_embeddings": "<out>", "data.triplet_embeddings": "<out>",
+                    "model.prior_path": "<out>", "data.pair_dir": "<out>", "model.backbone.cache": "<out>"}  # fmt: skip
+    stages = {"stage1": "prior", "stage2": "adapter", "fti4cir": "fti4cir"}
+    for stage, task in stages.items():
+        name = getattr(config.training, stage)
+        if name is None:
+            continue
+        defaults = [f"{key}={value}" for key, value in placeholders.items() if _config_has(task, key)]
+        try:
+            load_config(stage_config_path(path.parent, name), task=task,
+                        overrides=defaults + getattr(config.training, f"{stage}_overrides"))  # fmt: skip
+        except ConfigError as err:
+            raise ConfigError(f"{path}: 'training.{stage}' ({name}): {err}") from err
+
+
+def stage_config_path(config_dir: Path, name: str) -> Path:
+    """A stage's training config: beside the demo config, else in the checkout's configs/ (so a demo config copied
+    elsewhere still finds the shipped stage configs); neither is a clear error naming both places."""
+    for folder in (config_dir, CONFIG_DIR):
+        if (folder / name).is_file():
+            return folder / name
+    raise MissingFileError(
+        f"Training config {name!r} is neither in {config_dir} (beside the demo config) nor in {CONFIG_DIR}. "
+        "Copy it beside the demo config or give its path in 'training'."
+    )
+
+
+def _config_has(task: str, key: str) -> bool:
+    """Whether dotted ``key`` (``data.pair_embeddings``) is a field of ``task``'s config (the demo sets it)."""
+    import dataclasses
+
+    from fusion_diff.training.config import TrainConfig
+    from fusion_diff.training.task import get_task_spec
+
+    spec = get_task_spec(task)
+    section, _, rest = key.partition(".")
+    hints = {"model": spec.model_config, "data": spec.data_config}
+    if not rest:
+        return key in {f.name for f in dataclasses.fields(TrainConfig)}
+    field_name = rest.partition(".")[0]
+    return section in hints and field_name in {f.name for f in dataclasses.fields(hints[section])}
 
 
 def _rebuild_if_stale(out: Path, embed: Callable[[], T]) -> T:

@@ -57,12 +57,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data_synth.shapes.captions import caption_scene, canonical_caption, object_phrase
+from data_synth.shapes.captions import canonical_caption, caption_scene, object_phrase
 from data_synth.shapes.edits import apply_edit, sample_edit
 from data_synth.shapes.render import render, render_array, world_fingerprint
 from data_synth.shapes.scene import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, SceneObject, sample_scene_in_split
 from fusion_diff.embedding.openclip import OpenCLIPEmbedder, save_checkpoint
 from fusion_diff.embedding.registry import ensure_registered
+from fusion_diff.embedding.text_checks import tokenize_checked
 from fusion_diff.errors import MissingFileError
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir
@@ -206,7 +207,7 @@ class PairStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"{cfg.seed}:{index}")
         scenes = training_scenes(rng, cfg.batch_size, cfg.sibling_fraction, cfg.single_fraction)
         images = np.stack([render_array(s, cfg.render_size, rng) for s in scenes])
-        tokens = self.tokenizer([caption_scene(s, rng) for s in scenes])
+        tokens = tokenize_checked(self.tokenizer, [caption_scene(s, rng) for s in scenes])
         return preprocess_batch(images, self.preprocess_cfg), tokens, scene_targets(scenes)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +94,56 @@ def method_options(name: str) -> set[str] | None:
     return set(parameters) | ({"sampler"} if name in PIPELINE_METHODS else set())
 
 
+def check_method_options(name: str, options: dict[str, Any], source: str) -> dict[str, Any]:
+    """``options`` of method ``name`` checked against its constructor's signature before anything is loaded:
+    an unknown key (with the closest known one), a wrong type or a non-finite number fails naming ``source``
+    and the key; numbers come back as the annotated type. Options of other types (a pipeline object) pass."""
+    from fusion_diff.training.config import convert_value, did_you_mean
+
+    accepted = method_options(name)
+    if accepted is None:
+        return dict(options)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"{source}: method {name!r} does not take option(s) {unknown}{did_you_mean(unknown[0], accepted)}; "
+            f"it takes {sorted(accepted)}."
+        )
+    hints = _option_hints(name)
+    return {
+        key: convert_value(value, hints[key], source, key) if _plain_type(hints.get(key)) else value
+        for key, value in options.items()
+    }
+
+
+def _option_hints(name: str) -> dict[str, Any]:
+    """The resolvable type annotations of method ``name``'s options (names only imported for type checking
+    are left out, and their options go unchecked)."""
+    factory = method_factory(name)
+    function = factory.__init__ if inspect.isclass(factory) else factory
+    namespace = vars(sys.modules[function.__module__])
+    hints = {}
+    for key, parameter in inspect.signature(factory).parameters.items():
+        holder = type("Annotation", (), {"__annotations__": {key: parameter.annotation}})
+        try:
+            hints[key] = typing.get_type_hints(holder, globalns=namespace)[key]
+        except (NameError, TypeError):
+            continue
+    return hints
+
+
+def _plain_type(hint: Any) -> bool:
+    """Whether ``hint`` is made of int/float/bool/str/None/Literal only (what a config or a --set value can be)."""
+    if hint in (int, float, bool, str, type(None)):
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return True
+    return origin in (typing.Union, types.UnionType) and all(
+        _plain_type(arg) for arg in typing.get_args(hint)
+    )
+
+
 def create_method(name: str, /, *, embedder: JointEmbedder | None = None, **options: Any) -> RetrievalMethod:
     """Build method ``name`` with ``options`` (its constructor's keyword arguments); unknown options fail, named.
 
@@ -99,10 +152,7 @@ def create_method(name: str, /, *, embedder: JointEmbedder | None = None, **opti
     backbone it will be evaluated with) a pipeline whose prior was trained on another backbone is refused now,
     before anything is embedded.
     """
-    accepted = method_options(name)
-    unknown = sorted(set(options) - accepted) if accepted is not None else []
-    if unknown:
-        raise ConfigError(f"Method {name!r} does not take option(s) {unknown}; it takes {sorted(accepted)}.")
+    options = check_method_options(name, options, f"method {name!r}")
     if name in PIPELINE_METHODS and options.get("pipeline") is not None:
         pipeline, sampler = options["pipeline"], options.pop("sampler", None)
         if isinstance(pipeline, (str, os.PathLike)):

@@ -40,6 +40,20 @@ def create_captioner(spec: dict[str, Any] | None, embedder: JointEmbedder | None
     if spec is None or spec.get("type") in (None, "none"):
         return None
     kind = spec["type"]
+    cls, kwargs = check_captioner_spec(spec)
+    if kind == "retrieval":
+        if embedder is None:
+            raise ConfigError(
+                "A retrieval captioner ranks its bank with the backbone: pass embedder= to create_captioner."
+            )
+        return cls(embedder, **kwargs)
+    return cls(**kwargs)
+
+
+def check_captioner_spec(spec: dict[str, Any]) -> tuple[type[Captioner], dict[str, Any]]:
+    """The class and constructor arguments of a (non-empty) captioner spec; an unknown type or key, or a missing
+    required key, raises ``ConfigError`` before any model is loaded."""
+    kind = spec.get("type")
     cls = captioner_class(kind)
     if cls is None:
         raise ConfigError(f"Unknown captioner type {kind!r} in {spec}; choose one of {sorted(CAPTIONER_NAMES)} or 'none'.")
@@ -56,10 +70,4 @@ def create_captioner(spec: dict[str, Any] | None, embedder: JointEmbedder | None
     ]
     if absent:
         raise ConfigError(f"The {kind} captioner spec lacks required key(s) {absent}.")
-    if kind == "retrieval":
-        if embedder is None:
-            raise ConfigError(
-                "A retrieval captioner ranks its bank with the backbone: pass embedder= to create_captioner."
-            )
-        return cls(embedder, **kwargs)
-    return cls(**kwargs)
+    return cls, kwargs

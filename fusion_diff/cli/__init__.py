@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 # (module under fusion_diff.cli, one-line summary). Each module defines ``register(subparsers)``
 # that adds its sub-command(s) with ``set_defaults(func=...)``.
@@ -31,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusion-diff",
         description="Zero-shot composed image retrieval with fused-embedding diffusion (Fusion-Diff) and FTI4CIR.",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of a failure (also accepted anywhere on the line; or FUSION_DIFF_DEBUG=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -51,10 +55,22 @@ def _show_progress_notes() -> None:
     logging.getLogger("fusion_diff").setLevel(logging.INFO)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``section.key=value`` overrides may stand anywhere (argparse takes a
+    positional list only in one piece: ``--config c.yaml a=1 --resume latest b=2`` would reject ``b=2``)."""
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *(item for item in extra if not item.startswith("-") and "=" in item)]
+        extra = [item for item in extra if item not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     _show_progress_notes()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -62,4 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fusion_diff.cli.failures import entry
+
+    entry()

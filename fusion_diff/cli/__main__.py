@@ -1,5 +1,3 @@
-import sys
+from fusion_diff.cli.failures import entry
 
-from fusion_diff.cli import main
-
-sys.exit(main())
+entry()

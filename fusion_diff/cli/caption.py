@@ -186,7 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="caption cache file to write or resume (.json)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument(
-        "--chunk-size", type=int, default=1024, help="images per work unit (the unit of sharding between processes)"
+        "--chunk-size", type=positive_int, default=1024, help="images per work unit (the unit of sharding between processes)"
     )
     parser.add_argument("--save-every", type=positive_int, default=256, help="save the work done every this many images...")
     parser.add_argument("--save-seconds", type=finite_float, default=60.0, help="...or every this many seconds")

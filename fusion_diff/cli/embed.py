@@ -186,7 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--out", required=True, help="cache folder (created, or resumed if it exists)")
         sub.add_argument("--batch-size", type=positive_int, default=64, help="model batch size")
         sub.add_argument(
-            "--chunk-size", type=int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
+            "--chunk-size", type=positive_int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
         )
         sub.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers decoding images")
         add_embedder_args(sub)

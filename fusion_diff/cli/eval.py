@@ -78,7 +78,8 @@ def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     the methods that take trained weights (``pipeline`` of fusion-diff / emb2emb, ``checkpoint`` of fti4cir).
     An option that no method takes fails, named, rather than being dropped.
     """
-    from fusion_diff.baselines.registry import PIPELINE_METHODS, method_options
+    from fusion_diff.baselines.registry import PIPELINE_METHODS, check_method_options, method_options
+    from fusion_diff.training.config import did_you_mean
 
     methods = list(dict.fromkeys(args.method))
     accepted = {name: method_options(name) for name in methods}
@@ -122,12 +123,13 @@ def route_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             routed[name][weights[name]] = args.checkpoint
     for flag, key, value in shared:
         if not takers(key):
-            raise ConfigError(f"{flag}: none of the methods {methods} takes {key!r}.")
+            known = set().union(*(accepted[name] or () for name in methods))
+            raise ConfigError(f"{flag}: none of the methods {methods} takes {key!r}{did_you_mean(key, known)}.")
         for name in takers(key):
             routed[name][key] = value
     for name, key, value in specific:
         routed[name][key] = value
-    return routed
+    return {name: check_method_options(name, options, "--set") for name, options in routed.items()}
 
 
 def build_method(name: str, options: dict[str, Any], args: argparse.Namespace, units, embedder):
@@ -148,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks.report import markdown_table, write_rankings, write_results
     from fusion_diff.benchmarks.submission import write_result_submissions
 
+    options = route_options(args)  # bad options fail before any data or model loads
     units = load_benchmark(
         args.benchmark,
         args.root,
@@ -158,7 +161,6 @@ def run(args: argparse.Namespace) -> int:
         circo_gallery=args.circo_gallery,
         phrasing=args.phrasing,
     )
-    options = route_options(args)  # bad options fail before any model loads
     embedder = build_backbone(args)
     # Before anything is embedded: a pipeline trained on another backbone is refused here.
     methods = [build_method(name, options[name], args, units, embedder) for name in args.method]

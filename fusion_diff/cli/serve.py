@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusion_diff.cli.arguments import positive_int
+from fusion_diff.cli.arguments import port, positive_int
 
 DEFAULT_DEMO_DIR = Path("runs/demo")
 
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--fti4cir", type=Path, default=None, help="an FTI4CIR checkpoint, to offer FTI4CIR too")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--port", type=port, default=7860, help="port to listen on")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="queries that arrive together run as one batch")
     parser.set_defaults(func=run)
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusion_diff.cli.arguments import finite_float, positive_int
+from fusion_diff.cli.arguments import finite_float, positive_int, seed_int
 from fusion_diff.cli.caption import add_captioner_args, captioner_from_args, prepare_captioner
 from fusion_diff.errors import ConfigError
 
@@ -139,7 +139,7 @@ def run_embed(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser, n_help: str) -> None:
     parser.add_argument("--out", required=True, help="dataset directory (created; re-running the same command resumes)")
     parser.add_argument("--n", type=positive_int, default=None, help=n_help)
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed: same seed, same bytes, whatever --workers")
+    parser.add_argument("--seed", type=seed_int, default=0, help="dataset seed: same seed, same bytes, whatever --workers")
     parser.add_argument("--shard-size", type=positive_int, default=1000, help="triplets per tar shard")
     parser.add_argument("--workers", type=positive_int, default=2, help="worker processes writing shards in parallel")
     parser.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
@@ -214,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     realise.add_argument("--triplets", required=True, help="a `synth corpus` output directory")
     realise.add_argument("--out", required=True, help="output dataset directory (resumable)")
-    realise.add_argument("--seed", type=int, default=0, help="generation seed")
+    realise.add_argument("--seed", type=seed_int, default=0, help="generation seed")
     realise.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
     defaults = RealiseConfig()
     realise.add_argument("--text-to-image-model", default=defaults.text_to_image_model, help="diffusers pipeline id or path")

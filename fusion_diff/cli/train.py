@@ -64,9 +64,10 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fusion_diff.training.config import load_config
+
+    config = load_config(args.config, task=args.task, overrides=args.overrides)  # a bad config fails in a second
     from fusion_diff.training.loop import train
 
-    config = load_config(args.config, task=args.task, overrides=args.overrides)
     result = train(config, resume=args.resume, stop_at_step=args.stop_at_step)
     from accelerate import PartialState
 
@@ -84,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main_for_task(task: str, argv: list[str] | None = None) -> int:
     """Entry point of ``adapters/train_<task>.py``: the same arguments as ``fusion-diff train <task>``."""
+    from fusion_diff.cli import parse_args
+
     parser = argparse.ArgumentParser(prog=f"train_{task}.py", description=TASK_HELP[task])
     add_task_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     args.task = task
     return args.func(args)

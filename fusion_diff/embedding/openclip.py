@@ -20,6 +20,7 @@ from open_clip.factory import load_state_dict
 from fusion_diff.embedding.base import EmbedderIdentity, ImageInput, JointEmbedder
 from fusion_diff.embedding.images import as_rgb, embed_in_batches
 from fusion_diff.embedding.registry import ensure_registered
+from fusion_diff.embedding.text_checks import tokenize_checked
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.utils.io import atomic_path
 from fusion_diff.utils.runtime import announce
@@ -188,7 +189,7 @@ class OpenCLIPEmbedder(JointEmbedder):
 
     @torch.inference_mode()
     def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
+        tokens = tokenize_checked(self.tokenizer, texts).to(self.device)
         return self.model.encode_text(tokens, normalize=True)
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> torch.Tensor:

@@ -21,13 +21,13 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from fusion_diff.embedding.base import ImageInput, JointEmbedder, upgrade_identity
-from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
 from fusion_diff.models.prior import FusionPrior
 from fusion_diff.retrieval.method import check_mix_weight, mix_toward_reference
 from fusion_diff.utils.checks import require_finite_settings
-from fusion_diff.utils.io import artifact_manifest, write_json_atomic
+from fusion_diff.utils.io import artifact_manifest, check_safetensors, read_json, write_json_atomic
 from fusion_diff.utils.runtime import warn_slow_bf16_once
 
 # Denoiser compute precision -> autocast dtype (None: the weights' own dtype).
@@ -128,6 +128,13 @@ class FusionDiffPipeline(DiffusionPipeline):
         self.embedder = embedder
 
     # ---- persistence -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> FusionDiffPipeline:
+        """diffusers' loader, after ``check_pipeline_folder``: a wrong path, a missing component or truncated
+        weights are named instead of surfacing as a loader error deep inside diffusers."""
+        check_pipeline_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """diffusers' layout (safetensors) plus a ``manifest.json`` written last, once the rest is complete."""
@@ -473,6 +480,33 @@ class FusionDiffPipeline(DiffusionPipeline):
     def _average_samples(embeds: torch.Tensor, b: int, num_samples: int) -> torch.Tensor:
         """Mean of each query's ``num_samples`` consecutive unit vectors, renormalised."""
         return F.normalize(embeds.view(b, num_samples, -1).mean(1), dim=-1)
+
+
+# Files each saved component needs (diffusers' layout): its config and, for models, safetensors weights.
+COMPONENT_FILES = {"prior": ("config.json", "diffusion_pytorch_model.safetensors"),
+                   "adapter": ("config.json", "diffusion_pytorch_model.safetensors"),
+                   "scheduler": ("scheduler_config.json",)}  # fmt: skip
+
+
+def check_pipeline_folder(path: str | Path) -> None:
+    """Refuse a path that is not a complete ``FusionDiffPipeline.save_pretrained`` folder, naming what is missing."""
+    path = Path(path)
+    fix = "Pass the folder a training run wrote (its output_dir) or re-save the pipeline with save_pretrained."
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise MissingFileError(f"Pipeline folder {path} {what}. {fix}")
+    index = read_json(path / "model_index.json", "The pipeline index (model_index.json)")
+    for name, files in COMPONENT_FILES.items():
+        if name not in index or index[name] in (None, [None, None]):
+            if name != "adapter":
+                raise DataError(f"Pipeline {path}: model_index.json lists no '{name}' component. {fix}")
+            continue
+        for file in files:
+            if not (path / name / file).is_file():
+                missing = path / name / file
+                raise MissingFileError(f"Pipeline {path} lacks its '{name}' component: {missing} is missing. {fix}")
+            if file.endswith(".safetensors"):
+                check_safetensors(path / name / file, fix)
 
 
 def _check_components(

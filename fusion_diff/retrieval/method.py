@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_diff.embedding.base import JointEmbedder
+from fusion_diff.embedding.text_checks import warn_empty_instructions
 from fusion_diff.errors import ConfigError, DataError
 
 GalleryMode = Literal["image", "fused"]
@@ -33,6 +34,9 @@ class QueryContext:
     reference_captions: list[str] | None = None  # from a captioner, never from annotations
     reference_fused_embeds: torch.Tensor | None = None  # [Q, d], f(I_ref, caption) when a captioner is set
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        warn_empty_instructions(self.modification_texts)
 
 
 @runtime_checkable

@@ -9,6 +9,7 @@ The effective config (defaults filled in, overrides applied) is saved with the t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -163,6 +164,9 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
+    def __post_init__(self) -> None:
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seed range)")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Loading
@@ -278,14 +282,13 @@ def build_dataclass(
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in fields]
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key '{prefix}{unknown[0]}'. Known keys in '{where}': {', '.join(sorted(fields))}."
-        )
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'{did_you_mean(unknown[0], fields)}. "
+                          f"Known keys in '{where}': {', '.join(sorted(fields))}.")  # fmt: skip
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}{name}"
         if name in raw:
-            kwargs[name] = _convert(raw[name], hints[name], source, key)
+            kwargs[name] = convert_value(raw[name], hints[name], source, key)
         elif (
             dataclasses.is_dataclass(hints[name])
             and f.default is dataclasses.MISSING
@@ -300,7 +303,13 @@ def build_dataclass(
         raise ConfigError(f"{source}: '{prefix}{err.key}' {err.message}.") from err
 
 
-def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
+def did_you_mean(key: str, known: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known key to a misspelt one, or an empty string."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def convert_value(value: Any, hint: Any, source: str, key: str) -> Any:
     """``value`` checked against the type ``hint``; a float field also accepts ints and '1e-4' strings."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -314,7 +323,7 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arg, source, key)
+                return convert_value(value, arg, source, key)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(
@@ -328,12 +337,12 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__}.")
         item = args[0] if args else Any
-        return [_convert(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [convert_value(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}.")
         item = args[1] if args else Any
-        return {str(k): _convert(v, item, source, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): convert_value(v, item, source, f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}.")
@@ -343,16 +352,17 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}.")
         return value
     if hint is float:
+        number = value
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                value = float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}.")
-        if not math.isfinite(value):  # .nan / .inf parse as YAML floats and would train or sample NaN
+        if not math.isfinite(number):  # .nan / .inf parse as floats but no setting means them
             raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}.")
-        return float(value)
+        return float(number)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}.")

@@ -36,7 +36,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fusion_diff.errors import ConfigError, DataError, MissingFileError, TrainingDivergedError
+from fusion_diff.errors import ConfigError, DataError, FusionDiffError, MissingFileError, TrainingDivergedError
 from fusion_diff.training.config import TrainConfig, ValidationConfig, config_to_dict, save_config
 from fusion_diff.training.task import TrainingTask, ValidationFn, get_task_spec
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
@@ -137,8 +137,9 @@ def resolve_validation_fn(validation: ValidationConfig) -> ValidationFn | None:
     return functools.partial(fn, **validation.kwargs)
 
 
-def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
-    """``"latest"`` -> the newest complete ``checkpoint-N`` (None if there is none); else the given folder."""
+def find_checkpoint(resume: str, output_dir: Path, before: int | None = None) -> Path | None:
+    """``"latest"`` -> the newest complete ``checkpoint-N`` (None if there is none; with ``before``, the newest
+    with N < before); else the given folder."""
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir() or not path.name.removeprefix("checkpoint-").isdigit():
@@ -148,7 +149,27 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
         return path
     root = output_dir / CHECKPOINTS
     found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    found = [p for p in found if before is None or int(p.name.split("-")[-1]) < before]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def unloadable_checkpoint(checkpoint: Path, err: Exception) -> FusionDiffError:
+    """The error for a checkpoint ``load_state`` refused: another architecture (the config's model section
+    changed) or a damaged file (offering the previous checkpoint)."""
+    reason = " ".join(str(err).split())[:300]
+    if isinstance(err, RuntimeError) and ("size mismatch" in reason or "key(s) in state_dict" in reason):
+        return ConfigError(
+            f"Checkpoint {checkpoint} was saved by another model architecture than the config's 'model' section "
+            f"({reason}). Resume with the config it was trained with ({checkpoint.parents[1] / LOGS / RUN_CONFIG}), "
+            "or train the new architecture into another output_dir."
+        )
+    previous = find_checkpoint("latest", checkpoint.parents[1], before=int(checkpoint.name.split("-")[-1]))
+    fix = (
+        f"Resume from the previous one with --resume {previous}"
+        if previous
+        else "There is no earlier checkpoint: start again without --resume"
+    )
+    return DataError(f"Checkpoint {checkpoint} is damaged or incomplete ({reason}). {fix} (and delete {checkpoint}).")
 
 
 def step_generator(seed: int, process: int, step: int, micro_step: int, device: torch.device) -> torch.Generator:
@@ -254,7 +275,10 @@ class TrainingRun:
                 _truncate_log(self.log_path.with_name(CONFIG_CHANGES), -1)
             return 0
         changes = self._config_changes()
-        self.accelerator.load_state(str(checkpoint))
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except Exception as err:  # torch, safetensors and pickle each raise their own on bad files
+            raise unloadable_checkpoint(checkpoint, err) from err
         self.global_step = int(checkpoint.name.split("-")[-1])
         self._apply_loop_settings()
         self.accelerator.print(f"Resumed from {checkpoint} (step {self.global_step}).")

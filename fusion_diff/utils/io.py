@@ -70,6 +70,21 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", unique_keys: boo
         ) from err
 
 
+def check_safetensors(path: str | os.PathLike, fix: str) -> None:
+    """Refuse a missing or truncated ``.safetensors`` file (its header must cover the whole file) before loading,
+    naming the file; ``fix`` says what to do instead."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"Weights file {path} is missing. {fix}")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise DataError(f"Weights file {path} is damaged or incomplete ({err}). {fix}") from err
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the packages whose behaviour changes results, for manifests."""
     import importlib.metadata as md

@@ -1,0 +1,48 @@
+"""Texts a CLIP tokenizer cuts, and empty instructions: warned about (once per batch, with counts), never dropped.
+
+open_clip's tokenizers cut every text at the model's context length (77 tokens for the OpenAI models, fewer for
+small ones) without a word, so a long instruction silently loses its end; an empty instruction embeds as the empty
+prompt (the null condition), so its query is the reference's alone. Empty *texts* in general are fine (the null
+prompt is one on purpose), so emptiness is checked where instructions enter: ``QueryContext``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
+    """``tokenizer(texts)`` (an open_clip tokenizer), warning once for the batch how many texts it cut to the
+    context length."""
+    texts = list(texts)
+    tokens = tokenizer(texts)
+    context = tokens.shape[1]
+    # A byte-level BPE token covers at least one UTF-8 byte: only texts with more bytes than the context can be cut.
+    maybe_long = [text for text in texts if len(text.encode("utf-8")) > context - 2]
+    cut = []
+    if maybe_long:
+        longer = tokenizer(maybe_long, context_length=context + 1)
+        pad = tokenizer([""], context_length=context + 1)[0, -1]
+        cut = [text for text, row in zip(maybe_long, longer) if row[-1] != pad]
+    if cut:
+        example = cut[0] if len(cut[0]) <= 80 else cut[0][:77] + "..."
+        logger.warning(
+            f"{len(cut)} of {len(texts)} texts in this batch are longer than the text encoder's {context}-token "
+            f"context and were cut to it (their end does not reach the model), e.g. {example!r}. Shorten them."
+        )
+    return tokens
+
+
+def warn_empty_instructions(instructions: Sequence[str]) -> None:
+    """One warning for a batch of queries with empty modification texts (their query is the reference alone)."""
+    empty = sum(not text.strip() for text in instructions)
+    if empty:
+        logger.warning(
+            f"{empty} of {len(instructions)} queries in this batch have an empty instruction: each is embedded as "
+            "the empty prompt, so its query is the reference alone. Fill them in, or drop those queries."
+        )
