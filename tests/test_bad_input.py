@@ -133,7 +133,7 @@ class Case:
 CASES = [
     # ---- embed
     Case("embed-chunk-size-0", ["embed", "images", "--images", "{w}/imgs", "--out", "{tmp}/out", "--chunk-size", "0", *EMB],
-         "argument --chunk-size: must be >= 1, got 0", code=2),
+         "argument --chunk-size: must be an integer >= 1, got 0", code=2),
     Case("embed-input-missing", ["embed", "images", "--images", "{w}/nope", "--out", "{tmp}/out", *EMB], "{w}/nope"),
     Case("embed-out-is-a-file", ["embed", "images", "--images", "{w}/imgs", "--out", "{w}/afile", *EMB],
          "{w}/afile is a file where a folder is expected", out="{w}/afile"),
@@ -217,14 +217,14 @@ CASES = [
     Case("synth-seed-negative", ["synth", "shapes", "--out", "{tmp}/out", "--seed", "-1"],
          "argument --seed: must be in [0, 2**32)", code=2),
     Case("synth-shard-size-0", ["synth", "shapes", "--out", "{tmp}/out", "--shard-size", "0"],
-         "argument --shard-size: must be >= 1, got 0", code=2),
+         "argument --shard-size: must be an integer >= 1, got 0", code=2),
     Case("synth-corpus-missing", ["synth", "corpus", "--captions", "{tmp}/nope.txt", "--out", "{tmp}/out"],
          "{tmp}/nope.txt not found"),
     Case("caption-images-missing", ["caption", "--images", "{tmp}/nope", "--out", "{tmp}/out", "--captioner",
                                     "retrieval", "--caption-bank", "{w}/bad.jsonl", *EMB], "{tmp}/nope"),
     Case("caption-batch-size-0", ["caption", "--images", "{w}/imgs", "--out", "{tmp}/out", "--captioner", "scene",
                                   "--batch-size", "0"],
-         "argument --batch-size: must be >= 1, got 0", code=2),
+         "argument --batch-size: must be an integer >= 1, got 0", code=2),
     # ---- demo: its config is checked whole before the first step (out_dir must not appear)
     Case("demo-config-missing", ["demo", "--config", "{tmp}/nope.yaml"], "Config not found: {tmp}/nope.yaml"),
     Case("demo-method-option-typo", ["demo", "--config", "{configs}/demo_quick.yaml", "out_dir={tmp}/out",
@@ -249,7 +249,7 @@ CASES = [
          "'seed' must be in [0, 2**32)"),
     # ---- serve's argument checks
     Case("serve-port-0", ["serve", "--port", "0"], "argument --port: must be a port number in [1, 65535], got 0", code=2),
-    Case("serve-max-batch-0", ["serve", "--max-batch-size", "0"], "argument --max-batch-size: must be >= 1", code=2),
+    Case("serve-max-batch-0", ["serve", "--max-batch-size", "0"], "argument --max-batch-size: must be an integer >= 1", code=2),
 ]  # fmt: skip
 
 
