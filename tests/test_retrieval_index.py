@@ -87,3 +87,32 @@ def test_bad_inputs_fail_clearly(data):
         GalleryIndex(gallery[:2], ["a", "a"])
     with pytest.raises(ConfigError, match="Unknown search backend"):
         build_index(gallery, ids, backend="annoy")
+
+
+def test_index_folder_metadata_is_columnar_and_read_per_hit(tmp_path, data):
+    """An index folder's items stay on disk (memory-mapped columns): search, exclusion and add give the same
+    answers as the in-memory index, and a folder with only items.jsonl (older layout) still opens."""
+    import numpy as np
+
+    from fusion_diff.retrieval.items import IDS, OFFSETS, ItemTable
+    from fusion_diff.retrieval.store import PersistentIndex
+
+    gallery, queries, ids, exclude = data
+    items = [{"id": i, "path": f"/g/{i}.png", "caption": f"a shape ñ {n}" if n % 3 else None} for n, i in enumerate(ids)]
+    index = PersistentIndex.write(tmp_path / "idx", {"space": "test"}, gallery[:900], items[:900])
+    assert isinstance(index.items, ItemTable) and isinstance(index.items._data, np.memmap)
+    assert isinstance(np.load(tmp_path / "idx" / index.manifest["generation"] / IDS, mmap_mode="r"), np.memmap)
+    index = index.add(gallery[900:], items[900:])
+    expected = GalleryIndex(gallery, ids).search(queries, k=10, exclude=exclude)
+    found = PersistentIndex.load(tmp_path / "idx").search(queries, k=10, exclude=exclude)
+    assert found.ids == expected.ids
+    assert found.items == [[items[ids.index(i)] for i in row] for row in expected.ids]
+    assert index.position["g917"] == 917 and "nope" not in index.position and "g917" in index.position
+    assert index.ids.rows(["g3", "x" * 99, "g999"]).tolist() == [3, -1, 999]
+    with pytest.raises(DataError, match="refusing ids already indexed"):
+        index.add(gallery[:1], items[:1])
+    generation = tmp_path / "idx" / index.manifest["generation"]
+    for name in (OFFSETS, IDS, "ids.order.npy"):
+        (generation / name).unlink()
+    legacy = PersistentIndex.load(tmp_path / "idx").search(queries, k=10, exclude=exclude)
+    assert legacy.ids == expected.ids and legacy.items == found.items

@@ -8,13 +8,14 @@ exact, because at most ``e`` of the top ``k + e`` can be excluded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.retrieval.items import IdColumn
 
 
 @dataclass
@@ -36,10 +37,14 @@ class _Index:
             raise DataError(
                 f"A gallery needs [len(ids), dim] embeddings, got {tuple(embeddings.shape)} for {len(ids)} ids."
             )
-        self.ids = list(ids)
-        self.position = {item: row for row, item in enumerate(self.ids)}
-        if len(self.position) != len(self.ids):
-            raise DataError(f"Gallery ids must be unique; {len(self.ids) - len(self.position)} are repeated.")
+        if isinstance(ids, IdColumn):  # an index folder's memory-mapped ids: looked up, never copied into a dict
+            self.ids: Sequence[str] = ids
+            self.position: Mapping[str, int] = ids.positions()
+        else:
+            self.ids = list(ids)
+            self.position = {item: row for row, item in enumerate(self.ids)}
+            if len(self.position) != len(self.ids):
+                raise DataError(f"Gallery ids must be unique; {len(self.ids) - len(self.position)} are repeated.")
         self.embeddings = embeddings if embeddings.dtype == torch.float32 else embeddings.float()
 
     def __len__(self) -> int:
