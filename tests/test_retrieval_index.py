@@ -100,8 +100,8 @@ def test_index_folder_metadata_is_columnar_and_read_per_hit(tmp_path, data):
     gallery, queries, ids, exclude = data
     items = [{"id": i, "path": f"/g/{i}.png", "caption": f"a shape ñ {n}" if n % 3 else None} for n, i in enumerate(ids)]
     index = PersistentIndex.write(tmp_path / "idx", {"space": "test"}, gallery[:900], items[:900])
-    assert isinstance(index.items, ItemTable) and isinstance(index.items._data, np.memmap)
-    assert isinstance(np.load(tmp_path / "idx" / index.manifest["generation"] / IDS, mmap_mode="r"), np.memmap)
+    assert isinstance(index.items, ItemTable) and isinstance(index.items._data.base, np.memmap)
+    assert isinstance(index.ids.arrays[0].base, np.memmap) and isinstance(index.ids.arrays[1].base, np.memmap)
     index = index.add(gallery[900:], items[900:])
     expected = GalleryIndex(gallery, ids).search(queries, k=10, exclude=exclude)
     found = PersistentIndex.load(tmp_path / "idx").search(queries, k=10, exclude=exclude)

@@ -235,7 +235,9 @@ class PersistentIndex:
         self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
     ) -> SearchResult:
         found = self.backend.search(queries, k=k, exclude=exclude)
-        found.items = [self.items.rows(j for j in row if j >= 0) for row in found.indices.tolist()]
+        valid = found.indices >= 0
+        flat = iter(self.items.rows(found.indices[valid].tolist()))  # every hit's metadata in one read
+        found.items = [[next(flat) for _ in range(n)] for n in valid.sum(1).tolist()]
         return found
 
     def scores_for(self, queries: torch.Tensor, candidate_ids: Sequence[Sequence[str]]) -> torch.Tensor:
