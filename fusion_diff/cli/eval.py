@@ -14,23 +14,14 @@ from typing import Any
 from fusion_diff.errors import ConfigError
 
 SPLITS = ("val", "test")
-WORLD = "world"  # --model value of the shapes world's backbone
 
 
 def build_backbone(args: argparse.Namespace):
-    """The joint embedder: the shapes world's own backbone (``--model world``, the default) or ``--embedder``'s."""
+    """The joint embedder: the shapes world's own backbone (``--embedder world``, the default) or another."""
+    from fusion_diff.cli.embed import embedder_spec
     from fusion_diff.embedding.factory import create_embedder
 
-    return create_embedder(backbone_spec(args))
-
-
-def backbone_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``create_embedder`` spec of the backbone flags (``--model world``: the world's cached backbone)."""
-    if args.model in (None, WORLD):
-        return {"backend": "world", "train_if_missing": False, "fusion_weight": args.fusion_weight}
-    from fusion_diff.cli.embed import embedder_spec
-
-    return embedder_spec(args)
+    return create_embedder(embedder_spec(args))
 
 
 def build_captioner(args: argparse.Namespace, embedder):
@@ -251,7 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "record and a markdown table whose every row names its protocol; on CIRR/CIRCO test splits also the "
             "test-server files. References and fused galleries are captioned by --captioner, never from annotations; "
             "only methods named oracle-* read ground-truth captions. The backbone is --model (open_clip name or VLM "
-            "id); --model world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
+            "id); --embedder world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
         ),
     )
     _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes", "shapes-open"))
@@ -276,7 +267,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="benchmark",
         help="shapes world: the benchmark's held-out phrasing, or the same edits in the training phrasing",
     )
-    add_embedder_args(parser, required=False)  # --model world (default): the shapes world's backbone
+    add_embedder_args(parser, required=False)  # --embedder world (default): the shapes world's backbone
     captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
     captioning.add_argument(
         "--captioner",
