@@ -16,6 +16,7 @@ import torch
 
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.retrieval.items import IdColumn
+from fusion_diff.utils.registry import Registry
 
 
 @dataclass
@@ -198,7 +199,10 @@ class FaissGalleryIndex(_Index):
 
 def build_index(embeddings: torch.Tensor, ids: Sequence[str], backend: str = "exact", **kwargs) -> _Index:
     """A gallery index by backend name: ``"exact"`` (GalleryIndex) or ``"faiss"`` (FaissGalleryIndex)."""
-    backends = {"exact": GalleryIndex, "faiss": FaissGalleryIndex}
-    if backend not in backends:
-        raise ConfigError(f"Unknown search backend {backend!r}; choose one of {sorted(backends)}.")
-    return backends[backend](embeddings, ids, **kwargs)
+    return SEARCH_BACKENDS.load(backend)(embeddings, ids, **kwargs)
+
+
+SEARCH_BACKENDS = Registry(
+    "search backend",
+    {"exact": (GalleryIndex, "chunked matrix products (faiss.knn on CPU)"), "faiss": (FaissGalleryIndex, "an index")},
+)
