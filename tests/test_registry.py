@@ -55,3 +55,26 @@ def test_the_shapes_backbone_is_spelt_world_everywhere(capsys):
         embedder_spec(_flags("--embedder", "vlm"))
     with pytest.warns(FutureWarning, match="'shapes-world' is now called 'world'"):
         assert BACKENDS.resolve("shapes-world") == "world"  # the FTI4CIR configs' old backend name
+
+
+def test_a_benchmark_is_a_spec():
+    """Loader, metrics, text rows, protocol options and server format come from each benchmark's spec."""
+    import torch
+
+    from fusion_diff.benchmarks.spec import BENCHMARK_SPECS, benchmark_spec
+    from fusion_diff.benchmarks.types import BENCHMARKS, CompositionQuery
+    from fusion_diff.cli.eval import BENCHMARK_NAMES
+
+    assert tuple(BENCHMARK_SPECS) == BENCHMARKS == BENCHMARK_NAMES
+    formats = {name: (benchmark_spec(name).submission, benchmark_spec(name).average is not None) for name in BENCHMARKS}
+    assert formats == {"cirr": ("cirr", False), "fashioniq": (None, True), "circo": ("circo", False),
+                       "shapes": ("cirr", False), "shapes-open": (None, False)}  # fmt: skip
+    query = CompositionQuery("q", "r", ("is red", "has a star"), ("t",), shared_concept="a box")
+    assert benchmark_spec("fashioniq").texts([query], fiq_order="both") == (["is red and has a star",
+                                                                            "has a star and is red"], [0, 0])  # fmt: skip
+    assert benchmark_spec("circo").texts([query], circo_shared_concept=True)[0] == ["a box that is red"]
+    assert benchmark_spec("cirr").texts([query], circo_shared_concept=True)[0] == ["is red"]
+    assert benchmark_spec("circo").protocol(circo_shared_concept=False) == {"circo_shared_concept": False}
+    relevant = torch.tensor([[False, True, False]])
+    metrics = benchmark_spec("shapes").metrics(relevant, None, [query])
+    assert metrics["R@1"] == 0.0 and metrics["R@5"] == 100.0

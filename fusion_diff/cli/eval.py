@@ -14,6 +14,8 @@ from typing import Any
 from fusion_diff.errors import ConfigError
 
 SPLITS = ("val", "test")
+# The names of fusion_diff.benchmarks.spec.BENCHMARK_SPECS (spelt out: building the parser must not import torch).
+BENCHMARK_NAMES = ("cirr", "fashioniq", "circo", "shapes", "shapes-open")
 
 
 def build_backbone(args: argparse.Namespace):
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks import load_benchmark
     from fusion_diff.benchmarks.evaluate import Evaluator
     from fusion_diff.benchmarks.report import markdown_table, write_rankings, write_results
+    from fusion_diff.benchmarks.spec import benchmark_spec
     from fusion_diff.benchmarks.submission import write_result_submissions
 
     units = load_benchmark(
@@ -177,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {json_path}, {md_path} and {rankings_path}")
     if not units[0].has_ground_truth:
         print(f"{units[0].name} has no ground truth here: no metrics; the rankings are in {rankings_path}.")
-    if args.benchmark in ("cirr", "circo") and not units[0].has_ground_truth and not args.no_submission:
+    server_format = benchmark_spec(args.benchmark).submission
+    if server_format and not units[0].has_ground_truth and not args.no_submission:
         for result in results:
             for written in write_result_submissions(result, units, out):
                 print(written.describe())
@@ -245,7 +249,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "id); --embedder world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
         ),
     )
-    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes", "shapes-open"))
+    _data_arguments(parser, BENCHMARK_NAMES)
     parser.add_argument(
         "--method",
         action="append",
