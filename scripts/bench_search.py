@@ -2,7 +2,7 @@
 
     python scripts/bench_search.py                       # 1,000 queries x 100,000 items, dim 768 and 512, k=50
     python scripts/bench_search.py --dims 768 --threads 2
-    python scripts/bench_search.py --persisted --gallery 100000 1000000 --dims 768 --threads 2
+    python scripts/bench_search.py --persisted --sizes 100000 1000000 --dims 768 --threads 2
 
 ``--persisted`` measures the index folders ``ComposedRetriever`` searches (``fusion_diff.retrieval.store``):
 for each index type the build time, the size on disk, the memory of a fresh process that opens the folder
