@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 from pathlib import Path
@@ -32,6 +31,5 @@ def test_recipe_configs_load_strictly_for_one_and_eight_gpus(space):
     assert one_gpu == 8 * on_eight.schedule.train_batch_size  # the same global batch on 1 and on 8 GPUs
 
     spec = json.loads((RECIPES / space / "embedder.json").read_text())
-    module, name = BACKENDS[spec.pop("backend")]
-    accepted = set(inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters)
+    accepted = set(inspect.signature(BACKENDS.load(spec.pop("backend")).__init__).parameters)
     assert set(spec) <= accepted

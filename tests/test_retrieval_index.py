@@ -87,3 +87,52 @@ def test_bad_inputs_fail_clearly(data):
         GalleryIndex(gallery[:2], ["a", "a"])
     with pytest.raises(ConfigError, match="Unknown search backend"):
         build_index(gallery, ids, backend="annoy")
+
+
+def test_index_folder_metadata_is_columnar_and_read_per_hit(tmp_path, data):
+    """An index folder's items stay on disk (memory-mapped columns): search, exclusion and add give the same
+    answers as the in-memory index, and a folder with only items.jsonl (older layout) still opens."""
+    import numpy as np
+
+    from fusion_diff.retrieval.items import IDS, OFFSETS, ItemTable
+    from fusion_diff.retrieval.store import PersistentIndex
+
+    gallery, queries, ids, exclude = data
+    items = [
+        {"id": i, "path": f"/g/{i}.png", "caption": f"a shape ñ {n}" if n % 3 else None} for n, i in enumerate(ids)
+    ]
+    index = PersistentIndex.write(tmp_path / "idx", {"space": "test"}, gallery[:900], items[:900])
+    assert isinstance(index.items, ItemTable) and isinstance(index.items._data.base, np.memmap)
+    assert isinstance(index.ids.arrays[0].base, np.memmap) and isinstance(index.ids.arrays[1].base, np.memmap)
+    index = index.add(gallery[900:], items[900:])
+    expected = GalleryIndex(gallery, ids).search(queries, k=10, exclude=exclude)
+    found = PersistentIndex.load(tmp_path / "idx").search(queries, k=10, exclude=exclude)
+    assert found.ids == expected.ids
+    assert found.items == [[items[ids.index(i)] for i in row] for row in expected.ids]
+    assert index.position["g917"] == 917 and "nope" not in index.position and "g917" in index.position
+    assert index.ids.rows(["g3", "x" * 99, "g999"]).tolist() == [3, -1, 999]
+    with pytest.raises(DataError, match="refusing ids already indexed"):
+        index.add(gallery[:1], items[:1])
+    generation = tmp_path / "idx" / index.manifest["generation"]
+    for name in (OFFSETS, IDS, "ids.order.npy"):
+        (generation / name).unlink()
+    legacy = PersistentIndex.load(tmp_path / "idx").search(queries, k=10, exclude=exclude)
+    assert legacy.ids == expected.ids and legacy.items == found.items
+
+
+def test_exact_search_of_many_queries_runs_in_faiss_and_equals_torch(data):
+    """From FAISS_KNN_MIN_QUERIES queries on, CPU exact search goes through faiss.knn: same ranking as torch's."""
+    from fusion_diff.retrieval.index import FAISS_KNN_MIN_QUERIES
+
+    gallery, _, ids, _ = data
+    queries = F.normalize(
+        torch.randn(FAISS_KNN_MIN_QUERIES, gallery.shape[1], generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    exclude = [[ids[q]] for q in range(len(queries))]
+    many = GalleryIndex(gallery, ids).search(queries, k=20, exclude=exclude)
+    few = [
+        GalleryIndex(gallery, ids).search(queries[q : q + 1], k=20, exclude=exclude[q : q + 1])
+        for q in range(0, len(queries), 37)
+    ]
+    assert [r.ids[0] for r in few] == many.ids[::37]
+    assert torch.allclose(torch.cat([r.scores for r in few]), many.scores[::37], atol=1e-5)

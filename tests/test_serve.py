@@ -200,7 +200,7 @@ def test_page_identity_methods_and_test_queries(service, serve_world):
     assert set(service.methods()) == {"fusion-diff", "fti4cir", "image-only", "sum"}
     assert service.defaults.num_samples == 2 and service.defaults.gallery_mode == "fused"  # the retriever's own
     assert serve_world.query.query_id in {q.query_id for q in service.test_queries}
-    assert len(service.gallery_items()) == 72 and service.gallery_items()[0].path.is_file()
+    assert len(service.gallery_items()) == 72 and Path(service.gallery_items()[0].path).is_file()
 
 
 def test_the_demo_folder_is_served_with_its_benchmark_and_fti4cir(serve_world, tmp_path):

@@ -7,7 +7,6 @@ keeps one missing or broken part from blocking the others and turns it into a cl
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import sys
@@ -18,56 +17,46 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusion_diff.errors import ConfigError, MissingFileError
+from fusion_diff.utils.registry import Registry
 
 if TYPE_CHECKING:  # torch: imported when a method is built, not when the CLI lists the names
     from fusion_diff.embedding.base import JointEmbedder
     from fusion_diff.retrieval.method import RetrievalMethod
 
 # name -> ("module:attribute[.attribute]", what the query is)
-METHODS: dict[str, tuple[str, str]] = {
-    "image-only": ("fusion_diff.baselines.simple:ImageOnly", "the reference image embedding f(I_ref)"),
-    "text-only": ("fusion_diff.baselines.simple:TextOnly", "the modification text embedding f(T_mod)"),
-    "sum": ("fusion_diff.baselines.simple:SumFusion", "normalize(w f(I_ref) + (1-w) f(T_mod))"),
-    "emb2emb": (
-        "fusion_diff.pipelines.method:Emb2EmbMethod",
-        "the prior alone: noise f(I_ref, T_ref), denoise with the text",
-    ),
-    "fusion-diff": (
-        "fusion_diff.pipelines.method:FusionDiffMethod",
-        "prior + Control-Adapter sampling of the target's fused embedding",
-    ),
-    "fti4cir": ("fusion_diff.pipelines.fti4cir:FTI4CIRMethod", "fine-grained textual inversion pseudo-sentence"),
-    "oracle-target-text": (
-        "fusion_diff.baselines.oracle:OracleTargetText.from_benchmark",
-        "ORACLE: text embedding of the target's ground-truth caption",
-    ),
-    "oracle-target-fused": (
-        "fusion_diff.baselines.oracle:OracleTargetFused.from_benchmark",
-        "ORACLE: fused embedding of the target image and its ground-truth caption",
-    ),
-}
+METHODS = Registry(
+    "method",
+    {
+        "image-only": ("fusion_diff.baselines.simple:ImageOnly", "the reference image embedding f(I_ref)"),
+        "text-only": ("fusion_diff.baselines.simple:TextOnly", "the modification text embedding f(T_mod)"),
+        "sum": ("fusion_diff.baselines.simple:SumFusion", "normalize(w f(I_ref) + (1-w) f(T_mod))"),
+        "emb2emb": (
+            "fusion_diff.pipelines.method:Emb2EmbMethod",
+            "the prior alone: noise f(I_ref, T_ref), denoise with the text",
+        ),
+        "fusion-diff": (
+            "fusion_diff.pipelines.method:FusionDiffMethod",
+            "prior + Control-Adapter sampling of the target's fused embedding",
+        ),
+        "fti4cir": ("fusion_diff.pipelines.fti4cir:FTI4CIRMethod", "fine-grained textual inversion pseudo-sentence"),
+        "oracle-target-text": (
+            "fusion_diff.baselines.oracle:OracleTargetText.from_benchmark",
+            "ORACLE: text embedding of the target's ground-truth caption",
+        ),
+        "oracle-target-fused": (
+            "fusion_diff.baselines.oracle:OracleTargetFused.from_benchmark",
+            "ORACLE: fused embedding of the target image and its ground-truth caption",
+        ),
+    },
+)
+
 
 PIPELINE_METHODS = ("fusion-diff", "emb2emb")  # methods built around a saved FusionDiffPipeline
 
 
 def method_factory(name: str) -> Callable[..., RetrievalMethod]:
     """The class (or constructor function) of method ``name``, imported now."""
-    if name not in METHODS:
-        raise ConfigError(f"Unknown method {name!r}; choose one of {sorted(METHODS)}.")
-    target = METHODS[name][0]
-    module_name, attributes = target.split(":")
-    try:
-        factory: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise ConfigError(
-            f"Method {name!r} lives in {module_name}, which cannot be imported ({err}). That part of the library is "
-            "not installed or not built in this checkout; the other methods still work."
-        ) from err
-    for attribute in attributes.split("."):
-        factory = getattr(factory, attribute, None)
-        if factory is None:
-            raise ConfigError(f"Method {name!r}: {target} does not exist in this version of {module_name}.")
-    return factory
+    return METHODS.load(name)
 
 
 def load_pipeline(path: str | os.PathLike, sampler: str | None = None, embedder: JointEmbedder | None = None) -> Any:

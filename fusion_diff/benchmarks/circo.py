@@ -19,12 +19,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from fusion_diff.benchmarks import metrics as M
 from fusion_diff.benchmarks.annotations import TITLES, check_split, read_queries_file, require_file
+from fusion_diff.benchmarks.spec import BenchmarkSpec
 from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery, check_images, dataset_key
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import read_json
 
 _SPLITS = {"val": "val", "test": "test"}
+CIRCO_CONCEPT_TEMPLATE = "{concept} that {caption}"
 INFO_FILE = Path("COCO2017_unlabeled/annotations/image_info_unlabeled2017.json")
 IMAGE_DIR = Path("COCO2017_unlabeled/unlabeled2017")
 
@@ -127,3 +132,29 @@ def _gallery_ids(root: Path, image_root: Path, gallery: str | Path) -> tuple[lis
         return [str(int(i)) for i in ids], str(path)
     except ValueError as err:
         raise DataError(f"{path} holds a non-integer COCO image id ({err}).") from err
+
+
+def circo_unit_metrics(relevant, subset_relevant, queries) -> dict[str, float]:
+    """mAP@K over every ground truth of each query (their number varies by query)."""
+    return M.circo_metrics(relevant, torch.tensor([len(q.positives) for q in queries]))
+
+
+def circo_texts(queries, circo_shared_concept: bool = False, **options) -> tuple[list[str], list[int]]:
+    """The relative caption; with ``circo_shared_concept``, ``"{concept} that {caption}"``."""
+    if not circo_shared_concept:
+        return [q.texts[0] for q in queries], list(range(len(queries)))
+    texts = [CIRCO_CONCEPT_TEMPLATE.format(concept=q.shared_concept, caption=q.texts[0]) for q in queries]
+    return texts, list(range(len(queries)))
+
+
+def circo_protocol(circo_shared_concept: bool = False, **options) -> dict:
+    recorded = {"circo_shared_concept": circo_shared_concept}
+    return {**recorded, "circo_shared_concept_template": CIRCO_CONCEPT_TEMPLATE} if circo_shared_concept else recorded
+
+
+SPEC = BenchmarkSpec(
+    "circo", TITLES["circo"],
+    load=lambda root, split, circo_gallery="auto", **common: [load_circo(root, split, gallery=circo_gallery, **common)],
+    metrics=circo_unit_metrics, load_options=("circo_gallery",), texts=circo_texts, protocol=circo_protocol,
+    submission="circo",
+)  # fmt: skip

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusion_diff.benchmarks import metrics as M
 from fusion_diff.benchmarks.annotations import TITLES, check_split, read_queries_file, require_file
+from fusion_diff.benchmarks.spec import BenchmarkSpec
 from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery, check_images, dataset_key
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import read_json
@@ -125,3 +127,14 @@ def _check_name_prefix(path: Path, split: str, names: list[str]) -> None:
             f"{path} holds images of another CIRR split (e.g. {wrong[0]!r}; {split} names start with {prefix!r}). "
             "Fix: pass the matching --split, or restore the official file."
         )
+
+
+def cirr_unit_metrics(relevant, subset_relevant, queries) -> dict[str, float]:
+    """Recall@K over the gallery and Recall_subset@K over each query's group."""
+    return M.cirr_metrics(relevant, subset_relevant)
+
+
+SPEC = BenchmarkSpec(
+    "cirr", TITLES["cirr"], load=lambda root, split, **common: [load_cirr(root, split, **common)],
+    metrics=cirr_unit_metrics, submission="cirr",
+)  # fmt: skip

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fusion_diff.benchmarks import metrics as M
+from fusion_diff.benchmarks.fashioniq import check_caption_order
 from fusion_diff.benchmarks.report import EvalResult
+from fusion_diff.benchmarks.spec import benchmark_spec
 from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery
 from fusion_diff.captioning.base import Captioner, identity_digest
 from fusion_diff.captioning.cache import CaptionCache, caption_with_cache
@@ -43,14 +45,6 @@ from fusion_diff.utils.paths import cache_dir
 
 IMAGE_TABLE = "image_table"  # QueryContext.extra key: an ``EmbeddingTable`` of f(I) for every usable image
 TOP_K = 50  # the longest ranking any metric or submission reads
-FASHIONIQ_CAPTION_ORDERS: dict[str, str] = {
-    "both": "both orders joined with 'and', query embeddings averaged (zero-shot norm)",
-    "forward": "captions joined in annotation order with 'and' (single order)",
-    "reverse": "captions joined in reverse order with 'and' (single order)",
-}
-CIRCO_CONCEPT_TEMPLATE = "{concept} that {caption}"
-
-
 @dataclass
 class EmbeddingTable:
     """Embeddings of a set of ids, looked up in bulk (one gather, no loop over embeddings)."""
@@ -68,37 +62,12 @@ class EmbeddingTable:
         return self.embeds.index_select(0, torch.tensor([self._row[i] for i in ids], dtype=torch.long))
 
 
-def fashioniq_join(first: str, second: str) -> str:
-    """FashionIQ's two relative captions as one query text (the field's ``"{a} and {b}"`` join)."""
-    return f"{first.strip('.?, ')} and {second.strip('.?, ')}"
-
-
-def check_caption_order(order: str) -> None:
-    if order not in FASHIONIQ_CAPTION_ORDERS:
-        raise ConfigError(f"unknown FashionIQ caption order {order!r}; choose one of {list(FASHIONIQ_CAPTION_ORDERS)}.")
-
-
 def modification_texts(
     queries: Sequence[CompositionQuery], benchmark: str, fiq_order: str = "both", circo_shared_concept: bool = False
 ) -> tuple[list[str], list[int]]:
-    """The text of each query row and the query it belongs to.
-
-    FashionIQ ``both`` gives two rows per query (forward rows first, then reverse); every other
-    case one row per query. CIRCO with ``circo_shared_concept`` writes ``"{concept} that {caption}"``.
-    """
-    n = len(queries)
-    if benchmark == "fashioniq":
-        check_caption_order(fiq_order)
-        forward = [fashioniq_join(*q.texts) for q in queries]
-        reverse = [fashioniq_join(*reversed(q.texts)) for q in queries]
-        if fiq_order == "both":
-            return forward + reverse, list(range(n)) * 2
-        return (forward if fiq_order == "forward" else reverse), list(range(n))
-    if benchmark == "circo" and circo_shared_concept:
-        return [CIRCO_CONCEPT_TEMPLATE.format(concept=q.shared_concept, caption=q.texts[0]) for q in queries], list(
-            range(n)
-        )
-    return [q.texts[0] for q in queries], list(range(n))
+    """The text of each query row and the query it belongs to (the benchmark's spec decides: FashionIQ ``both``
+    gives two rows per query, forward rows first; CIRCO with ``circo_shared_concept`` names the concept)."""
+    return benchmark_spec(benchmark).texts(queries, fiq_order=fiq_order, circo_shared_concept=circo_shared_concept)
 
 
 class Evaluator:
@@ -277,8 +246,9 @@ class Evaluator:
             if subset_ranking:
                 result.subset_rankings[unit.name] = subset_ranking
             dropped += n_dropped
-        if self.benchmark == "fashioniq":
-            result.metrics = M.fashioniq_average(per_unit) if all(per_unit.values()) else {}
+        average = benchmark_spec(self.benchmark).average
+        if average is not None:
+            result.metrics = average(per_unit) if all(per_unit.values()) else {}
         else:
             result.metrics = next(iter(per_unit.values()))
         result.protocol = self.protocol(method, dropped)
@@ -329,12 +299,7 @@ class Evaluator:
             relevant = M.ranked_relevance(
                 found.scores, M.is_positive(found.indices, positives), complete=k_fetch >= len(gallery)
             )
-            if unit.benchmark in ("cirr", "shapes"):
-                metrics = M.cirr_metrics(relevant, subset_relevant)
-            elif unit.benchmark == "fashioniq":
-                metrics = M.fashioniq_metrics(relevant)
-            else:
-                metrics = M.circo_metrics(relevant, torch.tensor([len(q.positives) for q in queries]))
+            metrics = benchmark_spec(unit.benchmark).metrics(relevant, subset_relevant, queries)
         return metrics, ranking, subset_ranking, len(unit.queries) - len(queries)
 
     def protocol(self, method: RetrievalMethod, dropped: int) -> dict[str, Any]:
@@ -361,12 +326,9 @@ class Evaluator:
             "queries_evaluated": sum(len(u.queries) for u in self.units) - dropped,
             **self._target_coverage(),
         }
-        if self.benchmark == "fashioniq":
-            protocol["fashioniq_captions"] = FASHIONIQ_CAPTION_ORDERS[self.fiq_order]
-        if self.benchmark == "circo":
-            protocol["circo_shared_concept"] = self.circo_shared_concept
-            if self.circo_shared_concept:
-                protocol["circo_shared_concept_template"] = CIRCO_CONCEPT_TEMPLATE
+        protocol.update(
+            benchmark_spec(self.benchmark).protocol(fiq_order=self.fiq_order, circo_shared_concept=self.circo_shared_concept)
+        )
         return protocol
 
     def _target_coverage(self) -> dict[str, Any]:

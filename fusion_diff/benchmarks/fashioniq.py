@@ -15,14 +15,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion_diff.benchmarks.annotations import check_split, read_queries_file, require_file
+from fusion_diff.benchmarks import metrics as M
+from fusion_diff.benchmarks.annotations import TITLES, check_split, read_queries_file, require_file
+from fusion_diff.benchmarks.spec import BenchmarkSpec
 from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery, check_images, dataset_key
-from fusion_diff.errors import DataError
+from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.utils.io import read_json
 
 CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 _SPLITS = {"val": "val", "test": "test"}
 IMAGE_EXTENSIONS = (".png", ".jpg")
+FASHIONIQ_CAPTION_ORDERS: dict[str, str] = {
+    "both": "both orders joined with 'and', query embeddings averaged (zero-shot norm)",
+    "forward": "captions joined in annotation order with 'and' (single order)",
+    "reverse": "captions joined in reverse order with 'and' (single order)",
+}
 
 
 def load_fashioniq(
@@ -108,3 +115,37 @@ def _image_file(image_root: Path, image_id: str) -> Path:
         if path.is_file():
             return path
     return image_root / f"{image_id}{IMAGE_EXTENSIONS[0]}"
+
+
+def fashioniq_join(first: str, second: str) -> str:
+    """FashionIQ's two relative captions as one query text (the field's ``"{a} and {b}"`` join)."""
+    return f"{first.strip('.?, ')} and {second.strip('.?, ')}"
+
+
+def check_caption_order(order: str) -> None:
+    if order not in FASHIONIQ_CAPTION_ORDERS:
+        raise ConfigError(f"unknown FashionIQ caption order {order!r}; choose one of {list(FASHIONIQ_CAPTION_ORDERS)}.")
+
+
+def fashioniq_texts(queries, fiq_order: str = "both", **options) -> tuple[list[str], list[int]]:
+    """``both`` gives two rows per query (forward rows first, then reverse), a single order one row."""
+    check_caption_order(fiq_order)
+    n = len(queries)
+    forward = [fashioniq_join(*q.texts) for q in queries]
+    reverse = [fashioniq_join(*reversed(q.texts)) for q in queries]
+    if fiq_order == "both":
+        return forward + reverse, list(range(n)) * 2
+    return (forward if fiq_order == "forward" else reverse), list(range(n))
+
+
+def fashioniq_unit_metrics(relevant, subset_relevant, queries) -> dict[str, float]:
+    return M.fashioniq_metrics(relevant)
+
+
+SPEC = BenchmarkSpec(
+    "fashioniq", TITLES["fashioniq"],
+    load=lambda root, split, categories=CATEGORIES, **common: load_fashioniq(root, split, categories=categories, **common),
+    metrics=fashioniq_unit_metrics, load_options=("categories",), texts=fashioniq_texts,
+    protocol=lambda fiq_order="both", **options: {"fashioniq_captions": FASHIONIQ_CAPTION_ORDERS[fiq_order]},
+    average=M.fashioniq_average,
+)  # fmt: skip

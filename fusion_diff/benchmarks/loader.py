@@ -6,11 +6,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion_diff.benchmarks.circo import load_circo
-from fusion_diff.benchmarks.cirr import load_cirr
-from fusion_diff.benchmarks.fashioniq import CATEGORIES, load_fashioniq
-from fusion_diff.benchmarks.shapes import load_shapes, load_shapes_open
-from fusion_diff.benchmarks.types import BENCHMARKS, BenchmarkData
+from fusion_diff.benchmarks.fashioniq import CATEGORIES
+from fusion_diff.benchmarks.spec import BENCHMARK_SPECS, benchmark_spec
+from fusion_diff.benchmarks.types import BenchmarkData
 from fusion_diff.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -31,19 +29,12 @@ def load_benchmark(
 
     ``split`` is ``val`` or ``test`` (CIRR-format ``test`` is the ``test1`` files).
     """
-    common = {"image_root": image_root, "allow_missing": allow_missing}
-    if benchmark == "cirr":
-        units = [load_cirr(root, split, **common)]
-    elif benchmark == "shapes":
-        units = [load_shapes(root, split, phrasing=phrasing, **common)]
-    elif benchmark == "fashioniq":
-        units = load_fashioniq(root, split, categories=categories, **common)
-    elif benchmark == "circo":
-        units = [load_circo(root, split, gallery=circo_gallery, **common)]
-    elif benchmark == "shapes-open":
-        units = [load_shapes_open(root, split, **common)]
-    else:
-        raise DataError(f"unknown benchmark {benchmark!r}: use one of {list(BENCHMARKS)}.")
+    if benchmark not in BENCHMARK_SPECS:
+        raise DataError(f"unknown benchmark {benchmark!r}: use one of {list(BENCHMARK_SPECS)}.")
+    spec = benchmark_spec(benchmark)
+    offered = {"categories": categories, "circo_gallery": circo_gallery, "phrasing": phrasing}
+    options = {name: offered[name] for name in spec.load_options}
+    units = spec.load(root, split, image_root=image_root, allow_missing=allow_missing, **options)
     for unit in units:  # what missing images cost, said now rather than discovered in the numbers
         line = unit.describe_missing()
         if line:

@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from fusion_diff.benchmarks.circo import load_circo
-from fusion_diff.benchmarks.cirr import annotation_dir, cirr_split, load_cirr
+from fusion_diff.benchmarks.annotations import TITLES
+from fusion_diff.benchmarks.circo import circo_unit_metrics, load_circo
+from fusion_diff.benchmarks.cirr import annotation_dir, cirr_split, cirr_unit_metrics, load_cirr
 from fusion_diff.benchmarks.report import EvalResult
+from fusion_diff.benchmarks.spec import BenchmarkSpec
 from fusion_diff.benchmarks.types import BenchmarkData
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import read_json
@@ -115,3 +117,14 @@ def kind_table(results: Sequence[EvalResult], unit: BenchmarkData, kinds: dict[s
         cells = [f"{per_method[m].get(kind, float('nan')):.1f}" for m in per_method]
         lines.append(f"| {kind} | {counts[kind]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+SPEC = BenchmarkSpec(
+    "shapes", TITLES["shapes"],
+    load=lambda root, split, phrasing="benchmark", **common: [load_shapes(root, split, phrasing=phrasing, **common)],
+    metrics=cirr_unit_metrics, load_options=("phrasing",), submission="cirr",
+)  # fmt: skip
+OPEN_SPEC = BenchmarkSpec(
+    "shapes-open", TITLES["shapes-open"], load=lambda root, split, **common: [load_shapes_open(root, split, **common)],
+    metrics=circo_unit_metrics,
+)  # fmt: skip

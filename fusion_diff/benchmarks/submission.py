@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_diff.benchmarks.report import EvalResult
+from fusion_diff.benchmarks.spec import benchmark_spec
 from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import read_json, write_json_atomic
@@ -63,7 +64,7 @@ class WrittenSubmission:
 def list_length(data: BenchmarkData, query: CompositionQuery, metric: str | None) -> int:
     """How many ids the server expects for ``query``: CIRR ``recall`` top-50 of the gallery (reference removed),
     ``recall_subset`` top-3 of the group (reference removed); CIRCO top-50."""
-    if data.benchmark == "circo":
+    if benchmark_spec(data.benchmark).submission == "circo":
         return CIRCO_LIST_LENGTH
     candidates = len(query.group) if metric == "recall_subset" else len(data.gallery)
     return min(CIRR_LIST_LENGTH[metric], candidates - 1)
@@ -114,9 +115,10 @@ def validate_submission(
             f"{source} is not a valid {data.name} submission: the file must hold one JSON object mapping each query "
             f"id to its ranked list, found a JSON {type(submission).__name__}."
         )
-    if data.benchmark == "circo":
+    server_format = benchmark_spec(data.benchmark).submission
+    if server_format == "circo":
         problems = _circo_problems(submission, data, unanswerable(data) if partial else set())
-    elif data.benchmark in ("cirr", "shapes"):
+    elif server_format == "cirr":
         metric = submission.get("metric")
         problems = _cirr_problems(submission, data, unanswerable(data, metric) if partial else set())
     else:
@@ -200,13 +202,14 @@ def write_result_submissions(
     for unit in units:
         ranking = result.rankings.get(unit.name, {})
         stem = out_dir / f"{result.method}.{unit.benchmark}.{unit.split}"
-        if unit.benchmark in ("cirr", "shapes"):
+        server_format = benchmark_spec(unit.benchmark).submission
+        if server_format == "cirr":
             subset = result.subset_rankings.get(unit.name, {})
             files = [
                 (f"{stem}.recall.json", "recall", ranking),
                 (f"{stem}.recall_subset.json", "recall_subset", subset),
             ]
-        elif unit.benchmark == "circo":
+        elif server_format == "circo":
             files = [(f"{stem}.json", None, ranking)]
         else:
             continue

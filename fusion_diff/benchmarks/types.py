@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from fusion_diff.benchmarks.metrics import CIRCO_KS
+from fusion_diff.benchmarks.spec import BENCHMARK_SPECS
 from fusion_diff.errors import MissingFileError
 
-BENCHMARKS: tuple[str, ...] = ("cirr", "fashioniq", "circo", "shapes", "shapes-open")
+BENCHMARKS: tuple[str, ...] = tuple(BENCHMARK_SPECS)  # every benchmark's name (its spec: benchmarks/spec.py)
 MISSING_SHOWN = 10  # how many missing paths an error message lists
 
 

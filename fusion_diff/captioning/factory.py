@@ -10,22 +10,21 @@ from fusion_diff.captioning.generative import GenerativeCaptioner
 from fusion_diff.captioning.retrieval import RetrievalCaptioner
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.errors import ConfigError
+from fusion_diff.utils.registry import Registry
 
-CAPTIONER_TYPES: dict[str, type[Captioner]] = {"retrieval": RetrievalCaptioner, "generative": GenerativeCaptioner}
+# ``scene`` (the shapes world's trained captioner) lives with the world, in ``data_synth``: imported when asked for
+CAPTIONER_TYPES = Registry(
+    "captioner type",
+    {
+        "retrieval": (RetrievalCaptioner, "ranks a caption bank with the retrieval backbone"),
+        "generative": (GenerativeCaptioner, "a Hugging Face image-to-text model"),
+        "scene": ("data_synth.shapes.captioner:SceneCaptioner", "the shapes world's trained scene parser"),
+    },
+)
 # Spec keys that differ from the constructor's argument names.
 _ALIASES = {"generative": {"model": "model_id_or_path"}, "scene": {"model": "checkpoint"}}
 
-CAPTIONER_NAMES: tuple[str, ...] = (*CAPTIONER_TYPES, "scene")
-
-
-def captioner_class(kind: str) -> type[Captioner] | None:
-    """The class of a captioner type; ``scene`` (the shapes world's trained captioner) lives with the world,
-    in ``data_synth``, and is imported only when asked for."""
-    if kind == "scene":
-        from data_synth.shapes.captioner import SceneCaptioner
-
-        return SceneCaptioner
-    return CAPTIONER_TYPES.get(kind)
+CAPTIONER_NAMES: tuple[str, ...] = tuple(CAPTIONER_TYPES)
 
 
 def create_captioner(spec: dict[str, Any] | None, embedder: JointEmbedder | None = None) -> Captioner | None:
@@ -54,9 +53,9 @@ def check_captioner_spec(spec: dict[str, Any]) -> tuple[type[Captioner], dict[st
     """The class and constructor arguments of a (non-empty) captioner spec; an unknown type or key, or a missing
     required key, raises ``ConfigError`` before any model is loaded."""
     kind = spec.get("type")
-    cls = captioner_class(kind)
-    if cls is None:
+    if kind not in CAPTIONER_TYPES:
         raise ConfigError(f"Unknown captioner type {kind!r} in {spec}; choose one of {sorted(CAPTIONER_NAMES)} or 'none'.")
+    cls: type[Captioner] = CAPTIONER_TYPES.load(kind)
     aliases = _ALIASES.get(kind, {})
     spec_name = {arg: key for key, arg in aliases.items()}  # constructor argument -> spec key
     kwargs = {aliases.get(k, k): v for k, v in spec.items() if k != "type"}

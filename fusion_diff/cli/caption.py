@@ -135,7 +135,7 @@ def image_folder(root: Path) -> tuple[list[str], list[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     from fusion_diff.captioning.job import caption_sharded
-    from fusion_diff.cli.eval import build_backbone  # --model world (default) or any embedder
+    from fusion_diff.cli.eval import build_backbone  # --embedder world (default) or any embedder
     from fusion_diff.utils.sharding import Processes
 
     processes = Processes.current()
@@ -172,7 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Caption every image under --images into a caption cache (JSON: {image id (file stem): caption}, plus "
             "the captioner's identity). The file is rewritten atomically after each chunk; running the command "
             "again resumes, and a file made by another captioner is refused. The retrieval captioner ranks the "
-            "bank with the embedder (--model world, the default, is the shapes world's backbone). Under "
+            "bank with the embedder (--embedder world, the default, is the shapes world's backbone). Under "
             "`accelerate launch -m fusion_diff.cli caption ...` each process captions its own chunks into "
             "<out>.parts/ and the main process merges them; work saved before a crash is kept."
         ),

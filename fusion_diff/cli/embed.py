@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusion_diff.cli.arguments import finite_float, non_negative_int, positive_int
-from fusion_diff.errors import DataError, MissingFileError
+from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.utils.image_sources import folder_images, is_tar_source, tar_images
 
 if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a command runs
@@ -22,10 +23,19 @@ if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a comman
     from fusion_diff.embedding import JointEmbedder
 
 
+# The names of fusion_diff.embedding.factory.BACKENDS (spelt out: building the parser must not import torch).
+EMBEDDER_BACKENDS = ("openclip", "vlm", "world")
+
+
 def add_embedder_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags that pick an embedder; shared by every command that embeds."""
     group = parser.add_argument_group("embedder")
-    group.add_argument("--embedder", choices=("openclip", "vlm"), default="openclip", help="joint embedding backend")
+    group.add_argument(
+        "--embedder",
+        choices=EMBEDDER_BACKENDS,
+        default=None,
+        help="joint embedding backend (default: openclip with --model, else world: the shapes world's backbone)",
+    )
     group.add_argument(
         "--model",
         required=required,
@@ -53,9 +63,24 @@ def embedder_from_args(args: argparse.Namespace) -> JointEmbedder:
 
 
 def embedder_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``create_embedder`` spec of ``add_embedder_args`` flags (what a saved retriever records)."""
-    spec: dict[str, Any] = {"backend": args.embedder, "device": args.device}
-    if args.embedder == "openclip":
+    """The ``create_embedder`` spec of ``add_embedder_args`` flags (what a saved retriever records).
+
+    Without ``--model`` it is the shapes world's cached backbone (``--embedder world``; the old spelling
+    ``--model world`` still works, with a note).
+    """
+    if args.model == "world":
+        print("note: --model world is now spelt --embedder world; the old spelling will go.", file=sys.stderr)
+    backend = args.embedder or ("world" if args.model in (None, "world") else "openclip")
+    if backend == "world":
+        if args.model not in (None, "world"):
+            raise ConfigError(
+                f"--embedder world is the shapes world's own backbone; it takes no --model ({args.model})."
+            )
+        return {"backend": "world", "train_if_missing": False, "fusion_weight": args.fusion_weight}
+    if not args.model:
+        raise ConfigError(f"--embedder {backend} needs --model (an open_clip architecture or a model id / folder).")
+    spec: dict[str, Any] = {"backend": backend, "device": args.device}
+    if backend == "openclip":
         spec.update(model_name=args.model, pretrained=args.pretrained, fusion_weight=args.fusion_weight)
         if args.precision:
             spec["precision"] = args.precision

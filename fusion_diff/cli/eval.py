@@ -15,23 +15,16 @@ from fusion_diff.cli.arguments import positive_int
 from fusion_diff.errors import ConfigError
 
 SPLITS = ("val", "test")
-WORLD = "world"  # --model value of the shapes world's backbone
+# The names of fusion_diff.benchmarks.spec.BENCHMARK_SPECS (spelt out: building the parser must not import torch).
+BENCHMARK_NAMES = ("cirr", "fashioniq", "circo", "shapes", "shapes-open")
 
 
 def build_backbone(args: argparse.Namespace):
-    """The joint embedder: the shapes world's own backbone (``--model world``, the default) or ``--embedder``'s."""
+    """The joint embedder: the shapes world's own backbone (``--embedder world``, the default) or another."""
+    from fusion_diff.cli.embed import embedder_spec
     from fusion_diff.embedding.factory import create_embedder
 
-    return create_embedder(backbone_spec(args))
-
-
-def backbone_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``create_embedder`` spec of the backbone flags (``--model world``: the world's cached backbone)."""
-    if args.model in (None, WORLD):
-        return {"backend": "world", "train_if_missing": False, "fusion_weight": args.fusion_weight}
-    from fusion_diff.cli.embed import embedder_spec
-
-    return embedder_spec(args)
+    return create_embedder(embedder_spec(args))
 
 
 def build_captioner(args: argparse.Namespace, embedder):
@@ -148,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks import load_benchmark
     from fusion_diff.benchmarks.evaluate import Evaluator
     from fusion_diff.benchmarks.report import markdown_table, write_rankings, write_results
+    from fusion_diff.benchmarks.spec import benchmark_spec
     from fusion_diff.benchmarks.submission import write_result_submissions
 
     options = route_options(args)  # bad options fail before any data or model loads
@@ -189,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {json_path}, {md_path} and {rankings_path}")
     if not units[0].has_ground_truth:
         print(f"{units[0].name} has no ground truth here: no metrics; the rankings are in {rankings_path}.")
-    if args.benchmark in ("cirr", "circo") and not units[0].has_ground_truth and not args.no_submission:
+    server_format = benchmark_spec(args.benchmark).submission
+    if server_format and not units[0].has_ground_truth and not args.no_submission:
         for result in results:
             for written in write_result_submissions(result, units, out):
                 print(written.describe())
@@ -254,10 +249,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "record and a markdown table whose every row names its protocol; on CIRR/CIRCO test splits also the "
             "test-server files. References and fused galleries are captioned by --captioner, never from annotations; "
             "only methods named oracle-* read ground-truth captions. The backbone is --model (open_clip name or VLM "
-            "id); --model world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
+            "id); --embedder world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
         ),
     )
-    _data_arguments(parser, ("cirr", "fashioniq", "circo", "shapes", "shapes-open"))
+    _data_arguments(parser, BENCHMARK_NAMES)
     parser.add_argument(
         "--method",
         action="append",
@@ -279,7 +274,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="benchmark",
         help="shapes world: the benchmark's held-out phrasing, or the same edits in the training phrasing",
     )
-    add_embedder_args(parser, required=False)  # --model world (default): the shapes world's backbone
+    add_embedder_args(parser, required=False)  # --embedder world (default): the shapes world's backbone
     captioning = parser.add_argument_group("captioner (reference control and fused galleries)")
     captioning.add_argument(
         "--captioner",

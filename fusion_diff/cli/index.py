@@ -14,8 +14,8 @@ from pathlib import Path
 
 from fusion_diff.cli.arguments import positive_int
 from fusion_diff.cli.caption import add_captioner_args, captioner_spec
-from fusion_diff.cli.embed import add_embedder_args
-from fusion_diff.cli.eval import backbone_spec, route_options
+from fusion_diff.cli.embed import add_embedder_args, embedder_spec
+from fusion_diff.cli.eval import route_options
 from fusion_diff.errors import ConfigError
 
 INDEX_TYPES = ("auto", "exact", "ivf-flat", "ivf-pq", "hnsw")
@@ -33,7 +33,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     options = _method_options(args.method, args.set, args.gallery_mode, args.checkpoint)
     retriever = ComposedRetriever(
-        backbone_spec(args),
+        embedder_spec(args),
         args.method,
         captioner=captioner_spec(args),
         method_options=options,
@@ -165,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--calibration-texts", help="text file of modification texts: the recall report then uses composed queries"
     )
     build.add_argument("--batch-size", type=positive_int, default=64, help="images per embedding forward pass")
-    add_embedder_args(build, required=False)  # --model world (default): the shapes world's backbone
+    add_embedder_args(build, required=False)  # --embedder world (default): the shapes world's backbone
     add_captioner_args(build)
     build.set_defaults(func=run_build)
 

@@ -14,16 +14,14 @@ from fusion_diff.utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
-# identity keys that must agree for two embeddings to live in the same space
-SPACE_KEYS = ("backend", "model", "pretrained", "dim")
-
 
 def check_same_space(gallery: dict, queries: dict, where: str) -> None:
     """Refuse queries from another embedder than the gallery's, naming what differs."""
+    from fusion_diff.embedding.base import EmbedderIdentity
+
     diffs = [
         f"{key}: gallery {gallery.get(key)!r}, queries {queries.get(key)!r}"
-        for key in SPACE_KEYS
-        if gallery.get(key) != queries.get(key)
+        for key in EmbedderIdentity.space_differences(gallery, queries)
     ]
     if diffs:
         raise CacheMismatchError(

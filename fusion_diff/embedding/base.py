@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from PIL import Image
@@ -32,8 +32,22 @@ class EmbedderIdentity:
     dim: int
     fusion_weight: float | None = None
 
+    # The keys that name the space itself (the backbone); ``fusion_weight`` only changes how pairs are fused.
+    SPACE_KEYS: ClassVar[tuple[str, ...]] = ("backend", "model", "pretrained", "dim")
+    KEYS: ClassVar[tuple[str, ...]] = (*SPACE_KEYS, "fusion_weight")
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def select(cls, identity: Mapping[str, Any] | None, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The embedder's entries of a stored identity (a cache's or a prior's record holds more), ``KEYS`` by default."""
+        return {k: v for k, v in (identity or {}).items() if k in (keys or cls.KEYS)}
+
+    @classmethod
+    def space_differences(cls, a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
+        """The ``SPACE_KEYS`` on which two stored identities differ (different backbones, different spaces)."""
+        return [k for k in cls.SPACE_KEYS if (a or {}).get(k) != (b or {}).get(k)]
 
     def describe(self) -> str:
         tag = f":{self.pretrained}" if self.pretrained else ""

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.errors import ConfigError
+from fusion_diff.utils.registry import Registry
 
-# backend name -> (module, class); imported on use so that one backend's dependencies never block another
-BACKENDS = {
-    "openclip": ("fusion_diff.embedding.openclip", "OpenCLIPEmbedder"),
-    "vlm": ("fusion_diff.embedding.vlm", "VLMEmbedder"),
-    "world": ("data_synth.shapes.backbone", "load_world_embedder"),  # the shapes world's trained backbone
-}
+# imported on use, so that one backend's dependencies never block another
+BACKENDS = Registry(
+    "embedder backend",
+    {
+        "openclip": ("fusion_diff.embedding.openclip:OpenCLIPEmbedder", "open_clip CLIP-style models"),
+        "vlm": ("fusion_diff.embedding.vlm:VLMEmbedder", "a vision-language model's hidden states"),
+        "world": ("data_synth.shapes.backbone:load_world_embedder", "the shapes world's trained backbone"),
+    },
+    aliases={"shapes-world": "world"},  # the FTI4CIR configs' old spelling
+)
 
 
 def create_embedder(spec: dict[str, Any]) -> JointEmbedder:
@@ -23,11 +27,8 @@ def create_embedder(spec: dict[str, Any]) -> JointEmbedder:
     The remaining keys are the backend's constructor arguments; unknown keys fail here, naming them.
     """
     spec = dict(spec)
-    backend = spec.pop("backend", "openclip")
-    if backend not in BACKENDS:
-        raise ConfigError(f"Unknown embedder backend {backend!r}; choose one of {sorted(BACKENDS)}.")
-    module, name = BACKENDS[backend]
-    cls = getattr(importlib.import_module(module), name)
+    backend = BACKENDS.resolve(spec.pop("backend", "openclip"))
+    cls = BACKENDS.load(backend)
     accepted = set(inspect.signature(cls).parameters)
     unknown = sorted(set(spec) - accepted)
     if unknown:

@@ -17,15 +17,19 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from fusion_diff.errors import ConfigError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.prior import FusionPrior
+from fusion_diff.utils.registry import Registry
 
 BETA_SCHEDULE = "squaredcos_cap_v2"  # the cosine schedule
 
 # Sampler name -> (scheduler class, settings on top of the shared config).
-SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {"set_alpha_to_one": True}),  # deterministic (eta = 0)
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "ddpm": (DDPMScheduler, {}),  # ancestral: stochastic, needs many steps
-}
+SAMPLERS = Registry(
+    "sampler",
+    {
+        "ddim": ((DDIMScheduler, {"set_alpha_to_one": True}), "deterministic (eta = 0)"),
+        "dpm++": ((DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}), "2nd order"),
+        "ddpm": ((DDPMScheduler, {}), "ancestral: stochastic, needs many steps"),
+    },
+)
 
 
 def scheduler_config(prediction_type: str = "sample", num_train_timesteps: int = 1000) -> dict[str, Any]:
@@ -57,13 +61,11 @@ def sampling_scheduler(
     name: str, prior: FusionPrior | None = None, config: dict[str, Any] | None = None
 ) -> SchedulerMixin:
     """A sampler (``"ddim"``, ``"dpm++"`` or ``"ddpm"``) from the prior's schedule or an existing scheduler config."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"Unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}.")
+    cls, extra = SAMPLERS.load(name)
     if config is None:
         if prior is None:
             raise ValueError("sampling_scheduler needs a prior or a scheduler config.")
         config = scheduler_config(prior.config.prediction_type, prior.config.num_train_timesteps)
-    cls, extra = SAMPLERS[name]
     accepted = inspect.signature(cls.__init__).parameters
     shared = {k: v for k, v in dict(config).items() if k in accepted}  # drop other samplers' settings
     return cls.from_config({**shared, **extra})
@@ -71,7 +73,7 @@ def sampling_scheduler(
 
 def sampler_name(scheduler: SchedulerMixin) -> str:
     """The ``SAMPLERS`` name of a scheduler instance (its class name if it is not one of ours)."""
-    return next((name for name, (cls, _) in SAMPLERS.items() if type(scheduler) is cls), type(scheduler).__name__)
+    return next((name for name, ((cls, _), _) in SAMPLERS.items() if type(scheduler) is cls), type(scheduler).__name__)
 
 
 def training_target(

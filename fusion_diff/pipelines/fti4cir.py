@@ -21,7 +21,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from tqdm import tqdm
 
-from fusion_diff.embedding.base import ImageInput, JointEmbedder, upgrade_identity
+from fusion_diff.embedding.base import EmbedderIdentity, ImageInput, JointEmbedder, upgrade_identity
 from fusion_diff.embedding.images import as_rgb
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.models.fti4cir import FTI4CIRMapper, FTI4CIRMapperOutput
@@ -30,8 +30,6 @@ from fusion_diff.retrieval.method import GalleryMode, QueryContext, check_mix_we
 PLACEHOLDER = "*"
 PREFIX_TEMPLATE = "a photo of {subject} with"
 QUERY_SUFFIX_TEMPLATE = "but {modification}"
-# Fields of a backbone identity that must match between training and retrieval.
-BACKBONE_KEYS = ("backend", "model", "pretrained", "dim")
 
 
 class PseudoWordPrompter:
@@ -244,8 +242,7 @@ def pseudo_word_batch(output: FTI4CIRMapperOutput, parts: str) -> tuple[torch.Te
 
 def backbone_identity(embedder: JointEmbedder) -> dict[str, Any]:
     """What of an embedder's identity the pseudo-words depend on (not e.g. its fusion weight)."""
-    identity = embedder.identity.as_dict()
-    return {key: identity[key] for key in BACKBONE_KEYS}
+    return EmbedderIdentity.select(embedder.identity.as_dict(), EmbedderIdentity.SPACE_KEYS)
 
 
 def load_fti4cir(path: str | os.PathLike, embedder: JointEmbedder | None = None) -> FTI4CIRMapper:

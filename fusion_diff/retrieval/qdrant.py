@@ -23,6 +23,7 @@ from fusion_diff.utils.checks import check_top_k, require_finite
 from fusion_diff.utils.io import artifact_manifest
 
 UPLOAD_BATCH = 1024
+UPLOAD_CHUNK = 65536  # index rows whose metadata is decoded per upload call
 
 
 def _client(url: str | None, path: str | None, api_key: str | None = None) -> Any:
@@ -101,7 +102,8 @@ class QdrantIndex:
             INDEX_KIND, identity=index.identity, dim=index.dim, count=0, source=str(index.root), backend="qdrant"
         )
         qdrant = cls(client, collection, manifest, url, path)
-        qdrant.add(index.embeddings, index.items)
+        for start in range(0, len(index), UPLOAD_CHUNK):  # metadata decoded a chunk at a time, not all at once
+            qdrant.add(index.embeddings[start : start + UPLOAD_CHUNK], index.items[start : start + UPLOAD_CHUNK])
         return qdrant
 
     def _write_manifest(self) -> None:

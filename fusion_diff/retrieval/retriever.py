@@ -40,13 +40,18 @@ QUERY_BLOCK = 256  # queries embedded and searched per block: bounds the images 
 
 @dataclass(frozen=True)
 class Hit:
-    """One ranked gallery item: its id, where its image is, the score (cosine), and its caption in a fused
-    gallery (None in an image gallery)."""
+    """A gallery item: its id, where its image is, its score (cosine) when a search ranked it, and its caption
+    in a fused gallery (None in an image gallery). Search results and the page's gallery strip share it."""
 
     id: str
     path: str | None
-    score: float
+    score: float | None = None
     caption: str | None = None
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any], score: float | None = None) -> Hit:
+        """From an index row's metadata (``{"id", "path", "caption"}``; only ``id`` is required)."""
+        return cls(item["id"], item.get("path"), score, item.get("caption"))
 
 
 def gallery_identity(embedder: JointEmbedder, mode: str, captioner: Captioner | None) -> dict[str, Any]:
@@ -421,7 +426,7 @@ class ComposedRetriever:
         """``Hit`` lists of a search result (metadata from the index when it has any)."""
         items = found.items or [[{"id": i} for i in ids] for ids in found.ids]
         return [
-            [Hit(item["id"], item.get("path"), float(score), item.get("caption")) for item, score in zip(row, scores)]
+            [Hit.from_item(item, float(score)) for item, score in zip(row, scores)]
             for row, scores in zip(items, found.scores.tolist())
         ]
 

@@ -6,7 +6,8 @@ Layout of an index folder::
                          count, index type and FAISS settings, the live generation, the recall report
     gen-00003/
         embeddings.npy   float32 [N, dim], opened with numpy's memory map (paged in lazily)
-        items.jsonl      one {"id", "path", "caption"} per row, in embedding order
+        items.jsonl      one {"id", "path", "caption"} per row, in embedding order, with its columns
+                         (row offsets, ids, id order: memory-mapped, see ``retrieval/items.py``)
         faiss.index      approximate types only: ``faiss.write_index``, read back with ``IO_FLAG_MMAP``
     staging/             build scratch (resumable embedding and caption caches); removed on commit
 
@@ -31,15 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusion_diff.errors import CacheMismatchError, ConfigError, DataError, MissingFileError
+from fusion_diff.errors import CacheMismatchError, ConfigError, DataError
 from fusion_diff.retrieval.index import FaissGalleryIndex, GalleryIndex, SearchResult, _Index
 from fusion_diff.utils.checks import require_finite
+from fusion_diff.retrieval.items import ItemTable
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
 
 INDEX_KIND = "gallery_index"
 MANIFEST = "manifest.json"
 STAGING = "staging"
-EMBEDDINGS, ITEMS, FAISS_FILE = "embeddings.npy", "items.jsonl", "faiss.index"
+EMBEDDINGS, FAISS_FILE = "embeddings.npy", "faiss.index"
 INDEX_TYPES = ("exact", "ivf-flat", "ivf-pq", "hnsw")
 EXACT_UP_TO = 200_000  # ``auto``: exact search below this many items (1k queries stay near 1 s on 2 cores)
 HNSW_UP_TO = 5_000_000  # ``auto``: HNSW up to here; beyond, IVF-PQ (HNSW keeps a graph + full vectors)
@@ -167,8 +169,8 @@ class PersistentIndex:
         self.identity: dict[str, Any] = manifest["identity"]
         self.settings = IndexSettings.from_dict(manifest["settings"])
         generation = root / manifest["generation"]
-        self.items: list[dict[str, Any]] = _read_items(generation / ITEMS)
-        self.ids = [item["id"] for item in self.items]
+        self.items = ItemTable.open(generation)  # decoded per hit: a 1M gallery's metadata is never in RAM
+        self.ids = self.items.ids
         array = np.load(generation / EMBEDDINGS, mmap_mode="c")  # copy-on-write map: writes never reach the file
         embeddings = torch.from_numpy(array)
         if embeddings.shape != (len(self.ids), manifest["dim"]):
@@ -235,7 +237,9 @@ class PersistentIndex:
         self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
     ) -> SearchResult:
         found = self.backend.search(queries, k=k, exclude=exclude)
-        found.items = [[self.items[j] for j in row if j >= 0] for row in found.indices.tolist()]
+        valid = found.indices >= 0
+        flat = iter(self.items.rows(found.indices[valid].tolist()))  # every hit's metadata in one read
+        found.items = [[next(flat) for _ in range(n)] for n in valid.sum(1).tolist()]
         return found
 
     def scores_for(self, queries: torch.Tensor, candidate_ids: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -323,7 +327,7 @@ class PersistentIndex:
         require_finite(embeddings, f"Index {self.root}: new gallery embeddings", NAN_GALLERY)
         old = self.root / self.manifest["generation"]
         generation = _new_generation(self.root)
-        _write_vectors(generation, torch.cat([self.embeddings, embeddings]), [*self.items, *items])
+        _write_vectors(generation, torch.cat([self.embeddings, embeddings]), items, previous=self.items)
         if self.settings.type != "exact":
             faiss = _faiss()
             index = faiss.read_index(str(old / FAISS_FILE))  # a private in-memory copy to grow
@@ -374,15 +378,6 @@ def recall_report(index: PersistentIndex, queries: torch.Tensor, protocol: str) 
     return report
 
 
-def _read_items(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise MissingFileError(f"Index items file {path} is missing. Rebuild the index (fusion-diff index build).")
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    except json.JSONDecodeError as err:
-        raise DataError(f"Index items file {path} is corrupt ({err}). Rebuild the index.") from err
-
-
 def _new_generation(root: Path) -> Path:
     """A fresh ``gen-*`` folder; unfinished generations of killed jobs (not in the manifest) are removed."""
     root.mkdir(parents=True, exist_ok=True)
@@ -396,11 +391,12 @@ def _new_generation(root: Path) -> Path:
     return generation
 
 
-def _write_vectors(generation: Path, embeddings: torch.Tensor, items: Sequence[dict[str, Any]]) -> None:
+def _write_vectors(
+    generation: Path, embeddings: torch.Tensor, items: Sequence[dict[str, Any]], previous: ItemTable | None = None
+) -> None:
     with atomic_path(generation / EMBEDDINGS) as tmp, open(tmp, "wb") as handle:
         np.save(handle, embeddings.numpy())
-    with atomic_path(generation / ITEMS) as tmp:
-        tmp.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    ItemTable.write(generation, items, previous)
 
 
 def _commit(root: Path, manifest: dict[str, Any]) -> None:

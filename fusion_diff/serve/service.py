@@ -16,10 +16,13 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion_diff.errors import ConfigError, DataError, FusionDiffError, MissingFileError
 from fusion_diff.serve.inputs import check_text, read_reference
+
+if TYPE_CHECKING:  # the retriever imports torch; the page's module loads it only when a retriever is served
+    from fusion_diff.retrieval.retriever import Hit
 
 # What the page's method picker offers (registry name -> label), and which knobs each one reads.
 METHOD_LABELS: dict[str, str] = {
@@ -101,7 +104,7 @@ class Ranking:
     """One method's answer: its top-k hits and the wall time of the batch it ran in."""
 
     method: str
-    hits: list[Any]  # ComposedRetriever Hit(id, path, score, caption)
+    hits: list[Hit]
     seconds: float
     batch_size: int
 
@@ -126,13 +129,6 @@ class SearchResponse:
     @property
     def ok(self) -> bool:
         return not self.message
-
-
-@dataclass(frozen=True)
-class GalleryItem:
-    id: str
-    path: Path
-    caption: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +179,7 @@ class SearchService:
         self.retrievers, self.primary, self.source = by_mode, primary, str(source)
         self.method_options = {**self.method_options, **options}
         self.defaults = QuerySettings.of_method(primary.method, primary.method_name or "", primary.gallery_mode)
-        self._gallery: list[GalleryItem] | None = None
+        self._gallery: list[Hit] | None = None
 
     # ------------------------------------------------------------------ what the page shows around the queries
     def methods(self) -> dict[str, str]:
@@ -198,15 +194,13 @@ class SearchService:
     def gallery_modes(self) -> list[str]:
         return list(self.retrievers)
 
-    def gallery_items(self) -> list[GalleryItem]:
+    def gallery_items(self) -> list[Hit]:
         """The primary retriever's gallery items with an image file, in index order (the strip shows the first)."""
         if self._gallery is None:
+            from fusion_diff.retrieval.retriever import Hit
+
             items = getattr(self.primary.index, "items", None) or []  # a remote (Qdrant) index lists nothing
-            self._gallery = [
-                GalleryItem(item["id"], Path(item["path"]), item.get("caption"))
-                for item in items
-                if item.get("path") and Path(item["path"]).is_file()
-            ]
+            self._gallery = [Hit.from_item(item) for item in items if item.get("path") and Path(item["path"]).is_file()]
         return self._gallery
 
     def file_roots(self) -> list[Path]:

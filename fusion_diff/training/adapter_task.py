@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion_diff.embedding.base import EmbedderIdentity
 from fusion_diff.errors import CacheMismatchError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, predicted_sample
 from fusion_diff.training.config import TrainConfig, require
 from fusion_diff.training.data import TripletEmbeddingDataset
 from fusion_diff.training.prior_task import (
-    EMBEDDER_KEYS,
     DenoisedBatch,
     build_pipeline,
     denoise_random_timesteps,
@@ -94,9 +94,9 @@ class AdapterTask:
 
     def _check_backbone(self, prior_path: str) -> None:
         """Refuse triplets embedded by another backbone than the prior's pairs (their spaces differ)."""
-        trained_on = {k: v for k, v in (self.prior.config.embedder_identity or {}).items() if k in EMBEDDER_KEYS}
+        trained_on = EmbedderIdentity.select(self.prior.config.embedder_identity)
         data = embedder_identity(self.dataset)
-        differ = sorted(k for k in ("backend", "model", "pretrained", "dim") if trained_on.get(k) != data.get(k))
+        differ = sorted(EmbedderIdentity.space_differences(trained_on, data))
         if trained_on and differ:
             raise CacheMismatchError(
                 f"The prior at {prior_path} was trained on {trained_on} but the triplets in "

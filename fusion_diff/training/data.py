@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from fusion_diff.embedding.base import EmbedderIdentity
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
 
 Batch = dict[str, torch.Tensor]
-# Identity keys that name the backbone: every field of a training set must share them.
-BACKBONE_KEYS = ("backend", "model", "pretrained", "dim")
 
 
 def load_aligned(caches: dict[str, Path]) -> tuple[list[str], dict[str, torch.Tensor], dict[str, dict]]:
@@ -46,7 +45,7 @@ def load_aligned(caches: dict[str, Path]) -> tuple[list[str], dict[str, torch.Te
     for name, root in list(caches.items())[1:]:
         cache = EmbeddingCache.read(root)
         identities[name] = cache.identity
-        differ = [k for k in BACKBONE_KEYS if cache.identity.get(k) != first_cache.identity.get(k)]
+        differ = EmbedderIdentity.space_differences(cache.identity, first_cache.identity)
         if differ:
             raise CacheMismatchError(
                 f"Embedding caches {first_root} and {root} come from different backbones (differing: {differ}). "

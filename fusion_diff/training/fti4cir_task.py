@@ -59,7 +59,6 @@ from fusion_diff.training.task import TaskSpec, ValidationFn
 from fusion_diff.utils.paths import cache_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-WORLD_BACKBONE = "shapes-world"
 
 
 # --------------------------------------------------------------------------- configs
@@ -68,7 +67,7 @@ class FTI4CIRModelConfig:
     """The backbone, the mapper (``FTI4CIRMapper`` arguments; reference values) and the loss weights.
 
     ``backbone`` is an embedder spec for ``fusion_diff.embedding.create_embedder`` (an open_clip
-    CLIP-style model), or ``{"backend": "shapes-world"}`` for the shapes world's trained backbone.
+    CLIP-style model), or ``{"backend": "world"}`` for the shapes world's trained backbone.
     """
 
     backbone: dict[str, Any] = field(
@@ -259,19 +258,15 @@ def read_captioned_folder(
 
 
 def load_backbone(spec: dict[str, Any]) -> JointEmbedder:
-    """The frozen backbone: an embedder spec, or ``{"backend": "shapes-world", "cache": optional dir}``.
-
-    The world backbone must already be built (``fusion-diff world backbone``); it is not trained here.
+    """The frozen backbone: an embedder spec (``fusion_diff.embedding.create_embedder``), e.g.
+    ``{"backend": "world", "cache": optional dir}`` for the shapes world's backbone, which must already be built
+    (``fusion-diff world backbone``): it is not trained here.
     """
-    if spec.get("backend") == WORLD_BACKBONE:
-        from data_synth.shapes.backbone import load_world_embedder
+    from fusion_diff.embedding.factory import BACKENDS, create_embedder
 
-        extra = sorted(set(spec) - {"backend", "cache"})
-        if extra:
-            raise ConfigError(f"model.backbone with backend {WORLD_BACKBONE!r} takes only 'cache'; got {extra}.")
-        return load_world_embedder(spec.get("cache"), train_if_missing=False)
-    from fusion_diff.embedding.factory import create_embedder
-
+    spec = dict(spec)
+    if BACKENDS.resolve(spec.get("backend", "openclip")) == "world":
+        spec.setdefault("train_if_missing", False)
     return create_embedder(spec)
 
 

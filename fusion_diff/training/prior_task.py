@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
+from fusion_diff.embedding.base import EmbedderIdentity
 from fusion_diff.errors import MissingFileError
 from fusion_diff.models.denoise import noise_scheduler, sampling_scheduler, training_target
 from fusion_diff.models.prior import FusionPrior
@@ -26,8 +27,6 @@ from fusion_diff.training.config import TrainConfig, require
 from fusion_diff.training.data import CachedEmbeddingDataset, PairEmbeddingDataset
 from fusion_diff.training.task import TaskSpec, ValidationFn
 
-# Keys of ``EmbedderIdentity``: what of a cache's identity describes the backbone (not the kind).
-EMBEDDER_KEYS = ("backend", "model", "pretrained", "dim", "fusion_weight")
 SAVED_SAMPLER = "ddim"  # the scheduler stored with trained pipelines (swap with pipeline.set_sampler)
 
 
@@ -113,7 +112,7 @@ def dropout_mask(probability: float, batch_size: int, generator: torch.Generator
 
 def embedder_identity(dataset: CachedEmbeddingDataset, field: str = "target") -> dict[str, Any]:
     """The backbone identity of the cache behind ``field`` (without its kind), stored in the prior."""
-    return {k: v for k, v in dataset.identities[field].items() if k in EMBEDDER_KEYS}
+    return EmbedderIdentity.select(dataset.identities[field])
 
 
 def build_pipeline(prior: FusionPrior, adapter: nn.Module | None = None) -> FusionDiffPipeline:

@@ -4,14 +4,13 @@ Stage 1 (prior), stage 2 (Control-Adapter) and FTI4CIR are each a ``TrainingTask
 ``fusion_diff.training.loop`` owns everything else (Accelerate, accumulation, clipping, EMA,
 checkpoints, resume, logging, validation).
 
-A task module (``TASK_MODULES`` below) exposes ``TASK = TaskSpec(...)``: the dataclasses of its YAML
+A task module (registered in ``TASK_MODULES`` below) exposes ``TASK = TaskSpec(...)``: the dataclasses of its YAML
 ``model:`` and ``data:`` sections, and ``build(config, validation_fn)`` that returns the task. The
 loop seeds every RNG before calling ``build``, so model initialisation is reproducible.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from fusion_diff.errors import ConfigError
+from fusion_diff.utils.registry import Registry
 
 if TYPE_CHECKING:
     from fusion_diff.training.config import TrainConfig
@@ -82,16 +81,16 @@ class TaskSpec:
     build: Callable[[TrainConfig, ValidationFn | None], TrainingTask]
 
 
-# Task name -> module defining ``TASK: TaskSpec``; imported only when that task is used.
-TASK_MODULES: dict[str, str] = {
-    "prior": "fusion_diff.training.prior_task",
-    "adapter": "fusion_diff.training.adapter_task",
-    "fti4cir": "fusion_diff.training.fti4cir_task",
-}
+# Task name -> its module's ``TASK: TaskSpec``; imported only when that task is used.
+TASK_MODULES = Registry(
+    "training task",
+    {
+        "prior": ("fusion_diff.training.prior_task:TASK", "stage 1: the fusion prior"),
+        "adapter": ("fusion_diff.training.adapter_task:TASK", "stage 2: the Control-Adapter"),
+        "fti4cir": ("fusion_diff.training.fti4cir_task:TASK", "the FTI4CIR mapper"),
+    },
+)
 
 
 def get_task_spec(name: str) -> TaskSpec:
-    if name not in TASK_MODULES:
-        raise ConfigError(f"Unknown training task {name!r}; choose one of {sorted(TASK_MODULES)}.")
-    module = importlib.import_module(TASK_MODULES[name])
-    return module.TASK
+    return TASK_MODULES.load(name)
