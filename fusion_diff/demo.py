@@ -15,7 +15,9 @@ Steps, each cached or resumable in ``out_dir`` (run it again and finished steps 
 8. the joint-space plots.
 
 The sizes and the training configs come from ``configs/demo.yaml`` (``configs/demo_quick.yaml``
-for ``--quick``), loaded as strictly as the training configs.
+for ``--quick``), loaded as strictly as the training configs. Before step 1 the demo measures this
+machine and, if the steps left would exceed ``budget.minutes``, shortens every training schedule to
+fit and records that in the table (``fusion_diff.demo_budget``).
 """
 
 from __future__ import annotations
@@ -137,11 +139,11 @@ def default_config_path(quick: bool) -> Path:
 def remaining_estimate(done: dict[str, float], todo: Iterable[str], reference: dict[str, float]) -> float | None:
     """Seconds the ``todo`` steps should take: their ``reference`` (reference-CPU) times x (measured / reference)
     of the steps done that did real work (>= 1 s: cached steps say nothing about speed); None before any such step."""
-    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0}
+    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0 and name in reference}
     if not worked:
         return None
     speed = sum(worked.values()) / sum(reference[name] for name in worked)
-    return speed * sum(reference[name] for name in todo)
+    return speed * sum(reference.get(name, 0.0) for name in todo)
 
 
 class Demo:

@@ -39,7 +39,7 @@ def test_fast_machine_keeps_the_reference_schedule(demo):
     assert plan.describe() == "reference schedule (configs/demo.yaml)"
 
 
-@pytest.mark.parametrize("speed", [2.0, 2.6, 3.0])
+@pytest.mark.parametrize("speed", [2.0, 2.3, 2.6])
 def test_slow_machine_gets_a_schedule_that_fits(demo, speed):
     config, config_dir = demo
     plan = plan_for(speed, STEPS, config.budget, config, config_dir)
