@@ -6,13 +6,14 @@ The reference schedule (``configs/demo.yaml``) takes ~18 min on the reference 2-
 it into this machine's speed relative to the reference CPU, and estimates every step that is still to
 run. When the estimate exceeds the budget, every training schedule and training-set size is scaled by
 one factor (the same number of epochs over fewer samples and fewer steps), never the benchmark or the
-table's rows; the plan is printed, kept in ``<out_dir>/demo_budget.json`` (a rerun resumes the same
-plan instead of measuring again) and recorded in every result's protocol line. Its numbers are then
+table's rows; the plan is printed, kept in ``<out_dir>/demo_budget.json`` (a rerun of the same config
+resumes it instead of measuring again, so nothing retrains) and recorded in every result's protocol line. Its numbers are then
 not the reference numbers. ``fusion-diff demo --no-budget`` runs the reference schedule.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -223,19 +224,24 @@ def probe_seconds(threads: int, steps: int = 3) -> float:
     return min(times[1:])  # the least disturbed step: other processes only ever slow it down
 
 
-def saved_plan(out: Path, budget: BudgetSection) -> Plan | None:
-    """The plan an earlier run in ``out`` chose under the same budget (its caches were made with it), or None."""
+def config_digest(config: DemoConfig) -> str:
+    """What a saved plan was made for: the whole demo config before scaling (another size or schedule, another plan)."""
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def saved_plan(out: Path, config: DemoConfig) -> Plan | None:
+    """The plan an earlier run in ``out`` chose for the same config and budget (its caches were made with it)."""
     path = out / PLAN_FILE
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("budget") != {"minutes": budget.minutes, "min_scale": budget.min_scale}:
-        return None
-    return Plan(**record["plan"])
+    return Plan(**record["plan"]) if record.get("config") == config_digest(config) else None
 
 
-def save_plan(out: Path, budget: BudgetSection, plan: Plan, probe_s: float | None) -> None:
+def save_plan(out: Path, config: DemoConfig, plan: Plan, probe_s: float | None) -> None:
+    budget = config.budget
     record = {
+        "config": config_digest(config),
         "budget": {"minutes": budget.minutes, "min_scale": budget.min_scale},
         "probe_seconds_per_step": probe_s,
         "reference_probe_seconds_per_step": REFERENCE_PROBE_SECONDS,
@@ -268,13 +274,13 @@ def plan_demo(config: DemoConfig, config_dir: Path, steps: list[str], out: Path)
     if budget.minutes is None:
         plan, probe = Plan(), None
     else:
-        plan, probe = saved_plan(out, budget), None
+        plan, probe = saved_plan(out, config), None
         if plan is None:
             from data_synth.shapes.backbone import BackboneConfig
 
             probe = probe_seconds(BackboneConfig().threads)
             plan = plan_for(probe / REFERENCE_PROBE_SECONDS, steps, budget, config, config_dir)
-            save_plan(out, budget, plan, probe)
+            save_plan(out, config, plan, probe)
     print(announce(plan, probe), flush=True)
     return apply_plan(config, plan), plan
 

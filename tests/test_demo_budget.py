@@ -86,10 +86,13 @@ def test_plan_is_measured_once_and_kept_for_reruns(demo, tmp_path, capsys, monke
     again, replanned = plan_demo(config, config_dir, STEPS, tmp_path)
     assert len(probes) == 1 and replanned == plan and again == first  # same caches: nothing retrains
     assert "kept from the first run" in capsys.readouterr().out
+    bigger = load_dataclass(DemoConfig, config_dir / "demo.yaml", ["data.triplets=50000"])
+    _, replanned = plan_demo(bigger, config_dir, STEPS, tmp_path)  # another config: measured and planned again
+    assert len(probes) == 2 and replanned.schedules["data.triplets"] == round(50000 * replanned.scale)
 
     unbudgeted = load_dataclass(DemoConfig, config_dir / "demo.yaml", ["budget.minutes=null"])
     kept, reference = plan_demo(unbudgeted, config_dir, STEPS, tmp_path)
-    assert reference == Plan() and kept is unbudgeted and len(probes) == 1  # --no-budget: nothing measured
+    assert reference == Plan() and kept is unbudgeted and len(probes) == 2  # --no-budget: nothing measured
     assert plan_as_record(reference)["schedule"] == "reference schedule (configs/demo.yaml)"
 
 
