@@ -85,7 +85,7 @@ def test_plan_is_measured_once_and_kept_for_reruns(demo, tmp_path, capsys, monke
     assert json.loads((tmp_path / PLAN_FILE).read_text())["probe_seconds_per_step"] == 2.6 * REFERENCE_PROBE_SECONDS
     again, replanned = plan_demo(config, config_dir, STEPS, tmp_path)
     assert len(probes) == 1 and replanned == plan and again == first  # same caches: nothing retrains
-    assert "kept from the first run" in capsys.readouterr().out
+    assert "measured by the first run" in capsys.readouterr().out
     bigger = load_dataclass(DemoConfig, config_dir / "demo.yaml", ["data.triplets=50000"])
     _, replanned = plan_demo(bigger, config_dir, STEPS, tmp_path)  # another config: measured and planned again
     assert len(probes) == 2 and replanned.schedules["data.triplets"] == round(50000 * replanned.scale)
