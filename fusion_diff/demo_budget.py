@@ -255,11 +255,15 @@ def announce(plan: Plan, probe_s: float | None) -> str:
     if plan.speed is None:
         return "    schedule: reference (no budget)"
     measured = (
-        f"probe: {probe_s:.2f} s per backbone training step vs {REFERENCE_PROBE_SECONDS} s derived for the reference CPU"
+        f"probe: {probe_s:.2f} s per backbone training step vs {REFERENCE_PROBE_SECONDS} s derived for the "
+        "reference CPU"
         if probe_s is not None
         else f"measured by the first run, plan kept in {PLAN_FILE}: delete it to measure again"
     )
-    line = f"    this machine: {plan.speed:.1f}x the reference CPU's time ({measured}); steps left: ~{plan.estimate_s / 60:.0f} min"
+    line = (
+        f"    this machine: {plan.speed:.1f}x the reference CPU's time ({measured}); "
+        f"steps left: ~{plan.estimate_s / 60:.0f} min"
+    )
     if plan.scale >= 1.0:
         return line + f" at the reference schedule, within the {plan.budget_s / 60:.0f}-min budget"
     note = f"\n    {plan.describe()}; estimate ~{plan.planned_s / 60:.0f} min"

@@ -248,9 +248,8 @@ def test_eval_two_processes_equal_one(tmp_path, tiny_openclip_checkpoint):
             "--method", "sum", "--set", "sum.gallery_mode=fused", "--captioner", "retrieval", "--caption-bank",
             str(tmp_path / "bank.txt"), "--chunk-size", "5", "--batch-size", "2", "--no-submission",
             *_model_args(tiny_openclip_checkpoint)]  # fmt: skip
-    two = _launch(
-        [*argv, "--out", str(tmp_path / "out2"), "--cache-dir", str(tmp_path / "c2")], tiny_openclip_checkpoint[1], tmp_path
-    )
+    out2 = ["--out", str(tmp_path / "out2"), "--cache-dir", str(tmp_path / "c2")]
+    two = _launch([*argv, *out2], tiny_openclip_checkpoint[1], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("| sum |") == 1  # the main process alone scores and prints
     assert "(process 2/2)" in two.stderr  # the second process embedded units of its own

@@ -215,7 +215,8 @@ class Evaluator:
                 self.embedder, [candidates[i] for i in chunk], images, image_embeds, self.batch_size
             )
 
-        return self._fill(self._unit_dir(unit) / f"fused-{identity_digest(self.captioner.identity)}", identity, ids, ids, embed)
+        root = self._unit_dir(unit) / f"fused-{identity_digest(self.captioner.identity)}"
+        return self._fill(root, identity, ids, ids, embed)
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """``f(T)`` of ``texts`` (rows aligned), cached by content per backbone."""
