@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
     assert {"fusion-diff[image gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
     assert (tmp_path / "demo" / "results" / "plots" / "query_space.png").stat().st_size > 0
-    assert "schedule: scaled x0.50 to a 20-min budget" in table.read_text()  # every protocol line says so
+    assert "schedule: scaled x0.50 (backbone x1.00) to a 20-min budget" in table.read_text()  # every row says so
     assert yaml.safe_load((tmp_path / "demo" / "stage1" / "training_config.yaml").read_text())["schedule"][
         "max_train_steps"
     ] == 1  # 2 steps halved

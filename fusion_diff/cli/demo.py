@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-budget",
         action="store_true",
         help="run the reference schedule whatever this machine's speed (by default the demo times a few training "
-        "steps and, if the estimate exceeds the config's budget.minutes, shortens every training schedule to fit "
+        "steps and, if the estimate exceeds the config's budget.minutes, shortens the training schedules to fit "
         "and says so in the table's protocol lines)",
     )
     parser.add_argument(
