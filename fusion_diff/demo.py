@@ -15,7 +15,9 @@ Steps, each cached or resumable in ``out_dir`` (run it again and finished steps 
 8. the joint-space plots.
 
 The sizes and the training configs come from ``configs/demo.yaml`` (``configs/demo_quick.yaml``
-for ``--quick``), loaded as strictly as the training configs.
+for ``--quick``), loaded as strictly as the training configs. Before step 1 the demo measures this
+machine and, if the steps left would exceed ``budget.minutes``, shortens every training schedule to
+fit and records that in the table (``fusion_diff.demo_budget``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from fusion_diff.demo_budget import REFERENCE_COSTS, BudgetSection, Plan, plan_as_record, plan_demo
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.training.config import did_you_mean, load_config, load_dataclass, require
 from fusion_diff.utils.io import atomic_path, write_json_atomic
@@ -121,6 +124,7 @@ class DemoConfig:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    budget: BudgetSection = field(default_factory=BudgetSection)
 
     def __post_init__(self) -> None:
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seed range)")
@@ -135,30 +139,14 @@ def default_config_path(quick: bool) -> Path:
     return path
 
 
-# Seconds per step of the full demo in one uninterrupted run from nothing on the idle reference machine
-# (README, "demo, from nothing"). The remaining-time estimate scales them by this run's measured speed.
-REFERENCE_STEP_SECONDS = {
-    "world backbone": 335,
-    "benchmark": 10,
-    "pair set + embeddings": 28,
-    "scene captioner": 89,
-    "triplets + embeddings": 136,
-    "stage 1: prior": 84,
-    "stage 2: Control-Adapter": 227,
-    "FTI4CIR": 66,
-    "evaluation (test split)": 91,
-    "plots": 1,
-}
-
-
-def remaining_estimate(done: dict[str, float], todo: Iterable[str]) -> float | None:
-    """Seconds the ``todo`` steps should take: their reference times x (measured / reference) of the steps done
-    that did real work (>= 1 s: cached steps say nothing about speed); None before any such step."""
-    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0}
+def remaining_estimate(done: dict[str, float], todo: Iterable[str], reference: dict[str, float]) -> float | None:
+    """Seconds the ``todo`` steps should take: their ``reference`` (reference-CPU) times x (measured / reference)
+    of the steps done that did real work (>= 1 s: cached steps say nothing about speed); None before any such step."""
+    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0 and name in reference}
     if not worked:
         return None
-    speed = sum(worked.values()) / sum(REFERENCE_STEP_SECONDS[name] for name in worked)
-    return speed * sum(REFERENCE_STEP_SECONDS[name] for name in todo)
+    speed = sum(worked.values()) / sum(reference[name] for name in worked)
+    return speed * sum(reference.get(name, 0.0) for name in todo)
 
 
 class Demo:
@@ -171,6 +159,7 @@ class Demo:
         self.out = Path(config.out_dir)
         self.timings: dict[str, float] = {}
         self.planned: list[str] = []
+        self.plan = Plan()  # the reference schedule until ``run`` measures this machine
         self.embedder = None
         self.captioner = None
 
@@ -181,7 +170,8 @@ class Demo:
         start = time.perf_counter()
         yield
         self.timings[name] = time.perf_counter() - start
-        left = remaining_estimate(self.timings, [s for s in self.planned if s not in self.timings])
+        todo = [s for s in self.planned if s not in self.timings]
+        left = remaining_estimate(self.timings, todo, self.plan.reference_seconds())
         estimate = f"; about {left / 60:.1f} min left (estimate)" if left is not None and left > 0 else ""
         print(f"    {name}: {self.timings[name]:.0f} s{estimate}", flush=True)
 
@@ -195,7 +185,9 @@ class Demo:
             "scene captioner": self.config.evaluation.captioner.get("type") == "scene",
             "FTI4CIR": bool(self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods),
         }
-        self.planned = [name for name in REFERENCE_STEP_SECONDS if runs.get(name, True)]
+        self.planned = [name for name in REFERENCE_COSTS if runs.get(name, True)]
+        todo = [name for name in self.planned if name != "world backbone" or not self.backbone_cached()]
+        self.config, self.plan = plan_demo(self.config, self.config_dir, todo, self.out)
         with self.step("world backbone"):
             self.embedder = self.build_backbone()
         with self.step("benchmark"):
@@ -228,17 +220,28 @@ class Demo:
         return table
 
     def backbone_root(self) -> Path:
-        """The world backbone's cache folder (FTI4CIR must use the same backbone as everything else)."""
+        """The world backbone's cache folder (FTI4CIR must use the same backbone as everything else); a backbone of
+        another length than the reference (a time-budgeted one) gets a folder of its own, never replacing it."""
         from fusion_diff.utils.paths import cache_dir
 
-        return Path(self.config.world.backbone_cache or cache_dir("shapes_backbone"))
+        steps = self.config.world.backbone_steps
+        default = "shapes_backbone" if steps == WorldSection.backbone_steps else f"shapes_backbone-{steps}-steps"
+        return Path(self.config.world.backbone_cache or cache_dir(default))
+
+    def backbone_config(self):
+        from data_synth.shapes.backbone import BackboneConfig
+
+        return BackboneConfig.for_steps(self.config.world.backbone_steps, seed=self.config.seed)
+
+    def backbone_cached(self) -> bool:
+        from data_synth.shapes.backbone import BackboneCache
+
+        return BackboneCache.at(self.backbone_root()).validate(self.backbone_config())
 
     def build_backbone(self):
-        from data_synth.shapes.backbone import BackboneConfig, load_world_embedder
+        from data_synth.shapes.backbone import load_world_embedder
 
-        world = self.config.world
-        config = BackboneConfig(steps=world.backbone_steps, seed=self.config.seed)
-        return load_world_embedder(cache=world.backbone_cache, config=config, progress=self.progress)
+        return load_world_embedder(cache=self.backbone_root(), config=self.backbone_config(), progress=self.progress)
 
     def build_benchmark(self) -> None:
         from data_synth.shapes.benchmark import BenchmarkConfig, write_benchmark
@@ -394,6 +397,8 @@ class Demo:
             options = {**self.fusion_diff_options(), "name": "fusion-diff@training-phrasing"}
             method = method_factory("fusion-diff")(pipeline=load_pipeline(stage2), **options)
             results.append(self.evaluator("test", phrasing="training").evaluate(method))
+        for result in results:  # the schedule the numbers come from: reference, or scaled to the time budget
+            result.protocol.update(plan_as_record(self.plan))
         json_path, md_path = write_results(results, self.path("results"), "shapes-test")
         with atomic_path(self.path("results") / "shapes-test-by-edit.md") as tmp:
             tmp.write_text(by_kind, encoding="utf-8")

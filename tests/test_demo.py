@@ -14,7 +14,9 @@ from fusion_diff.errors import ConfigError
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    import fusion_diff.demo_budget as budget
+
     config = yaml.safe_load((CONFIG_DIR / "demo_quick.yaml").read_text())
     config["out_dir"] = str(tmp_path / "demo")
     config["world"].update(backbone_steps=2, backbone_cache=str(tmp_path / "backbone"), val_queries=12, test_queries=16)
@@ -28,6 +30,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     training["fti4cir_overrides"] = tiny + ["validation.every_n_steps=0", "data.max_images=64"]
     training["scene_captioner_steps"] = 2
     config["evaluation"]["plot_queries"] = 4
+    # A machine 100x slower than the reference CPU (a fake probe): the budget halves every training length.
+    config["budget"] = {"minutes": 20, "min_scale": 0.5}
+    monkeypatch.setattr(budget, "probe_seconds", lambda threads: 100 * budget.REFERENCE_PROBE_SECONDS)
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -36,6 +41,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
     assert {"fusion-diff[image gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
     assert (tmp_path / "demo" / "results" / "plots" / "query_space.png").stat().st_size > 0
+    assert "schedule: scaled x0.50 (backbone x1.00) to a 20-min budget" in table.read_text()  # every row says so
+    assert yaml.safe_load((tmp_path / "demo" / "stage1" / "training_config.yaml").read_text())["schedule"][
+        "max_train_steps"
+    ] == 1  # 2 steps halved
 
     timings = tmp_path / "demo" / "results" / "timings.json"
     timings.unlink()

@@ -46,10 +46,15 @@ def test_embedders_announce_their_device_and_precision(tiny_openclip_checkpoint,
 
 
 def test_demo_remaining_time_scales_reference_steps_by_measured_speed():
-    from fusion_diff.demo import REFERENCE_STEP_SECONDS, remaining_estimate
+    from fusion_diff.demo import remaining_estimate
+    from fusion_diff.demo_budget import Plan
 
-    assert remaining_estimate({}, ["plots"]) is None  # nothing measured yet
-    assert remaining_estimate({"world backbone": 0.01}, ["plots"]) is None  # a cached step says nothing
-    done = {"world backbone": 3 * REFERENCE_STEP_SECONDS["world backbone"], "benchmark": 0.2}
-    left = remaining_estimate(done, ["stage 1: prior", "stage 2: Control-Adapter"])
-    assert left == 3 * (REFERENCE_STEP_SECONDS["stage 1: prior"] + REFERENCE_STEP_SECONDS["stage 2: Control-Adapter"])
+    reference = Plan().reference_seconds()
+    assert remaining_estimate({}, ["plots"], reference) is None  # nothing measured yet
+    assert remaining_estimate({"world backbone": 0.01}, ["plots"], reference) is None  # a cached step says nothing
+    done = {"world backbone": 3 * reference["world backbone"], "benchmark": 0.2}
+    left = remaining_estimate(done, ["stage 1: prior", "stage 2: Control-Adapter"], reference)
+    assert left == 3 * (reference["stage 1: prior"] + reference["stage 2: Control-Adapter"])
+    scaled = Plan(scale=0.5).reference_seconds()  # a scaled schedule: its steps are expected shorter
+    assert scaled["stage 2: Control-Adapter"] < reference["stage 2: Control-Adapter"]
+    assert scaled["evaluation (test split)"] == reference["evaluation (test split)"]  # the table is never scaled

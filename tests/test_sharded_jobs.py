@@ -231,3 +231,38 @@ def test_embed_triplets_two_processes_equal_one(tmp_path, tiny_openclip_checkpoi
     for cache in CACHE_KINDS:
         _assert_same_cache(tmp_path / "one" / cache, tmp_path / "two" / cache)
         assert EmbeddingCache.read(tmp_path / "two" / cache).ids == EmbeddingCache.read(tmp_path / "one" / cache).ids
+
+
+def _embedding_caches(root: Path) -> dict[str, Path]:
+    return {str(m.parent.relative_to(root)): m.parent for m in root.rglob("manifest.json")}
+
+
+@pytest.mark.slow
+def test_eval_two_processes_equal_one(tmp_path, tiny_openclip_checkpoint):
+    """`eval` under 2 processes: the same caches (images, captions, fused, texts) and the same table, scored once."""
+    from test_eval import _caption, write_tiny_benchmark
+
+    root = write_tiny_benchmark(tmp_path / "bench")
+    (tmp_path / "bank.txt").write_text("\n".join(_caption(i) for i in range(16)))
+    argv = ["eval", "--benchmark", "shapes", "--split", "test", "--root", str(root), "--method", "image-only",
+            "--method", "sum", "--set", "sum.gallery_mode=fused", "--captioner", "retrieval", "--caption-bank",
+            str(tmp_path / "bank.txt"), "--chunk-size", "5", "--batch-size", "2", "--no-submission",
+            *_model_args(tiny_openclip_checkpoint)]  # fmt: skip
+    out2 = ["--out", str(tmp_path / "out2"), "--cache-dir", str(tmp_path / "c2")]
+    two = _launch([*argv, *out2], tiny_openclip_checkpoint[1], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("| sum |") == 1  # the main process alone scores and prints
+    assert "(process 2/2)" in two.stderr  # the second process embedded units of its own
+    assert _one_thread_main([*argv, "--out", str(tmp_path / "out1"), "--cache-dir", str(tmp_path / "c1")]) == 0
+
+    one_caches, two_caches = _embedding_caches(tmp_path / "c1"), _embedding_caches(tmp_path / "c2")
+    assert sorted(one_caches) == sorted(two_caches) and len(one_caches) == 3  # image, fused, text
+    for name in one_caches:
+        _assert_same_cache(one_caches[name], two_caches[name])
+    (captions_one,), (captions_two,) = (sorted((tmp_path / c).rglob("captions-*.json")) for c in ("c1", "c2"))
+    assert json.loads(captions_one.read_text())["captions"] == json.loads(captions_two.read_text())["captions"]
+    one, two_records = (json.loads((tmp_path / o / "shapes-test1.json").read_text()) for o in ("out1", "out2"))
+    assert [r["method"] for r in two_records] == ["image-only", "sum"]
+    assert [r["metrics"] for r in one] == [r["metrics"] for r in two_records]
+    rankings = [(tmp_path / o / "shapes-test1.rankings.json").read_text() for o in ("out1", "out2")]
+    assert rankings[0] == rankings[1]

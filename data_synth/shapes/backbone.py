@@ -67,6 +67,7 @@ from fusion_diff.embedding.text_checks import tokenize_checked
 from fusion_diff.errors import MissingFileError
 from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir
+from fusion_diff.utils.runtime import adamw
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ class BackboneConfig:
     time_budget_s: float | None = None
     eval_size: int = 1000  # held-out single objects, and held-out pairs for R@1
     world: str = field(default_factory=world_fingerprint)  # what the world looked like (not a setting)
+
+    @classmethod
+    def for_steps(cls, steps: int, **overrides: Any) -> BackboneConfig:
+        """The default recipe at another length: the warm-up stays an eighth of the steps (200 of 1,600)."""
+        return cls(steps=steps, warmup_steps=max(1, round(steps * cls.warmup_steps / cls.steps)), **overrides)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BackboneConfig:
@@ -260,7 +266,7 @@ def train_backbone(config: BackboneConfig = BackboneConfig(), progress: bool = T
     scene_head = SceneGraphHead(open_clip.get_model_config(config.model_name)["embed_dim"], {"shape": config.shape_loss_weight})
     if config.scene_loss_weight:
         groups.append({"params": list(scene_head.parameters()), "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = adamw(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     model.train()
     start, cpu_start = time.perf_counter(), _cpu_seconds()

@@ -34,6 +34,7 @@ from data_synth.shapes.scene import BACKGROUNDS, COLOURS, GRID, MAX_OBJECTS, SHA
 from fusion_diff.captioning.base import Captioner
 from fusion_diff.embedding.base import ImageInput
 from fusion_diff.errors import MissingFileError
+from fusion_diff.utils.runtime import adamw
 
 DEFAULT_STEPS = 800  # batch 128 on the 20k-pair set: 96.9% exact captions of held-out scenes (1,500 steps: 99.1%)
 
@@ -182,7 +183,7 @@ def train_scene_parser(
     pixels = load_pixels(images, image_size)
     labels = scene_labels(scenes)
     parser = SceneParser(image_size=image_size)
-    optimizer = torch.optim.AdamW(parser.parameters(), lr=learning_rate, weight_decay=1e-4)
+    optimizer = adamw(parser.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.15)
     generator = torch.Generator().manual_seed(seed)
     parser.train()

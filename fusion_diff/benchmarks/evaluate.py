@@ -12,13 +12,18 @@ For a benchmark split it
 4. ranks with the gallery index (the reference removed where the protocol says so) and computes
    the benchmark's metrics, ties counted against the method.
 
+Under ``accelerate launch -m fusion_diff.cli eval ...`` every process runs ``Evaluator.prepare``: steps 1-3's
+embeddings and captions are cut into the same numbered units whatever the number of processes and each process
+fills its own (``fusion_diff.utils.sharding``), so the caches equal a single process's; the main process then
+scores the methods alone, reading them.
+
 Every result carries the full protocol: benchmark, split, backbone, gallery mode, captioner,
 method settings, FashionIQ caption joining, CIRCO ``shared_concept`` use, missing images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +38,16 @@ from fusion_diff.benchmarks.report import EvalResult
 from fusion_diff.benchmarks.spec import benchmark_spec
 from fusion_diff.benchmarks.types import BenchmarkData, CompositionQuery
 from fusion_diff.captioning.base import Captioner, identity_digest
-from fusion_diff.captioning.cache import CaptionCache, caption_with_cache
+from fusion_diff.captioning.job import caption_sharded, prepare_captioner
 from fusion_diff.captioning.modes import fuse_with_captions, require_captioner
 from fusion_diff.captioning.retrieval import RetrievalCaptioner, text_id
 from fusion_diff.embedding.base import JointEmbedder
-from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
+from fusion_diff.embedding.job import embed_sharded
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.retrieval.index import build_index
 from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method
 from fusion_diff.utils.paths import cache_dir
+from fusion_diff.utils.sharding import Processes
 
 IMAGE_TABLE = "image_table"  # QueryContext.extra key: an ``EmbeddingTable`` of f(I) for every usable image
 TOP_K = 50  # the longest ranking any metric or submission reads
@@ -75,7 +81,8 @@ class Evaluator:
 
     Embeddings are cached on disk under ``cache_root`` (default ``cache_dir("eval")``), keyed by
     backbone identity, captioner identity and the image set, so a second method (or a second run)
-    re-embeds nothing.
+    re-embeds nothing. Each cache is written in numbered units of ``chunk_size`` items (the unit of
+    sharding across ``processes`` in ``prepare``, and of resumption).
     """
 
     def __init__(
@@ -92,6 +99,8 @@ class Evaluator:
         query_batch_size: int | None = None,
         progress: bool = True,
         device: str = "cpu",
+        chunk_size: int = 4096,
+        processes: Processes | None = None,
     ) -> None:
         self.units = [data] if isinstance(data, BenchmarkData) else list(data)
         if not self.units or len({(u.benchmark, u.split) for u in self.units}) != 1:
@@ -108,6 +117,9 @@ class Evaluator:
         self.query_batch_size = query_batch_size  # None: all queries in one call (methods batch internally)
         self.progress = progress
         self.device = device  # where the exact gallery search runs (faiss searches on the CPU)
+        self.chunk_size = chunk_size
+        self.processes = processes or Processes.single()  # the processes that share ``prepare``
+        self._filling = Processes.single()  # who fills a cache now: every process inside ``prepare``, else this one
         self._backbone_key = identity_digest(embedder.identity.as_dict())
         self._image_tables: dict[str, EmbeddingTable] = {}
 
@@ -124,15 +136,12 @@ class Evaluator:
         if key not in self._image_tables:
             missing = set(unit.missing)
             ids = [i for i in unit.image_paths if i not in missing]
-            cache = EmbeddingCache.open(
-                self._unit_dir(unit) / "image", self._identity("image", dataset=unit.dataset_key)
-            )
-            embeds = embed_with_cache(
-                cache,
+            embeds = self._fill(
+                self._unit_dir(unit) / "image",
+                self._identity("image", dataset=unit.dataset_key),
                 ids,
                 [unit.image_paths[i] for i in ids],
-                lambda paths: self.embedder.embed_images(paths, batch_size=self.batch_size),
-                progress=self.progress,
+                lambda images: self.embedder.embed_images(images, batch_size=self.batch_size),
             )
             self._image_tables[key] = EmbeddingTable(ids, embeds)
         return self._image_tables[key]
@@ -141,17 +150,18 @@ class Evaluator:
         """The configured captioner's candidate captions of ``ids`` (cached per captioner identity)."""
         assert self.captioner is not None
         identity = self.captioner.identity
-        cache = CaptionCache.open(self._unit_dir(unit).parent / f"captions-{identity_digest(identity)}.json", identity)
         same_backbone = (
             isinstance(self.captioner, RetrievalCaptioner)
             and self.captioner.embedder.identity == self.embedder.identity
         )
-        caption_with_cache(
+        cache, _ = caption_sharded(
             self.captioner,
             ids,
             [unit.image_paths[i] for i in ids],
-            cache,
+            self._unit_dir(unit).parent / f"captions-{identity_digest(identity)}.json",
             batch_size=self.batch_size,
+            chunk_size=self.chunk_size,
+            processes=self._filling,
             progress=self.progress,
             image_embeds=self.image_table(unit).lookup(ids) if same_backbone else None,
         )
@@ -166,9 +176,6 @@ class Evaluator:
         candidates = dict(zip(ids, self.captions(unit, ids)))
         table = self.image_table(unit)
         identity = self._identity("fused", captioner=self.captioner.identity, dataset=unit.dataset_key)
-        cache = EmbeddingCache.open(
-            self._unit_dir(unit) / f"fused-{identity_digest(self.captioner.identity)}", identity
-        )
 
         def embed(chunk: list[str]) -> torch.Tensor:
             image_embeds = table.lookup(chunk) if self.embedder.supports_late_fusion else None
@@ -177,19 +184,59 @@ class Evaluator:
                 self.embedder, [candidates[i] for i in chunk], images, image_embeds, self.batch_size
             )
 
-        return embed_with_cache(cache, ids, ids, embed, progress=self.progress)
+        root = self._unit_dir(unit) / f"fused-{identity_digest(self.captioner.identity)}"
+        return self._fill(root, identity, ids, ids, embed)
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """``f(T)`` of ``texts`` (rows aligned), cached by content per backbone."""
-        ids = [text_id(t) for t in texts]
-        cache = EmbeddingCache.open(self.cache_root / "texts" / self._backbone_key / "text", self._identity("text"))
-        return embed_with_cache(
-            cache,
-            ids,
+        return self._fill(
+            self.cache_root / "texts" / self._backbone_key / "text",
+            self._identity("text"),
+            [text_id(t) for t in texts],
             list(texts),
             lambda chunk: self.embedder.embed_texts(chunk, batch_size=256),
-            progress=self.progress,
+            batch_size=256,
         )
+
+    def _fill(
+        self,
+        root: Path,
+        identity: dict[str, Any],
+        ids: Sequence[str],
+        items: Sequence[Any],
+        embed_batch: Callable[[list[Any]], torch.Tensor],
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """The embeddings of ``ids`` (rows aligned, repeats allowed) from the cache at ``root``, the missing ones
+        computed in numbered units by the filling processes (the same units, hence values, for 1 or N)."""
+        cache, _ = embed_sharded(
+            root, identity, ids, items, embed_batch, self.chunk_size, batch_size or self.batch_size,
+            processes=self._filling, progress=self.progress,
+        )  # fmt: skip
+        return cache.load(ids)[1]
+
+    def prepare(self, methods: Iterable[RetrievalMethod]) -> None:
+        """Fill every cache that evaluating ``methods`` reads, shared by ``processes`` (every process calls this,
+        then the main process alone calls ``evaluate``): ``f(I)`` of every usable image, the captions and
+        ``f(I, caption)`` of the references (and of the gallery for a fused-gallery method), the query texts."""
+        methods = list(methods)
+        for method in methods:
+            self._check(method)
+        fused_gallery = any(method.gallery_mode == "fused" for method in methods)
+        prepare_captioner(self.captioner, self.processes)
+        self._filling = self.processes
+        try:
+            for unit in self.units:
+                self.image_table(unit)
+                missing = set(unit.missing)
+                queries = [q for q in unit.queries if q.reference not in missing]
+                if self.captioner is not None:
+                    gallery = [g for g in unit.gallery if g not in missing] if fused_gallery else []
+                    self.fused(unit, [q.reference for q in queries] + gallery)
+                texts, _ = modification_texts(queries, unit.benchmark, self.fiq_order, self.circo_shared_concept)
+                self.text_embeddings(texts)
+        finally:
+            self._filling = Processes.single()
 
     # ------------------------------------------------------------------ queries
     def query_embeddings(
@@ -233,9 +280,7 @@ class Evaluator:
     # ------------------------------------------------------------------ scoring
     def evaluate(self, method: RetrievalMethod) -> EvalResult:
         """Run ``method`` on every unit and return metrics (FashionIQ: per category and averaged) + protocol."""
-        require_captioner(method.gallery_mode, self.captioner, role="gallery")
-        if getattr(method, "control_mode", None) == "fused":  # a method that insists on f(I_ref, caption)
-            require_captioner("fused", self.captioner, role="reference")
+        self._check(method)
         per_unit: dict[str, dict[str, float]] = {}
         result = EvalResult(method=method.name, metrics={}, protocol={})
         dropped = 0
@@ -253,6 +298,12 @@ class Evaluator:
             result.metrics = next(iter(per_unit.values()))
         result.protocol = self.protocol(method, dropped)
         return result
+
+    def _check(self, method: RetrievalMethod) -> None:
+        """A method that needs captions (fused gallery or reference) fails, named, without a captioner."""
+        require_captioner(method.gallery_mode, self.captioner, role="gallery")
+        if getattr(method, "control_mode", None) == "fused":  # a method that insists on f(I_ref, caption)
+            require_captioner("fused", self.captioner, role="reference")
 
     def _evaluate_unit(
         self, method: RetrievalMethod, unit: BenchmarkData

@@ -52,6 +52,8 @@ class EvalResult:
         if p.get("queries_missing_targets"):
             best = ", ".join(f"{name} {value:.1f}%" for name, value in p["best_possible"].items())
             parts.append(f"queries with a missing target {p['queries_missing_targets']} (best possible: {best})")
+        if p.get("schedule"):  # the demo's training schedule (reference, or scaled to a time budget)
+            parts.append(f"schedule: {p['schedule']}")
         method = {k: v for k, v in p["method"].items() if k not in ("method", "name")}
         return "; ".join(parts) + f"; method {self.method} {json.dumps(method, sort_keys=True, default=str)}"
 

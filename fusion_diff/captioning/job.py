@@ -15,13 +15,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fusion_diff.captioning.base import Captioner
 from fusion_diff.captioning.cache import CaptionCache, caption_with_cache
+from fusion_diff.captioning.retrieval import RetrievalCaptioner
 from fusion_diff.utils.sharding import Processes
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_captioner(captioner: Captioner | None, processes: Processes) -> None:
+    """Fill a retrieval captioner's bank-embedding cache on the main process first, so that the processes of a
+    sharded job read it instead of all writing it at once."""
+    if isinstance(captioner, RetrievalCaptioner):
+        with processes.main_first():
+            captioner.bank_embeddings()
 
 
 def parts_dir(out: Path) -> Path:
@@ -58,8 +68,13 @@ def caption_sharded(
     num_workers: int = 0,
     processes: Processes | None = None,
     progress: bool = True,
+    image_embeds: torch.Tensor | None = None,
 ) -> tuple[CaptionCache, int]:
-    """Caption the ``ids`` the cache file ``out`` lacks; return the merged cache and how many were new."""
+    """Caption the ``ids`` the cache file ``out`` lacks; return the merged cache and how many were new.
+
+    ``image_embeds`` (aligned with ``ids``): ``f(I)`` for a ``RetrievalCaptioner`` of the same backbone, which then
+    ranks them instead of re-embedding the images (see ``caption_with_cache``).
+    """
     out = Path(out)
     processes = processes or Processes.current()
     with processes.main_first():
@@ -75,20 +90,22 @@ def caption_sharded(
     units = processes.take(range(0, len(todo), chunk_size))
     mine = sum(len(todo[start : start + chunk_size]) for start in units)
     desc = "captioning" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
-    with tqdm(total=mine, desc=desc, unit="img", disable=not progress) as bar:
+    with tqdm(total=mine, desc=desc, unit="img", disable=not progress or not mine) as bar:
         for start in units:
             chunk = todo[start : start + chunk_size]
             part = CaptionCache.open(parts_dir(out) / f"part-{start // chunk_size:05d}.json", captioner.identity)
+            rows = [position[i] for i in chunk]
             caption_with_cache(
                 captioner,
                 chunk,
-                [images[position[i]] for i in chunk],
+                [images[r] for r in rows],
                 part,
                 batch_size=batch_size,
                 progress=bar,
                 chunk_size=save_every,
                 save_seconds=save_seconds,
                 num_workers=num_workers,
+                image_embeds=image_embeds[rows] if image_embeds is not None else None,
             )
     processes.wait()
     if processes.is_main:

@@ -19,7 +19,6 @@ from fusion_diff.utils.image_sources import IMAGE_SUFFIXES, is_tar_source, tar_i
 if TYPE_CHECKING:  # the captioners import torch and transformers: only when a command runs
     from fusion_diff.captioning import Captioner
     from fusion_diff.embedding.base import JointEmbedder
-    from fusion_diff.utils.sharding import Processes
 
 
 def add_captioner_args(parser: argparse.ArgumentParser, allow_none: bool = True) -> None:
@@ -108,16 +107,6 @@ def captioner_spec(args: argparse.Namespace) -> dict | None:
     return spec
 
 
-def prepare_captioner(captioner: Captioner | None, processes: Processes) -> None:
-    """Fill a retrieval captioner's bank-embedding cache on the main process first, so that the processes of a
-    sharded job read it instead of all writing it at once."""
-    from fusion_diff.captioning import RetrievalCaptioner
-
-    if isinstance(captioner, RetrievalCaptioner):
-        with processes.main_first():
-            captioner.bank_embeddings()
-
-
 def image_folder(root: Path) -> tuple[list[str], list[Path]]:
     """(ids, paths) of the images under ``root``, recursively, sorted; id = file stem, as benchmarks name images."""
     if not root.is_dir():
@@ -134,7 +123,7 @@ def image_folder(root: Path) -> tuple[list[str], list[Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fusion_diff.captioning.job import caption_sharded
+    from fusion_diff.captioning.job import caption_sharded, prepare_captioner
     from fusion_diff.cli.eval import build_backbone  # --embedder world (default) or any embedder
     from fusion_diff.utils.sharding import Processes
 

@@ -1,7 +1,8 @@
 """``fusion-diff eval``: score retrieval methods on CIRR, FashionIQ, CIRCO or the shapes world.
 
 Thin: it builds the backbone, the captioner and the methods from options, then hands over to
-``fusion_diff.benchmarks.evaluate``. Also ``fusion-diff validate-submission`` for server files.
+``fusion_diff.benchmarks.evaluate``. Under ``accelerate launch`` every process shares the embedding and
+captioning (``Evaluator.prepare``) and the main process alone scores and writes. Also ``fusion-diff validate-submission`` for server files.
 """
 
 from __future__ import annotations
@@ -143,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
     from fusion_diff.benchmarks.report import markdown_table, write_rankings, write_results
     from fusion_diff.benchmarks.spec import benchmark_spec
     from fusion_diff.benchmarks.submission import write_result_submissions
+    from fusion_diff.utils.sharding import Processes
 
     options = route_options(args)  # bad options fail before any data or model loads
+    processes = Processes.current()
+    args.device = processes.device(args.device)
     units = load_benchmark(
         args.benchmark,
         args.root,
@@ -171,7 +175,12 @@ def run(args: argparse.Namespace) -> int:
         index_backend=args.index,
         batch_size=args.batch_size,
         device=args.device,
+        chunk_size=args.chunk_size,
+        processes=processes,
     )
+    evaluator.prepare(methods)  # every process embeds and captions its own units
+    if not processes.is_main:
+        return 0
     out = Path(args.out)
     stem = f"{args.benchmark}-{units[0].split}" + (f"-{args.phrasing}-phrasing" if args.phrasing != "benchmark" else "")
     results = []
@@ -249,7 +258,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "record and a markdown table whose every row names its protocol; on CIRR/CIRCO test splits also the "
             "test-server files. References and fused galleries are captioned by --captioner, never from annotations; "
             "only methods named oracle-* read ground-truth captions. The backbone is --model (open_clip name or VLM "
-            "id); --embedder world, the default, is the shapes world's own backbone (fusion-diff world backbone)."
+            "id); --embedder world, the default, is the shapes world's own backbone (fusion-diff world backbone). "
+            "`accelerate launch -m fusion_diff.cli eval ...` shares the embedding and captioning among the processes "
+            "(the caches equal one process's); the main process scores and writes."
         ),
     )
     _data_arguments(parser, BENCHMARK_NAMES)
@@ -332,6 +343,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     output.add_argument("--cache-dir", help="embedding/caption cache root (default: the fusion_diff cache, eval/)")
     output.add_argument("--index", choices=("exact", "faiss"), default="exact", help="gallery search backend")
     output.add_argument("--batch-size", type=positive_int, default=64, help="images per embedding forward pass")
+    output.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=4096,
+        help="images (or texts) per cache shard: the unit of resumption and, under accelerate launch, of sharding",
+    )
     output.add_argument("--no-submission", action="store_true", help="do not write test-server files on test splits")
     parser.set_defaults(func=run)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusion_diff.cli.arguments import finite_float, positive_int, seed_int
-from fusion_diff.cli.caption import add_captioner_args, captioner_from_args, prepare_captioner
+from fusion_diff.cli.caption import add_captioner_args, captioner_from_args
 from fusion_diff.errors import ConfigError
 
 if TYPE_CHECKING:  # the embedding package imports open_clip: only load it for embed-triplets
@@ -116,6 +116,7 @@ def run_embed(args: argparse.Namespace) -> int:
     import time
 
     from data_synth.triplets.embed import embed_triplets
+    from fusion_diff.captioning.job import prepare_captioner
     from fusion_diff.utils.sharding import Processes
 
     processes = Processes.current()

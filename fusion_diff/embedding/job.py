@@ -53,7 +53,7 @@ def embed_sharded(
         batches = loaded_batches(items, [b for bs in unit_batches for b in bs], num_workers)
         mine = sum(len(b) for bs in unit_batches for b in bs)
         desc = f"embedding into {cache.root.name}" + (f" ({processes.describe()})" if processes.world_size > 1 else "")
-        with tqdm(total=mine, desc=desc, disable=not progress, unit="item") as bar:
+        with tqdm(total=mine, desc=desc, disable=not progress or not mine, unit="item") as bar:
             for start, batches_of_unit in zip(units, unit_batches, strict=True):
                 parts = []
                 for _ in batches_of_unit:

@@ -41,7 +41,7 @@ from fusion_diff.training.config import TrainConfig, ValidationConfig, config_to
 from fusion_diff.training.task import TrainingTask, ValidationFn, get_task_spec
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
 from fusion_diff.utils.locking import exclusive_folder
-from fusion_diff.utils.runtime import warn_slow_bf16_once
+from fusion_diff.utils.runtime import adamw, warn_slow_bf16_once
 
 logger = get_logger(__name__)
 
@@ -200,7 +200,7 @@ class TrainingRun:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError(f"Task {self.task.name!r} has no trainable parameters.")
-        optimizer = torch.optim.AdamW(
+        optimizer = adamw(
             self.params,
             lr=cfg.optim.learning_rate,
             betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),

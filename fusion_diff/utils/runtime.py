@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("fusion_diff.runtime")
 
@@ -64,3 +65,15 @@ def warn_slow_bf16_once(device: object, dtype: object, component: str) -> None:
     warning = slow_bf16_warning(device, dtype, component)
     if warning:
         logger.warning(warning)
+
+
+def adamw(params: Any, **options: Any) -> Any:
+    """``torch.optim.AdamW`` with the fused kernel where every parameter allows it (floating point, on a CPU or a
+    GPU): one pass over all tensors instead of a Python loop over them. Same update rule; on the 2-core AMD EPYC
+    (AVX2) the world backbone's optimizer step fell from 263 to 29 ms (issue 19, shared machine, 1 thread)."""
+    import torch
+
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.AdamW(groups, fused=fused or None, **options)

@@ -1,0 +1,131 @@
+"""The demo's time budget: given a measured speed, the scaled schedule fits, is applied to every training
+length, is recorded in the protocol line, and a rerun keeps the first run's plan."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from fusion_diff.benchmarks.report import EvalResult
+from fusion_diff.demo import DemoConfig, default_config_path
+from fusion_diff.demo_budget import (
+    PLAN_FILE,
+    REFERENCE_COSTS,
+    REFERENCE_PROBE_SECONDS,
+    BudgetSection,
+    Plan,
+    announce,
+    apply_plan,
+    estimate_seconds,
+    plan_as_record,
+    plan_demo,
+    plan_for,
+)
+from fusion_diff.training.config import load_config, load_dataclass
+
+STEPS = list(REFERENCE_COSTS)
+AFTER_BACKBONE = [s for s in STEPS if s != "world backbone"]  # the reference backbone is cached
+
+
+@pytest.fixture
+def demo():
+    path = default_config_path(quick=False)
+    return load_dataclass(DemoConfig, path), path.parent
+
+
+def test_fast_machine_keeps_the_reference_schedule(demo):
+    config, config_dir = demo
+    plan = plan_for(1.0, STEPS, config.budget, config, config_dir)  # the reference CPU: ~18 min < 20
+    assert plan.scale == 1.0 and plan.schedules is None and apply_plan(config, plan) is config
+    assert plan.describe() == "reference schedule (configs/demo.yaml)"
+
+
+@pytest.mark.parametrize("speed", [2.0, 2.6, 3.0])
+def test_slow_machine_gets_a_schedule_that_fits(demo, speed):
+    config, config_dir = demo
+    plan = plan_for(speed, AFTER_BACKBONE, config.budget, config, config_dir)
+    assert plan.estimate_s > config.budget.minutes * 60  # the reference schedule would not fit
+    assert 0.25 <= plan.scale < 1.0 and plan.planned_s <= config.budget.minutes * 60
+    assert plan.planned_s == round(estimate_seconds(speed, AFTER_BACKBONE, plan.scale))
+    scaled = apply_plan(config, plan)
+    assert scaled.world.backbone_steps == config.world.backbone_steps  # the cached reference backbone is kept
+    assert scaled.data.pairs == round(config.data.pairs * plan.scale)
+    assert scaled.data.triplets == round(config.data.triplets * plan.scale)
+    assert scaled.world.test_queries == config.world.test_queries  # the benchmark is never scaled
+    assert scaled.evaluation.methods == config.evaluation.methods  # nor the table's rows
+    stage2 = load_config(config_dir / scaled.training.stage2, overrides=scaled.training.stage2_overrides)
+    reference = load_config(config_dir / config.training.stage2, overrides=config.training.stage2_overrides)
+    assert stage2.schedule.max_train_steps == round(reference.schedule.max_train_steps * plan.scale)
+    assert stage2.optim.learning_rate == reference.optim.learning_rate  # only lengths change
+
+    result = EvalResult(method="fusion-diff", metrics={"R@1": 1.0}, protocol=_protocol())
+    result.protocol.update(plan_as_record(plan))
+    line = result.protocol_line()
+    assert (
+        f"scaled x{plan.scale:.2f} (backbone x1.00) to a 20-min budget" in line and "not the reference numbers" in line
+    )
+    assert f"stage2.schedule.max_train_steps {stage2.schedule.max_train_steps}" in line
+
+
+def test_too_slow_a_machine_stops_at_min_scale(demo):
+    config, config_dir = demo
+    plan = plan_for(10.0, STEPS, config.budget, config, config_dir)
+    assert plan.scale == config.budget.min_scale and plan.planned_s > config.budget.minutes * 60
+
+
+def test_plan_is_measured_once_and_kept_for_reruns(demo, tmp_path, capsys, monkeypatch):
+    import fusion_diff.demo_budget as budget
+
+    config, config_dir = demo
+    probes = []
+
+    def fake_probe(threads: int) -> float:
+        probes.append(threads)
+        return 2.6 * REFERENCE_PROBE_SECONDS  # a machine 2.6x slower than the reference CPU
+
+    monkeypatch.setattr(budget, "probe_seconds", fake_probe)
+    first, plan = plan_demo(config, config_dir, STEPS, tmp_path)
+    assert plan.scale < 1.0 and "scaled x" in capsys.readouterr().out
+    assert json.loads((tmp_path / PLAN_FILE).read_text())["probe_seconds_per_step"] == 2.6 * REFERENCE_PROBE_SECONDS
+    again, replanned = plan_demo(config, config_dir, STEPS, tmp_path)
+    assert len(probes) == 1 and replanned == plan and again == first  # same caches: nothing retrains
+    assert "measured by the first run" in capsys.readouterr().out
+    bigger = load_dataclass(DemoConfig, config_dir / "demo.yaml", ["data.triplets=50000"])
+    _, replanned = plan_demo(bigger, config_dir, STEPS, tmp_path)  # another config: measured and planned again
+    assert len(probes) == 2 and replanned.schedules["data.triplets"] == round(50000 * replanned.scale)
+
+    unbudgeted = load_dataclass(DemoConfig, config_dir / "demo.yaml", ["budget.minutes=null"])
+    kept, reference = plan_demo(unbudgeted, config_dir, STEPS, tmp_path)
+    assert reference == Plan() and kept is unbudgeted and len(probes) == 2  # --no-budget: nothing measured
+    assert plan_as_record(reference)["schedule"] == "reference schedule (configs/demo.yaml)"
+
+
+def test_backbone_is_scaled_last_and_by_default_never(demo):
+    """From nothing on a 2.6x slower CPU: the rest goes to its floor first; the backbone (whose held-out shape
+    accuracy fell from 97% to 32% at 0.3 of its steps) keeps its length unless backbone_min_scale allows less."""
+    config, config_dir = demo
+    plan = plan_for(2.6, STEPS, config.budget, config, config_dir)
+    assert (plan.scale, plan.backbone_scale) == (config.budget.min_scale, 1.0)
+    assert plan.planned_s > config.budget.minutes * 60 and "still over budget" in announce(plan, 0.52)
+    assert plan.schedules["world.backbone_steps"] == config.world.backbone_steps
+    allowed = replace(config.budget, backbone_min_scale=0.3)
+    shorter = plan_for(2.6, STEPS, allowed, config, config_dir)
+    assert shorter.scale == config.budget.min_scale and 0.3 <= shorter.backbone_scale < 1.0
+    assert shorter.planned_s <= config.budget.minutes * 60
+    assert shorter.schedules["world.backbone_steps"] == round(config.world.backbone_steps * shorter.backbone_scale)
+    assert shorter.planned_s == round(estimate_seconds(2.6, STEPS, shorter.scale, shorter.backbone_scale))
+
+
+def test_budget_settings_are_checked():
+    with pytest.raises(Exception, match="min_scale"):
+        BudgetSection(minutes=20, min_scale=0)
+
+
+def _protocol() -> dict:
+    return {
+        "benchmark": "shapes", "split": "test1", "queries_evaluated": 10, "backbone": {"name": "world"},
+        "gallery_mode": "fused", "captioner": "scene", "reference_inputs": ["image", "fused"],
+        "ranking": {"reference_removed": True}, "missing_images": 0, "method": {"method": "fusion-diff"},
+    }  # fmt: skip
