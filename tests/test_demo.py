@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     config = yaml.safe_load((CONFIG_DIR / "demo_quick.yaml").read_text())
     config["out_dir"] = str(tmp_path / "demo")
-    config["world"].update(backbone_steps=2, backbone_cache=str(tmp_path / "backbone"), val_queries=12, test_queries=16)
+    config["world"].update(backbone_steps=2, backbone_cache=str(tmp_path / "backbone"), val_queries=12, test_queries=16, open_test_queries=6)
     config["data"].update(pairs=96, triplets=96, workers=1)
     training = config["training"]
     for stage in ("stage1", "stage2", "fti4cir"):
@@ -27,6 +27,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     training["stage2_overrides"] = tiny + ["checkpointing.every_n_steps=0"]
     training["fti4cir_overrides"] = tiny + ["validation.every_n_steps=0", "data.max_images=64"]
     training["scene_captioner_steps"] = 2
+    training["blip_captioner_steps"] = 2  # the realistic captioner's rows, through the generative path
     config["evaluation"]["plot_queries"] = 4
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -35,6 +36,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     rows = {row["method"] for row in json.loads(table.with_suffix(".json").read_text())}
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
     assert {"fusion-diff[image gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
+    assert {"fusion-diff [world BLIP]", "fti4cir+mix [world BLIP]", "image-only [world BLIP]"} <= rows
+    assert "[world BLIP]" in table.read_text() and "captioner generative(" in table.read_text()  # protocol lines
+    open_rows = json.loads((tmp_path / "demo" / "results" / "shapes-open-test.json").read_text())
+    assert {r["method"] for r in open_rows} >= {"image-only", "fusion-diff", "fti4cir+mix", "fusion-diff [world BLIP]"}
+    assert all(r["protocol"]["benchmark"] == "shapes-open" and "mAP@5" in r["metrics"] for r in open_rows)
     assert (tmp_path / "demo" / "results" / "plots" / "query_space.png").stat().st_size > 0
 
     timings = tmp_path / "demo" / "results" / "timings.json"
