@@ -3,15 +3,18 @@
 Steps, each cached or resumable in ``out_dir`` (run it again and finished steps are skipped):
 
 1. the world backbone (a small CLIP trained on rendered scenes; cached under the cache root);
-2. the CIR benchmark (CIRR format; held-out scenes and phrasings);
+2. the CIR benchmark (CIRR format; held-out scenes and phrasings), and the open-edit benchmark (CIRCO
+   format, several right answers per query; ``world.open_test_queries``);
 3. the image-caption pair set and its embeddings (image / text / fused caches);
    the world's scene captioner, trained on the pair set (when ``evaluation.captioner`` is ``type: scene``);
+   the world's BLIP, a generative captioner (when ``training.blip_captioner_steps`` > 0);
 4. the synthetic triplet set and its embeddings (fused with captioner captions, as at test time);
 5. stage 1 (prior) and stage 2 (Control-Adapter) training, validated on the benchmark's *val* split;
 6. FTI4CIR training on the pair set's images;
 7. evaluation on the *test* split: baselines, emb2emb, Fusion-Diff, FTI4CIR and the oracle rows, with
    reference and gallery captions from the captioner (never from annotations), plus
-   Fusion-Diff on the same test edits in the training phrasing; a markdown + JSON table;
+   Fusion-Diff on the same test edits in the training phrasing; a markdown + JSON table (every row again
+   with the world BLIP's captions when it was trained); every method on the open-edit benchmark (mAP@k);
 8. the joint-space plots.
 
 The sizes and the training configs come from ``configs/demo.yaml`` (``configs/demo_quick.yaml``
