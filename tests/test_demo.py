@@ -17,7 +17,13 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     config = yaml.safe_load((CONFIG_DIR / "demo_quick.yaml").read_text())
     config["out_dir"] = str(tmp_path / "demo")
-    config["world"].update(backbone_steps=2, backbone_cache=str(tmp_path / "backbone"), val_queries=12, test_queries=16, open_test_queries=6)
+    config["world"].update(
+        backbone_steps=2,
+        backbone_cache=str(tmp_path / "backbone"),
+        val_queries=12,
+        test_queries=16,
+        open_test_queries=6,
+    )
     config["data"].update(pairs=96, triplets=96, workers=1)
     training = config["training"]
     for stage in ("stage1", "stage2", "fti4cir"):
