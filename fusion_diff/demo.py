@@ -3,15 +3,18 @@
 Steps, each cached or resumable in ``out_dir`` (run it again and finished steps are skipped):
 
 1. the world backbone (a small CLIP trained on rendered scenes; cached under the cache root);
-2. the CIR benchmark (CIRR format; held-out scenes and phrasings);
+2. the CIR benchmark (CIRR format; held-out scenes and phrasings), and the open-edit benchmark (CIRCO
+   format, several right answers per query; ``world.open_test_queries``);
 3. the image-caption pair set and its embeddings (image / text / fused caches);
    the world's scene captioner, trained on the pair set (when ``evaluation.captioner`` is ``type: scene``);
+   the world's BLIP, a generative captioner (when ``training.blip_captioner_steps`` > 0);
 4. the synthetic triplet set and its embeddings (fused with captioner captions, as at test time);
 5. stage 1 (prior) and stage 2 (Control-Adapter) training, validated on the benchmark's *val* split;
 6. FTI4CIR training on the pair set's images;
 7. evaluation on the *test* split: baselines, emb2emb, Fusion-Diff, FTI4CIR and the oracle rows, with
    reference and gallery captions from the captioner (never from annotations), plus
-   Fusion-Diff on the same test edits in the training phrasing; a markdown + JSON table;
+   Fusion-Diff on the same test edits in the training phrasing; a markdown + JSON table (every row again
+   with the world BLIP's captions when it was trained); every method on the open-edit benchmark (mAP@k);
 8. the joint-space plots.
 
 The sizes and the training configs come from ``configs/demo.yaml`` (``configs/demo_quick.yaml``
@@ -28,7 +31,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +45,7 @@ from fusion_diff.utils.io import atomic_path, write_json_atomic
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
 T = TypeVar("T")
 INPUTS_FILE = "demo_inputs.json"  # beside each trained model: digests of what it was trained on
+BLIP_ROW_SUFFIX = " [world BLIP]"  # table rows whose captions come from the world's BLIP
 
 
 @dataclass
@@ -52,10 +56,12 @@ class WorldSection:
     backbone_cache: str | None = None  # default: <cache root>/shapes_backbone (a shared, reusable cache)
     val_queries: int = 1000
     test_queries: int = 2000
+    open_test_queries: int = 300  # the open-edit benchmark (CIRCO format, several right answers); 0: none
 
     def __post_init__(self) -> None:
         require(self.backbone_steps > 0, "backbone_steps", "must be > 0")
         require(self.val_queries > 0 and self.test_queries > 0, "val_queries", "and test_queries must be > 0")
+        require(self.open_test_queries >= 0, "open_test_queries", "must be >= 0")
 
 
 @dataclass
@@ -87,6 +93,12 @@ class TrainingSection:
     fti4cir_overrides: list[str] = field(default_factory=list)
     validate: bool = True  # score Fusion-Diff on the benchmark's val split during / after stage 2
     scene_captioner_steps: int = 800  # the world's captioner (evaluation.captioner type scene); captioner.DEFAULT_STEPS
+    # The world's BLIP (a generative captioner with real-world errors): > 0 trains it for this many steps and
+    # adds every method again with it as the captioner ("<row> [world BLIP]"); 0: not trained (it costs minutes).
+    blip_captioner_steps: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.blip_captioner_steps >= 0, "blip_captioner_steps", "must be >= 0")
 
 
 @dataclass
@@ -183,6 +195,7 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         runs = {
             "scene captioner": self.config.evaluation.captioner.get("type") == "scene",
+            "world BLIP": self.config.training.blip_captioner_steps > 0,
             "FTI4CIR": bool(self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods),
         }
         self.planned = [name for name in REFERENCE_COSTS if runs.get(name, True)]
@@ -192,11 +205,16 @@ class Demo:
             self.embedder = self.build_backbone()
         with self.step("benchmark"):
             self.build_benchmark()
+            if self.config.world.open_test_queries:
+                self.build_open_benchmark()
         with self.step("pair set + embeddings"):
             self.build_pairs()
         if self.config.evaluation.captioner.get("type") == "scene":
             with self.step("scene captioner"):
                 self.build_scene_captioner()
+        if self.config.training.blip_captioner_steps:
+            with self.step("world BLIP"):
+                self.build_blip_captioner()
         with self.step("triplets + embeddings"):
             self.build_triplets()
         with self.step("stage 1: prior"):
@@ -246,14 +264,26 @@ class Demo:
     def build_benchmark(self) -> None:
         from data_synth.shapes.benchmark import BenchmarkConfig, write_benchmark
 
-        root = self.path("benchmark")
-        config = BenchmarkConfig(self.config.world.val_queries, self.config.world.test_queries, seed=self.config.seed)
+        world = self.config.world
+        config = BenchmarkConfig(world.val_queries, world.test_queries, seed=self.config.seed)
+        self._write_benchmark(self.path("benchmark"), config, write_benchmark)
+
+    def build_open_benchmark(self) -> None:
+        """The open-edit benchmark (CIRCO format): test queries only, held-out scenes and phrasings."""
+        from data_synth.shapes.benchmark_open import OpenBenchmarkConfig, write_open_benchmark
+
+        queries = self.config.world.open_test_queries
+        config = OpenBenchmarkConfig(val_queries=0, test_queries=queries, seed=self.config.seed)
+        self._write_benchmark(self.path("benchmark_open"), config, write_open_benchmark)
+
+    def _write_benchmark(self, root: Path, config: Any, write: Callable[..., Any]) -> None:
+        """``write(root, config, ...)`` unless ``root`` already holds a benchmark written with ``config``."""
         manifest = root / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text())["config"] == _plain(config):
-            print("    cached")
+            print(f"    cached ({root})")
             return
         shutil.rmtree(root, ignore_errors=True)  # another config or an interrupted write: rebuild
-        write_benchmark(root, config, workers=self.config.data.workers, progress=self.progress)
+        write(root, config, workers=self.config.data.workers, progress=self.progress)
 
     def build_pairs(self) -> None:
         from data_synth.shapes.pairs import embed_pair_set, write_pair_set
@@ -275,6 +305,13 @@ class Demo:
 
         steps = self.config.training.scene_captioner_steps
         build_scene_captioner(self.path("pairs"), self.path("captioner"), steps, self.config.seed, self.progress)
+
+    def build_blip_captioner(self) -> None:
+        """The world's BLIP on the pair set: a generative captioner with real-world errors, loaded like any BLIP."""
+        from data_synth.shapes.blip import build_blip_captioner
+
+        steps = self.config.training.blip_captioner_steps
+        build_blip_captioner(self.path("pairs"), self.path("blip"), steps, self.config.seed, progress=self.progress)
 
     def build_triplets(self) -> None:
         from data_synth.triplets.embed import embed_triplets
@@ -334,15 +371,18 @@ class Demo:
             spec.setdefault("model", str(self.path("captioner")))  # trained on the pair set by the demo
         return spec
 
-    def evaluator(self, split: str, phrasing: str = "benchmark"):
+    def evaluator(self, split: str, phrasing: str = "benchmark", benchmark: str = "shapes", captioner=None):
+        """An evaluator on ``benchmark`` (``shapes``, or the open-edit ``shapes-open``) with the demo's captioner
+        (or ``captioner``); embeddings and captions are cached under ``eval_cache``."""
         from fusion_diff.benchmarks import load_benchmark
         from fusion_diff.benchmarks.evaluate import Evaluator
 
-        units = load_benchmark("shapes", self.path("benchmark"), split, phrasing=phrasing)
+        root = self.path("benchmark" if benchmark == "shapes" else "benchmark_open")
+        units = load_benchmark(benchmark, root, split, phrasing=phrasing)
         return Evaluator(
             units,
             self.embedder,
-            captioner=self.make_captioner(),
+            captioner=captioner or self.make_captioner(),
             cache_root=self.path("eval_cache"),
             progress=self.progress,
         )
@@ -365,34 +405,19 @@ class Demo:
         return validate
 
     def evaluate(self, stage1: Path, stage2: Path, fti4cir: Path | None) -> Path:
-        from fusion_diff.baselines import create_method
+        """The main table (every method with the demo's captioner, and again with the world BLIP when it was
+        trained, each row with its protocol line), R@1 per edit kind, and the open-edit benchmark's table."""
         from fusion_diff.baselines.registry import load_pipeline, method_factory
         from fusion_diff.benchmarks.report import markdown_table, write_results
         from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
 
+        checkpoints = {"emb2emb": stage1, "fusion-diff": stage2, "fti4cir": fti4cir}
         evaluator = self.evaluator("test")
-        unit = evaluator.units[0]
-        checkpoints = {
-            "emb2emb": ("pipeline", stage1),
-            "fusion-diff": ("pipeline", stage2),
-            "fti4cir": ("checkpoint", fti4cir),
-        }
-        results = []
-        for row, options in self.config.evaluation.methods.items():
-            options = dict(options)
-            name = options.pop("method", row)  # a row may run a method under another name (a variant)
-            if name != row:
-                options["name"] = row
-            if name in checkpoints:
-                key, path = checkpoints[name]
-                if path is None:
-                    print(f"    {row}: not trained, row skipped")
-                    continue
-                options[key] = str(path)
-            if name.startswith("oracle"):
-                options["data"] = unit
-            results.append(evaluator.evaluate(create_method(name, **options)))
-        by_kind = kind_table(results, unit, edit_kinds(self.path("benchmark"), "test"))
+        results = self.method_rows(evaluator, checkpoints)
+        by_kind = kind_table(results, evaluator.units[0], edit_kinds(self.path("benchmark"), "test"))
+        blip = self.blip_captioner()
+        if blip is not None:  # the realistic captioner: same models and settings, its captions instead
+            results += self.method_rows(self.evaluator("test", captioner=blip), checkpoints, BLIP_ROW_SUFFIX)
         if self.config.evaluation.training_phrasing:  # the phrasing gap: same edits, training generator's wording
             options = {**self.fusion_diff_options(), "name": "fusion-diff@training-phrasing"}
             method = method_factory("fusion-diff")(pipeline=load_pipeline(stage2), **options)
@@ -405,7 +430,54 @@ class Demo:
         print(markdown_table(results))
         print("R@1 per edit kind:\n" + by_kind)
         print(f"    wrote {md_path}, {json_path} and shapes-test-by-edit.md")
+        if self.config.world.open_test_queries:
+            self.evaluate_open(checkpoints, blip)
         return md_path
+
+    def evaluate_open(self, checkpoints: dict[str, Path | None], blip) -> Path:
+        """Every method on the open-edit benchmark (CIRCO format, mAP@k over all right answers)."""
+        from fusion_diff.benchmarks.report import markdown_table, write_results
+
+        results = self.method_rows(self.evaluator("test", benchmark="shapes-open"), checkpoints)
+        if blip is not None:
+            evaluator = self.evaluator("test", benchmark="shapes-open", captioner=blip)
+            results += self.method_rows(evaluator, checkpoints, BLIP_ROW_SUFFIX)
+        json_path, md_path = write_results(results, self.path("results"), "shapes-open-test")
+        print("Open-edit benchmark (CIRCO format, several right answers per query):\n" + markdown_table(results))
+        print(f"    wrote {md_path} and {json_path}")
+        return md_path
+
+    def method_rows(self, evaluator, checkpoints: dict[str, Path | None], suffix: str = "") -> list:
+        """One result per ``evaluation.methods`` row on ``evaluator``'s benchmark (rows named ``<row><suffix>``);
+        a row whose model was not trained is skipped, and said so."""
+        from fusion_diff.baselines import create_method
+
+        unit = evaluator.units[0]
+        keys = {"emb2emb": "pipeline", "fusion-diff": "pipeline", "fti4cir": "checkpoint"}
+        results = []
+        for row, options in self.config.evaluation.methods.items():
+            options = dict(options)
+            name = options.pop("method", row)  # a row may run a method under another name (a variant)
+            if name != row:
+                options["name"] = row
+            if name in keys:
+                if checkpoints[name] is None:
+                    print(f"    {row}: not trained, row skipped")
+                    continue
+                options[keys[name]] = str(checkpoints[name])
+            if name.startswith("oracle"):
+                options["data"] = unit
+            result = evaluator.evaluate(create_method(name, **options))
+            results.append(replace(result, method=result.method + suffix))
+        return results
+
+    def blip_captioner(self):
+        """The world's BLIP through the generative path (as a user loads any BLIP), or None when not trained."""
+        from fusion_diff.captioning import create_captioner
+
+        if not self.config.training.blip_captioner_steps:
+            return None
+        return create_captioner({"type": "generative", "model": str(self.path("blip"))})
 
     def plot(self, stage2: Path) -> None:
         """Reference / generated query / target / gallery and the sampling walk of the first test queries."""

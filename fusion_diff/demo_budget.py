@@ -56,9 +56,10 @@ class StepCost:
 # fixed and scaled an estimate from what the step does.
 REFERENCE_COSTS: dict[str, StepCost] = {
     "world backbone": StepCost(15, 320),  # 1,600 steps; held-out quality check and save
-    "benchmark": StepCost(10, 0),  # the benchmark is never scaled
+    "benchmark": StepCost(25, 0),  # never scaled; + the open-edit benchmark's 300 queries (~15 s, not an idle timing)
     "pair set + embeddings": StepCost(4, 24),  # 20k pairs
     "scene captioner": StepCost(5, 84),  # 800 steps
+    "world BLIP": StepCost(600, 0),  # only with training.blip_captioner_steps (not scaled): ~0.5 s/step x 1,200
     "triplets + embeddings": StepCost(6, 130),  # 40k triplets: rendering, captioning 80k images, embedding
     "stage 1: prior": StepCost(10, 74),  # 500 steps
     "stage 2: Control-Adapter": StepCost(25, 202),  # 1,600 steps; two val scorings

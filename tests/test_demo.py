@@ -19,7 +19,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
 
     config = yaml.safe_load((CONFIG_DIR / "demo_quick.yaml").read_text())
     config["out_dir"] = str(tmp_path / "demo")
-    config["world"].update(backbone_steps=2, backbone_cache=str(tmp_path / "backbone"), val_queries=12, test_queries=16)
+    config["world"].update(
+        backbone_steps=2,
+        backbone_cache=str(tmp_path / "backbone"),
+        val_queries=12,
+        test_queries=16,
+        open_test_queries=6,
+    )
     config["data"].update(pairs=96, triplets=96, workers=1)
     training = config["training"]
     for stage in ("stage1", "stage2", "fti4cir"):
@@ -29,6 +35,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
     training["stage2_overrides"] = tiny + ["checkpointing.every_n_steps=0"]
     training["fti4cir_overrides"] = tiny + ["validation.every_n_steps=0", "data.max_images=64"]
     training["scene_captioner_steps"] = 2
+    training["blip_captioner_steps"] = 2  # the realistic captioner's rows, through the generative path
     config["evaluation"]["plot_queries"] = 4
     # A machine 100x slower than the reference CPU (a fake probe): the budget halves every training length.
     config["budget"] = {"minutes": 20, "min_scale": 0.5}
@@ -40,6 +47,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
     rows = {row["method"] for row in json.loads(table.with_suffix(".json").read_text())}
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
     assert {"fusion-diff[image gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
+    assert {"fusion-diff [world BLIP]", "fti4cir+mix [world BLIP]", "image-only [world BLIP]"} <= rows
+    assert "[world BLIP]" in table.read_text() and "captioner generative(" in table.read_text()  # protocol lines
+    open_rows = json.loads((tmp_path / "demo" / "results" / "shapes-open-test.json").read_text())
+    assert {r["method"] for r in open_rows} >= {"image-only", "fusion-diff", "fti4cir+mix", "fusion-diff [world BLIP]"}
+    assert all(r["protocol"]["benchmark"] == "shapes-open" and "mAP@5" in r["metrics"] for r in open_rows)
     assert (tmp_path / "demo" / "results" / "plots" / "query_space.png").stat().st_size > 0
     assert "schedule: scaled x0.50 (backbone x1.00) to a 20-min budget" in table.read_text()  # every row says so
     assert yaml.safe_load((tmp_path / "demo" / "stage1" / "training_config.yaml").read_text())["schedule"][

@@ -137,3 +137,35 @@ def test_caption_command_keeps_the_checkpoints_caption_length(tmp_path: Path) ->
     assert main(argv) == 0
     generation = json.loads(out.read_text())["captioner"]["generation"]
     assert generation == {"max_new_tokens": TINY.max_length - 1, "num_beams": 1}
+
+
+def _parses(caption: str) -> bool:
+    from data_synth.shapes.captions import parse_caption
+
+    try:
+        parse_caption(caption)
+    except ValueError:
+        return False
+    return True
+
+
+def test_briefly_trained_blip_writes_parseable_captions_and_failures_are_reported() -> None:
+    """The generation path (BOS start, SEP stop, decoding without special tokens) gives captions the shapes
+    parser reads; a caption it cannot read is counted as a parse failure and wrong, never silently dropped."""
+    from data_synth.shapes.caption_quality import score_captions
+
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, max_objects=1) for _ in range(16)]
+    images = [render(s, 64, random.Random(i)) for i, s in enumerate(scenes)]
+    model, processor = train_blip(
+        images, [canonical_caption(s) for s in scenes], steps=100, batch_size=16, learning_rate=3e-3,
+        model_config=TINY, progress=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        captions = _generate(model, processor, images)
+    failures = [c for c in captions if not _parses(c)]
+    assert len(failures) <= len(captions) // 2, captions
+    assert score_captions(scenes, captions)["parse_failures"] == len(failures)
+    unreadable = score_captions(scenes[:1], ["a large"])  # names no shape
+    assert unreadable["parse_failures"] == 1 and unreadable["exact_match"] == unreadable["count"] == 0.0
+    assert set(unreadable["attribute_accuracy"].values()) == {0.0}
