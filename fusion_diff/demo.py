@@ -24,7 +24,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +150,9 @@ REFERENCE_STEP_SECONDS = {
 
 def remaining_estimate(done: dict[str, float], todo: Iterable[str]) -> float | None:
     """Seconds the ``todo`` steps should take: their reference times x (measured / reference) of the steps done
-    that did real work (>= 1 s: cached steps say nothing about speed); None before any such step."""
-    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0}
+    that did real work (>= 1 s: cached steps say nothing about speed) and have a reference time; None before any
+    such step."""
+    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0 and name in REFERENCE_STEP_SECONDS}
     if not worked:
         return None
     speed = sum(worked.values()) / sum(REFERENCE_STEP_SECONDS[name] for name in worked)
@@ -193,22 +194,7 @@ class Demo:
             "FTI4CIR": bool(self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods),
         }
         self.planned = [name for name in REFERENCE_STEP_SECONDS if runs.get(name, True)]
-        with self.step("world backbone"):
-            self.embedder = self.build_backbone()
-        with self.step("benchmark"):
-            self.build_benchmark()
-        with self.step("pair set + embeddings"):
-            self.build_pairs()
-        if self.config.evaluation.captioner.get("type") == "scene":
-            with self.step("scene captioner"):
-                self.build_scene_captioner()
-        with self.step("triplets + embeddings"):
-            self.build_triplets()
-        with self.step("stage 1: prior"):
-            stage1 = self.train_stage("stage1", {"data.pair_embeddings": self.path("pair_embeddings")})
-        with self.step("stage 2: Control-Adapter"):
-            paths = {"model.prior_path": stage1, "data.triplet_embeddings": self.path("triplet_embeddings")}
-            stage2 = self.train_stage("stage2", paths, self.val_fn() if self.config.training.validate else None)
+        stage1, stage2 = self.prepare()
         fti4cir = None
         if self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods:
             with self.step("FTI4CIR"):
@@ -223,6 +209,33 @@ class Demo:
         write_json_atomic(self.path("results") / "timings.json", self.timings)
         print(f"\nTotal {sum(self.timings.values()) / 60:.1f} min. Table: {table}")
         return table
+
+    def prepare(self) -> tuple[Path, Path]:
+        """Steps 1-5 (backbone, benchmark, pairs, captioner, triplets, stage 1, stage 2): the stage-1 and stage-2
+        folders. Shared with ``scripts/ablations.py``, which trains its variants on the same data."""
+        with self.step("world backbone"):
+            self.embedder = self.build_backbone()
+        with self.step("benchmark"):
+            self.build_benchmark()
+        with self.step("pair set + embeddings"):
+            self.build_pairs()
+        if self.config.evaluation.captioner.get("type") == "scene":
+            with self.step("scene captioner"):
+                self.build_scene_captioner()
+        with self.step("triplets + embeddings"):
+            self.build_triplets()
+        with self.step("stage 1: prior"):
+            stage1 = self.train_stage("stage1", self.stage1_inputs())
+        with self.step("stage 2: Control-Adapter"):
+            validation = self.val_fn() if self.config.training.validate else None
+            stage2 = self.train_stage("stage2", self.stage2_inputs(stage1), validation)
+        return stage1, stage2
+
+    def stage1_inputs(self) -> dict[str, Path]:
+        return {"data.pair_embeddings": self.path("pair_embeddings")}
+
+    def stage2_inputs(self, stage1: Path) -> dict[str, Path]:
+        return {"model.prior_path": stage1, "data.triplet_embeddings": self.path("triplet_embeddings")}
 
     def backbone_root(self) -> Path:
         """The world backbone's cache folder (FTI4CIR must use the same backbone as everything else)."""
@@ -286,18 +299,24 @@ class Demo:
         )
 
     def train_stage(
-        self, name: str, paths: dict[str, Path], validation_fn: Callable[[Any], dict[str, float]] | None = None
+        self,
+        name: str,
+        paths: dict[str, Path],
+        validation_fn: Callable[[Any], dict[str, float]] | None = None,
+        out_name: str | None = None,
+        variant: Sequence[str] = (),
     ) -> Path:
         """Train ``training.<name>`` with the loop (resuming an interrupted run); skipped when the same config finished.
 
         ``paths`` point the config at this demo's data (``data.pair_embeddings=...``); the demo
-        config's ``<name>_overrides`` apply last.
+        config's ``<name>_overrides`` apply next, then ``variant`` (an ablation's changes, trained into
+        ``out_name`` instead of ``<name>``).
         """
         from fusion_diff.training.loop import FINAL_CONFIG, MANIFEST, train
 
-        out = self.path(name)
+        out = self.path(out_name or name)
         demo_overrides = [f"output_dir={out}", f"seed={self.config.seed}"] + [f"{k}={v}" for k, v in paths.items()]
-        overrides = demo_overrides + getattr(self.config.training, f"{name}_overrides")
+        overrides = demo_overrides + getattr(self.config.training, f"{name}_overrides") + list(variant)
         config = load_config(self.config_dir / getattr(self.config.training, name), overrides=overrides)
         inputs = _fingerprint(paths.values())
         if (out / MANIFEST).is_file():
