@@ -4,11 +4,17 @@ the plain score at N = 1 and can rank a second mode's target above what averagin
 
 from __future__ import annotations
 
+import json
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from test_demo import toy_demo_config
 from test_eval import N_IMAGES, _caption, write_tiny_benchmark
 from test_training_loop import QUIET, TINY_PRIOR
 
@@ -204,3 +210,25 @@ def test_fusion_diff_max_scoring_with_one_sample_equals_averaging_in_the_evaluat
             retriever.attach(PersistentIndex.load(tmp_path / "index"))
         hits[reduction] = [[h.id for h in row] for row in retriever.search(refs, texts, k=5)]
     assert hits["max"] == hits["mean"] and all(len(row) == 5 for row in hits["lse"])
+
+
+@pytest.mark.slow
+def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, monkeypatch, capsys):
+    _, config = toy_demo_config(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ablations.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--config", str(config)])
+    runpy.run_path(str(script), run_name="__main__")
+    results = tmp_path / "demo" / "results"
+    test_rows = {r["method"]: r for r in json.loads((results / "ablations-test.json").read_text())}
+    assert set(test_rows) == {
+        "fusion-diff", "ablation: regression", "ablation: no-stage-1", "fusion-diff[max]", "fusion-diff[lse]"
+    }  # fmt: skip
+    assert test_rows["ablation: regression"]["protocol"]["method"]["objective"] == "regression"
+    assert test_rows["fusion-diff[max]"]["protocol"]["method"]["sample_reduction"] == "max"
+    no_stage1 = yaml.safe_load((tmp_path / "demo/ablation-no-stage1/stage2/training_config.yaml").read_text())
+    assert no_stage1["model"]["prior_init"] == "random"
+    sweep = json.loads((results / "ablations-val-sampling.json").read_text())
+    assert {r["protocol"]["split"] for r in sweep} == {"val"} and len(sweep) == 10
+    assert {r["protocol"]["method"]["sampler"] for r in sweep} == {"ddim", "dpm++"}
+    out = capsys.readouterr().out
+    assert "Sampling ablation" in out and "- **ablation: regression**: shapes/test" in out

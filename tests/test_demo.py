@@ -14,7 +14,8 @@ from fusion_diff.errors import ConfigError
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+def toy_demo_config(tmp_path: Path) -> tuple[dict, Path]:
+    """The quick demo's config at toy sizes (2 training steps everywhere), written to ``tmp_path/demo.yaml``."""
     config = yaml.safe_load((CONFIG_DIR / "demo_quick.yaml").read_text())
     config["out_dir"] = str(tmp_path / "demo")
     config["world"].update(backbone_steps=2, backbone_cache=str(tmp_path / "backbone"), val_queries=12, test_queries=16)
@@ -30,7 +31,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     config["evaluation"]["plot_queries"] = 4
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
+    return config, path
 
+
+def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    config, path = toy_demo_config(tmp_path)
     table = run_demo(config_path=path, progress=False)
     rows = {row["method"] for row in json.loads(table.with_suffix(".json").read_text())}
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
