@@ -18,6 +18,7 @@ from test_demo import toy_demo_config
 from test_eval import N_IMAGES, _caption, write_tiny_benchmark
 from test_training_loop import QUIET, TINY_PRIOR
 
+import fusion_diff.retrieval.index as index_module
 from fusion_diff import ComposedRetriever
 from fusion_diff.baselines import create_method
 from fusion_diff.benchmarks import load_shapes
@@ -164,7 +165,8 @@ def test_max_ranks_a_second_modes_target_above_where_mean_does():
     assert averaged == mean  # the mean of the similarities ranks like the averaged query
 
 
-def test_approximate_union_is_exact_under_max():
+def test_approximate_union_is_exact_under_max(monkeypatch):
+    monkeypatch.setattr(index_module, "RESCORE_ROWS", 120)  # rescoring in blocks of two queries
     gallery, ids = _gallery(300, seed=2)
     samples = F.normalize(torch.randn(20, 5, DIM, generator=torch.Generator().manual_seed(3)), dim=-1)
     exact = GalleryIndex(gallery, ids, chunk_size=64, query_block=7)  # several blocks and chunks

@@ -24,6 +24,8 @@ import torch
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.retrieval.method import SampleScoring
 
+RESCORE_ROWS = 65536  # candidate vectors gathered at once when rescoring multi-sample candidates (~64 MB at d=256)
+
 
 @dataclass
 class SearchResult:
@@ -86,11 +88,15 @@ class _Index:
         raise NotImplementedError
 
     def _topk_samples(self, queries: torch.Tensor, k: int, scoring: SampleScoring) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` for ``[Q, N, d]`` queries: every sample's top ``k``, merged per query, rescored exactly."""
+        """Top-``k`` for ``[Q, N, d]`` queries: every sample's top ``k``, merged per query, rescored exactly
+        (in blocks of queries, so the gathered candidate vectors stay within ``RESCORE_ROWS`` rows)."""
         q, n, d = queries.shape
         _, candidates = self._topk(queries.reshape(q * n, d), k)
         candidates = unique_rows(candidates.reshape(q, -1).cpu())
-        scores = self._score_rows(queries, candidates, scoring)
+        block = max(1, RESCORE_ROWS // candidates.shape[1])
+        scores = torch.cat(
+            [self._score_rows(queries[i : i + block], candidates[i : i + block], scoring) for i in range(0, q, block)]
+        )
         scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
         return scores, candidates.gather(1, order)
 
