@@ -347,11 +347,13 @@ class Demo:
             spec.setdefault("model", str(self.path("captioner")))  # trained on the pair set by the demo
         return spec
 
-    def evaluator(self, split: str, phrasing: str = "benchmark"):
+    def evaluator(self, split: str, phrasing: str = "benchmark", benchmark: str = "shapes", root: Path | None = None):
+        """An evaluator of the demo's benchmark (or another world benchmark at ``root``, e.g. ``shapes-open``) with the
+        demo's backbone, captioner and embedding cache."""
         from fusion_diff.benchmarks import load_benchmark
         from fusion_diff.benchmarks.evaluate import Evaluator
 
-        units = load_benchmark("shapes", self.path("benchmark"), split, phrasing=phrasing)
+        units = load_benchmark(benchmark, root or self.path("benchmark"), split, phrasing=phrasing)
         return Evaluator(
             units,
             self.embedder,

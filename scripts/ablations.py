@@ -14,7 +14,10 @@ Then it prints two tables in the demo's format, each row with its protocol line:
   no-stage-1 ablations, and Fusion-Diff with multi-sample scoring (``sample_reduction`` max and lse over
   the same samples the default averages);
 - *val split*, the sampling ablation of the demo's stage 2: 1 / 10 / 25 steps with DDIM and DPM-Solver++,
-  one sample vs averaged samples, and mean vs max vs log-sum-exp scoring.
+  one sample vs averaged samples, and mean vs max vs log-sum-exp scoring;
+- with ``--open-benchmark DIR`` (written by ``fusion-diff world benchmark-open --out DIR``), a third table on
+  its test split (edits with several right answers, CIRCO's mAP@K): the same rows as the first, where
+  scoring by the best of several samples should beat a point estimate if the generative part earns it.
 
     python scripts/ablations.py --quick          # configs/demo_quick.yaml sizes, out_dir runs/demo-quick
     python scripts/ablations.py                  # the full demo's sizes (runs/demo)
@@ -66,9 +69,12 @@ def fusion_diff_row(name: str, pipeline: Path, options: dict[str, Any]) -> Any:
     return create_method("fusion-diff", pipeline=str(pipeline), name=name, **options)
 
 
-def test_rows(demo: Demo, stage2: Path, ablations: dict[str, Path]) -> list[EvalResult]:
-    """Fusion-Diff, its ablations and multi-sample scoring on the test split, with the demo's query settings."""
-    evaluator = demo.evaluator("test")
+def test_rows(demo: Demo, stage2: Path, ablations: dict[str, Path], open_root: Path | None = None) -> list[EvalResult]:
+    """Fusion-Diff, its ablations and multi-sample scoring on the test split, with the demo's query settings
+    (of the demo's benchmark, or of the open-edit benchmark at ``open_root``)."""
+    evaluator = (
+        demo.evaluator("test") if open_root is None else demo.evaluator("test", benchmark="shapes-open", root=open_root)
+    )
     options = demo.fusion_diff_options()
     rows = [fusion_diff_row("fusion-diff", stage2, options)]
     rows += [fusion_diff_row(f"ablation: {name}", path, options) for name, path in ablations.items()]
@@ -99,7 +105,7 @@ def sampling_rows(demo: Demo, stage2: Path) -> list[EvalResult]:
 
 def evaluate(evaluator: Any, method: Any) -> EvalResult:
     result = evaluator.evaluate(method)
-    print(f"    {method.name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}", flush=True)
+    print(f"    {method.name}: " + "  ".join(f"{k} {v:.2f}" for k, v in list(result.metrics.items())[:3]), flush=True)
     return result
 
 
@@ -110,6 +116,8 @@ def main() -> None:
     parser.add_argument("--regression-loss", default="mse", choices=("mse", "cosine"),
                         help="loss of the regression ablation (the diffusion model's is MSE)")  # fmt: skip
     parser.add_argument("--skip-sampling", action="store_true", help="only the test table (no val sampling sweep)")
+    parser.add_argument("--open-benchmark", type=Path, default=None,
+                        help="also score the test rows on this open-edit benchmark (fusion-diff world benchmark-open)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="demo config overrides")
     args = parser.parse_args()
 
@@ -128,6 +136,11 @@ def main() -> None:
             sweep = sampling_rows(demo, stage2)
             write_results(sweep, results, "ablations-val-sampling")
         print("\nSampling ablation (shapes val split, the demo's stage 2):\n" + markdown_table(sweep))
+    if args.open_benchmark is not None:
+        with demo.step("ablations: open-edit benchmark (test split)"):
+            open_table = test_rows(demo, stage2, ablations, args.open_benchmark)
+            write_results(open_table, results, "ablations-open-test")
+        print("\nAblations (open-edit benchmark, test split; several right answers):\n" + markdown_table(open_table))
     seconds = ", ".join(f"{name} {value:.0f} s" for name, value in demo.timings.items())
     print(f"Wrote {results}/ablations-*.md and .json. Step times: {seconds}")
 

@@ -19,6 +19,7 @@ from test_eval import N_IMAGES, _caption, write_tiny_benchmark
 from test_training_loop import QUIET, TINY_PRIOR
 
 import fusion_diff.retrieval.index as index_module
+from data_synth.shapes.benchmark_open import OpenBenchmarkConfig, write_open_benchmark
 from fusion_diff import ComposedRetriever
 from fusion_diff.baselines import create_method
 from fusion_diff.benchmarks import load_shapes
@@ -217,8 +218,12 @@ def test_fusion_diff_max_scoring_with_one_sample_equals_averaging_in_the_evaluat
 @pytest.mark.slow
 def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, monkeypatch, capsys):
     _, config = toy_demo_config(tmp_path)
+    open_root = tmp_path / "open"
+    write_open_benchmark(
+        open_root, OpenBenchmarkConfig(val_queries=4, test_queries=6, seed=4), workers=1, progress=False
+    )
     script = Path(__file__).resolve().parents[1] / "scripts" / "ablations.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--config", str(config)])
+    monkeypatch.setattr(sys, "argv", [str(script), "--config", str(config), "--open-benchmark", str(open_root)])
     runpy.run_path(str(script), run_name="__main__")
     results = tmp_path / "demo" / "results"
     test_rows = {r["method"]: r for r in json.loads((results / "ablations-test.json").read_text())}
@@ -232,5 +237,8 @@ def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, 
     sweep = json.loads((results / "ablations-val-sampling.json").read_text())
     assert {r["protocol"]["split"] for r in sweep} == {"val"} and len(sweep) == 10
     assert {r["protocol"]["method"]["sampler"] for r in sweep} == {"ddim", "dpm++"}
+    open_rows = json.loads((results / "ablations-open-test.json").read_text())
+    assert [r["method"] for r in open_rows] == list(test_rows) and "mAP@5" in open_rows[0]["metrics"]
+    assert {r["protocol"]["benchmark"] for r in open_rows} == {"shapes-open"}
     out = capsys.readouterr().out
     assert "Sampling ablation" in out and "- **ablation: regression**: shapes/test" in out
