@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-quick test bench install browser clean
+.PHONY: demo demo-quick ablations ablations-quick test bench install browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/fusion-diff demo --quick
+
+# Issue 18's ablations (regression, no stage 1, sampling, multi-sample scoring) on the demo's data; not part of `demo`.
+ablations: $(STAMP)
+	$(BIN)/python scripts/ablations.py
+
+ablations-quick: $(STAMP)
+	$(BIN)/python scripts/ablations.py --quick
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -29,7 +29,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -192,6 +192,26 @@ class Demo:
 
     # ------------------------------------------------------------------ steps
     def run(self) -> Path:
+        stage1, stage2 = self.prepare()
+        fti4cir = None
+        if self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods:
+            with self.step("FTI4CIR"):
+                paths = {"data.pair_dir": self.path("pairs"), "model.backbone.cache": self.backbone_root()}
+                fti4cir = self.train_stage("fti4cir", paths)
+        with self.step("evaluation (test split)"):
+            table = self.evaluate(stage1, stage2, fti4cir)
+        with self.step("plots"):
+            self.plot(stage2)
+        with self.step("query index (fusion-diff query)"):
+            self.build_query_index(stage2)
+        write_json_atomic(self.path("results") / "timings.json", self.timings)
+        print(f"\nTotal {sum(self.timings.values()) / 60:.1f} min. Table: {table}")
+        return table
+
+    def prepare(self) -> tuple[Path, Path]:
+        """Steps 1-5 (backbone, benchmarks, pairs, captioners, triplets, stage 1, stage 2): the stage-1 and stage-2
+        folders. First the time budget fixes the schedule for this machine. Shared with ``scripts/ablations.py``,
+        which trains its variants on the same data and schedule."""
         self.out.mkdir(parents=True, exist_ok=True)
         runs = {
             "scene captioner": self.config.evaluation.captioner.get("type") == "scene",
@@ -209,33 +229,26 @@ class Demo:
                 self.build_open_benchmark()
         with self.step("pair set + embeddings"):
             self.build_pairs()
-        if self.config.evaluation.captioner.get("type") == "scene":
+        if runs["scene captioner"]:
             with self.step("scene captioner"):
                 self.build_scene_captioner()
-        if self.config.training.blip_captioner_steps:
+        if runs["world BLIP"]:
             with self.step("world BLIP"):
                 self.build_blip_captioner()
         with self.step("triplets + embeddings"):
             self.build_triplets()
         with self.step("stage 1: prior"):
-            stage1 = self.train_stage("stage1", {"data.pair_embeddings": self.path("pair_embeddings")})
+            stage1 = self.train_stage("stage1", self.stage1_inputs())
         with self.step("stage 2: Control-Adapter"):
-            paths = {"model.prior_path": stage1, "data.triplet_embeddings": self.path("triplet_embeddings")}
-            stage2 = self.train_stage("stage2", paths, self.val_fn() if self.config.training.validate else None)
-        fti4cir = None
-        if self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods:
-            with self.step("FTI4CIR"):
-                paths = {"data.pair_dir": self.path("pairs"), "model.backbone.cache": self.backbone_root()}
-                fti4cir = self.train_stage("fti4cir", paths)
-        with self.step("evaluation (test split)"):
-            table = self.evaluate(stage1, stage2, fti4cir)
-        with self.step("plots"):
-            self.plot(stage2)
-        with self.step("query index (fusion-diff query)"):
-            self.build_query_index(stage2)
-        write_json_atomic(self.path("results") / "timings.json", self.timings)
-        print(f"\nTotal {sum(self.timings.values()) / 60:.1f} min. Table: {table}")
-        return table
+            validation = self.val_fn() if self.config.training.validate else None
+            stage2 = self.train_stage("stage2", self.stage2_inputs(stage1), validation)
+        return stage1, stage2
+
+    def stage1_inputs(self) -> dict[str, Path]:
+        return {"data.pair_embeddings": self.path("pair_embeddings")}
+
+    def stage2_inputs(self, stage1: Path) -> dict[str, Path]:
+        return {"model.prior_path": stage1, "data.triplet_embeddings": self.path("triplet_embeddings")}
 
     def backbone_root(self) -> Path:
         """The world backbone's cache folder (FTI4CIR must use the same backbone as everything else); a backbone of
@@ -329,18 +342,24 @@ class Demo:
         )
 
     def train_stage(
-        self, name: str, paths: dict[str, Path], validation_fn: Callable[[Any], dict[str, float]] | None = None
+        self,
+        name: str,
+        paths: dict[str, Path],
+        validation_fn: Callable[[Any], dict[str, float]] | None = None,
+        out_name: str | None = None,
+        variant: Sequence[str] = (),
     ) -> Path:
         """Train ``training.<name>`` with the loop (resuming an interrupted run); skipped when the same config finished.
 
         ``paths`` point the config at this demo's data (``data.pair_embeddings=...``); the demo
-        config's ``<name>_overrides`` apply last.
+        config's ``<name>_overrides`` apply next, then ``variant`` (an ablation's changes, trained into
+        ``out_name`` instead of ``<name>``).
         """
         from fusion_diff.training.loop import FINAL_CONFIG, MANIFEST, train
 
-        out = self.path(name)
+        out = self.path(out_name or name)
         demo_overrides = [f"output_dir={out}", f"seed={self.config.seed}"] + [f"{k}={v}" for k, v in paths.items()]
-        overrides = demo_overrides + getattr(self.config.training, f"{name}_overrides")
+        overrides = demo_overrides + getattr(self.config.training, f"{name}_overrides") + list(variant)
         config = load_config(stage_config_path(self.config_dir, getattr(self.config.training, name)), overrides=overrides)
         inputs = _fingerprint(paths.values())
         if (out / MANIFEST).is_file():

@@ -14,9 +14,8 @@ from fusion_diff.errors import ConfigError
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
-    import fusion_diff.demo_budget as budget
-
+def toy_demo_config(tmp_path: Path) -> tuple[dict, Path]:
+    """The quick demo's config at toy sizes (2 training steps everywhere), written to ``tmp_path/demo.yaml``."""
     config = yaml.safe_load((CONFIG_DIR / "demo_quick.yaml").read_text())
     config["out_dir"] = str(tmp_path / "demo")
     config["world"].update(
@@ -37,12 +36,20 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
     training["scene_captioner_steps"] = 2
     training["blip_captioner_steps"] = 2  # the realistic captioner's rows, through the generative path
     config["evaluation"]["plot_queries"] = 4
-    # A machine 100x slower than the reference CPU (a fake probe): the budget halves every training length.
-    config["budget"] = {"minutes": 20, "min_scale": 0.5}
-    monkeypatch.setattr(budget, "probe_seconds", lambda threads: 100 * budget.REFERENCE_PROBE_SECONDS)
+    config["budget"] = {"minutes": None}  # the reference schedule, whatever this machine's speed
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
+    return config, path
 
+
+def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    import fusion_diff.demo_budget as budget
+
+    config, path = toy_demo_config(tmp_path)
+    # A machine 100x slower than the reference CPU (a fake probe): the budget halves every training length.
+    config["budget"] = {"minutes": 20, "min_scale": 0.5}
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(budget, "probe_seconds", lambda threads: 100 * budget.REFERENCE_PROBE_SECONDS)
     table = run_demo(config_path=path, progress=False)
     rows = {row["method"] for row in json.loads(table.with_suffix(".json").read_text())}
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows

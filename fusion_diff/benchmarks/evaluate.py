@@ -45,7 +45,7 @@ from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.job import embed_sharded
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.retrieval.index import build_index
-from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method
+from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method, sample_scoring
 from fusion_diff.utils.paths import cache_dir
 from fusion_diff.utils.sharding import Processes
 
@@ -242,7 +242,8 @@ class Evaluator:
     def query_embeddings(
         self, method: RetrievalMethod, unit: BenchmarkData, queries: list[CompositionQuery]
     ) -> torch.Tensor:
-        """``[Q, d]`` unit-norm query embeddings of ``method`` (FashionIQ ``both``: mean of the two orders)."""
+        """``[Q, d]`` unit-norm query embeddings of ``method`` (FashionIQ ``both``: mean of the two orders); ``[Q, N, d]``
+        for a multi-sample method (FashionIQ ``both``: the samples of both orders, ``2N``)."""
         texts, rows = modification_texts(queries, unit.benchmark, self.fiq_order, self.circo_shared_concept)
         text_embeds = self.text_embeddings(texts)
         table = self.image_table(unit)
@@ -273,8 +274,11 @@ class Evaluator:
             )
             out.append(run_method(method, context))
         embeds = torch.cat(out)
-        if len(rows) != len(queries):  # both FashionIQ orders: the mean of the normalised embeddings
-            embeds = embeds[: len(queries)] + embeds[len(queries) :]
+        if len(rows) != len(queries):  # both FashionIQ orders
+            first, second = embeds[: len(queries)], embeds[len(queries) :]
+            if embeds.ndim == 3:  # multi-sample: every sample of either order scores the gallery
+                return torch.cat([first, second], dim=1)
+            embeds = first + second  # the mean of the normalised embeddings
         return F.normalize(embeds, dim=-1)
 
     # ------------------------------------------------------------------ scoring
@@ -324,14 +328,15 @@ class Evaluator:
 
         k_fetch = min(TOP_K + 1, len(gallery))  # one past the cut, so ties at the cut are seen
         exclude = [[q.reference] for q in queries] if unit.exclude_reference else None
-        found = index.search(query_embeds, k=k_fetch, exclude=exclude)
+        scoring = sample_scoring(method)
+        found = index.search(query_embeds, k=k_fetch, exclude=exclude, scoring=scoring)
         ranking = {q.query_id: ids[:TOP_K] for q, ids in zip(queries, found.ids)}
 
         subset_ranking: dict[str, list[str]] = {}
         subset_relevant = None
         if unit.has_groups:
             candidates = [[m for m in q.group if m != q.reference and m not in missing] for q in queries]
-            scores = index.scores_for(query_embeds, candidates)
+            scores = index.scores_for(query_embeds, candidates, scoring)
             order = torch.argsort(scores, dim=1, descending=True, stable=True)
             subset_ranking = {
                 q.query_id: [c[j] for j in row[: min(3, len(c))]]

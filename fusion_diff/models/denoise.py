@@ -76,6 +76,15 @@ def sampler_name(scheduler: SchedulerMixin) -> str:
     return next((name for name, ((cls, _), _) in SAMPLERS.items() if type(scheduler) is cls), type(scheduler).__name__)
 
 
+def regression_input(prior: FusionPrior, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one fixed input of a direct-regression prior: the zero standardised embedding (the data mean) at the
+    last timestep, where a diffusion prior sees pure noise. Training and the pipeline both use it."""
+    weight = prior.sample_proj.weight
+    sample = torch.zeros(batch_size, prior.config.embedding_dim, device=weight.device, dtype=weight.dtype)
+    timesteps = torch.full((batch_size,), prior.config.num_train_timesteps - 1, device=weight.device, dtype=torch.long)
+    return sample, timesteps
+
+
 def training_target(
     scheduler: SchedulerMixin, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:

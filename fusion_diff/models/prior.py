@@ -26,6 +26,9 @@ from torch import nn
 from fusion_diff.errors import ConfigError, DataError
 
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
+# "diffusion": a denoiser sampled with a scheduler; "regression": the same network trained to output z0 from its
+# conditions on one fixed input (the direct-regression ablation; see ``denoise.regression_input``).
+OBJECTIVES = ("diffusion", "regression")
 
 # Tokens that follow the text tokens, in order: timestep, noisy z, output query.
 _NUM_EXTRA_TOKENS = 3
@@ -80,6 +83,8 @@ class FusionPrior(ModelMixin, ConfigMixin):
             ``[B, L, dt]`` with ``L <= max_text_tokens`` (slower; meant for GPUs).
         embedder_identity: the ``JointEmbedder.identity`` dict of the backbone it was trained on, so
             that a pipeline refuses an embedder of another backbone.
+        objective: ``"diffusion"`` (default) or ``"regression"``: trained to output ``z0`` directly from the
+            fixed input of ``denoise.regression_input``; the pipeline then runs one forward, no sampler.
     """
 
     @register_to_config
@@ -96,8 +101,16 @@ class FusionPrior(ModelMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
         max_text_tokens: int = 1,
         embedder_identity: dict[str, Any] | None = None,
+        objective: str = "diffusion",
     ):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"FusionPrior: objective={objective!r}; choose one of {OBJECTIVES}.")
+        if objective == "regression" and prediction_type != "sample":
+            raise ConfigError(
+                f"FusionPrior: objective='regression' outputs z0, so prediction_type must be 'sample', not "
+                f"{prediction_type!r}."
+            )
         if prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"FusionPrior: prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}.")
         if hidden_dim % num_heads:

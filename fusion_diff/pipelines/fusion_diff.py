@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from fusion_diff.embedding.base import ImageInput, JointEmbedder, upgrade_identity
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.models.control_adapter import ControlAdapter
-from fusion_diff.models.denoise import predict, sampler_name, sampling_scheduler
+from fusion_diff.models.denoise import predict, regression_input, sampler_name, sampling_scheduler
 from fusion_diff.models.prior import FusionPrior
 from fusion_diff.retrieval.method import check_mix_weight, mix_toward_reference
 from fusion_diff.utils.checks import require_finite_settings
@@ -36,10 +36,12 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 @dataclass
 class FusionDiffPipelineOutput(BaseOutput):
-    """``embeddings [B, d]`` unit-norm query embeddings; ``trajectory [steps, B, d]`` (unit-norm) if asked."""
+    """``embeddings [B, d]`` unit-norm query embeddings; ``trajectory [steps, B, d]`` (unit-norm) if asked;
+    ``samples [B, num_samples, d]`` (unit-norm, before averaging) if asked."""
 
     embeddings: torch.Tensor
     trajectory: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
 
 
 def guidance_weights(control_guidance: float, text_guidance: float, with_control: bool) -> dict[str, float]:
@@ -178,8 +180,12 @@ class FusionDiffPipeline(DiffusionPipeline):
         conditioning_scale: float = 1.0,
         precision: str = "fp32",
         shared_noise: bool = False,
+        return_samples: bool = False,
     ) -> FusionDiffPipelineOutput:
         """Query embeddings ``[B, d]`` from modification-text embeddings and reference (control) embeddings.
+
+        A prior trained with ``objective="regression"`` (the direct-regression ablation) runs one forward on
+        its fixed input instead of the sampler loop: ``num_inference_steps`` and the noise do not apply.
 
         Args:
             text_embeds: ``f(T_mod)``, ``[B, dt]``.
@@ -189,6 +195,7 @@ class FusionDiffPipeline(DiffusionPipeline):
             num_inference_steps: sampler steps; 1 is the deterministic ``z0`` prediction from pure noise.
             control_guidance, text_guidance: the two guidance scales (prior-only: ``text_guidance`` only).
             num_samples: samples per query, averaged (on the unit sphere) into one embedding.
+            return_samples: also return every sample ``[B, num_samples, d]`` (multi-sample scoring).
             mix_reference: ``normalize((1 - m) z + m ref)`` pulls the result toward the reference.
             generator: makes the result reproducible; results do not depend on ``batch_size``.
             shared_noise: every query starts from the same ``num_samples`` noise draws, so that a query's result
@@ -227,6 +234,7 @@ class FusionDiffPipeline(DiffusionPipeline):
             conditioning_scale=conditioning_scale,
             precision=precision,
             shared_noise=shared_noise,
+            return_samples=return_samples,
         )
 
     def emb2emb(
@@ -351,6 +359,7 @@ class FusionDiffPipeline(DiffusionPipeline):
         control_guidance: float = 1.0,
         conditioning_scale: float = 1.0,
         shared_noise: bool = False,
+        return_samples: bool = False,
     ) -> FusionDiffPipelineOutput:
         """Shared loop of ``sample`` (``init`` None: start from noise) and ``emb2emb`` (start from noised ``init``)."""
         self.check_sampling_settings(
@@ -364,6 +373,8 @@ class FusionDiffPipeline(DiffusionPipeline):
             control_guidance=control_guidance,
             conditioning_scale=conditioning_scale,
         )
+        regression = self.prior.config.objective == "regression"
+        run_steps = 1 if regression else num_inference_steps
         if mix_reference > 0 and control is None:
             raise ValueError("mix_reference > 0 needs the reference: pass control_embeds.")
         warn_slow_bf16_once(self.device, precision, "Fusion-Diff sampling")
@@ -383,13 +394,16 @@ class FusionDiffPipeline(DiffusionPipeline):
 
         chunks = range(0, b * num_samples, batch_size)
         outputs, trajectories = [], []
-        with torch.inference_mode(), self.progress_bar(total=len(chunks) * num_inference_steps) as bar:
+        with torch.inference_mode(), self.progress_bar(total=len(chunks) * run_steps) as bar:
             for start in chunks:
                 sl = slice(start, start + batch_size)
                 scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh state per chunk
                 scheduler.set_timesteps(num_inference_steps, device=self.device)
                 timesteps = scheduler.timesteps
-                if init_r is None:
+                if regression:
+                    latents, timesteps = regression_input(self.prior, noise[sl].shape[0])
+                    timesteps = timesteps[:1]
+                elif init_r is None:
                     latents = noise[sl] * scheduler.init_noise_sigma
                 else:
                     timesteps, latents = self._noised_start(
@@ -408,15 +422,21 @@ class FusionDiffPipeline(DiffusionPipeline):
                 steps = []
                 for t in timesteps:
                     with autocast:
-                        model_output = denoiser(scheduler.scale_model_input(latents, t), t).to(latents.dtype)
-                    latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
+                        model_input = latents if regression else scheduler.scale_model_input(latents, t)
+                        model_output = denoiser(model_input, t).to(latents.dtype)
+                    if regression:  # the prediction is z0 itself: no scheduler step
+                        latents = model_output
+                    else:
+                        latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
                     if return_trajectory:
                         steps.append(self._to_unit(latents))
                     bar.update()
                 outputs.append(self._to_unit(latents))
                 if return_trajectory:
                     trajectories.append(torch.stack(steps) if steps else torch.empty(0, latents.shape[0], d))
-            embeddings = self._average_samples(torch.cat(outputs), b, num_samples)
+            unit = torch.cat(outputs)
+            embeddings = self._average_samples(unit, b, num_samples)
+            samples = unit.view(b, num_samples, d).float().cpu().clone() if return_samples else None
             if mix_reference > 0:
                 embeddings = mix_toward_reference(embeddings, control, mix_reference)
             trajectory = None
@@ -427,6 +447,7 @@ class FusionDiffPipeline(DiffusionPipeline):
         return FusionDiffPipelineOutput(
             embeddings=embeddings.float().cpu().clone(),
             trajectory=None if trajectory is None else trajectory.float().cpu().clone(),
+            samples=samples,
         )
 
     def check_sampling_settings(
@@ -447,7 +468,14 @@ class FusionDiffPipeline(DiffusionPipeline):
         low = [f"{name}={value!r}" for name, value in counts.items() if not isinstance(value, int) or value < 1]
         if low:
             raise ConfigError(f"FusionDiffPipeline: {', '.join(low)}; each must be an integer >= 1.")
-        if num_inference_steps == 1 and strength is None and self.prior.config.prediction_type == "epsilon":
+        regression = self.prior.config.objective == "regression"
+        if regression and strength is not None:
+            raise ConfigError(
+                "emb2emb noises the reference and denoises it, but this prior was trained as a direct regressor "
+                "(objective='regression'), which has no denoising path; use a diffusion prior."
+            )
+        one_step_from_noise = num_inference_steps == 1 and strength is None and not regression
+        if one_step_from_noise and self.prior.config.prediction_type == "epsilon":
             raise ConfigError(
                 "One-step sampling predicts z0 from pure noise, which an epsilon-prediction prior cannot do; "
                 "use >= 10 steps, or a prior trained with prediction_type='sample' or 'v_prediction'."

@@ -13,7 +13,13 @@ import torch
 
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline, FusionDiffPipelineOutput
-from fusion_diff.retrieval.method import GalleryMode, QueryContext, mix_toward_reference
+from fusion_diff.retrieval.method import (
+    GalleryMode,
+    QueryContext,
+    SampleReduction,
+    SampleScoring,
+    mix_toward_reference,
+)
 
 ControlMode = Literal["auto", "fused", "image"]
 CONTROL_MODES = ("auto", "fused", "image")
@@ -87,7 +93,8 @@ class _SamplingMethod:
             "method": self.name,
             "sampler": self.pipeline.sampler,
             "prediction_type": prior_cfg.prediction_type,
-            "steps": self.num_inference_steps,
+            "objective": prior_cfg.objective,
+            "steps": self.num_inference_steps if prior_cfg.objective == "diffusion" else "1 forward (regression)",
             "text_guidance": self.text_guidance,
             "num_samples": self.num_samples,
             "mix_reference": self.mix_reference,
@@ -103,7 +110,12 @@ class _SamplingMethod:
 
 
 class FusionDiffMethod(_SamplingMethod):
-    """Prior + Control-Adapter: text = modification text, control = the reference's embedding."""
+    """Prior + Control-Adapter: text = modification text, control = the reference's embedding.
+
+    ``sample_reduction``: ``mean`` averages the ``num_samples`` samples into one query; ``max`` / ``lse`` keep
+    them apart and score each gallery item by its best / soft-best sample (``SampleScoring``), so that
+    several plausible targets can all rank high.
+    """
 
     def __init__(
         self,
@@ -122,7 +134,10 @@ class FusionDiffMethod(_SamplingMethod):
         name: str = "fusion-diff",
         negative_text: str = "",
         shared_noise: bool = False,
+        sample_reduction: SampleReduction = "mean",
+        sample_temperature: float = 0.05,
     ):
+        self.sample_scoring = SampleScoring(sample_reduction, sample_temperature)
         if pipeline.adapter is None:
             raise ConfigError(
                 "FusionDiffMethod needs a pipeline with a Control-Adapter; for the prior alone use Emb2EmbMethod."
@@ -163,6 +178,7 @@ class FusionDiffMethod(_SamplingMethod):
             "adapter_blocks": self.pipeline.adapter.config.num_blocks,
             "negative_text": self.negative_text,
             "shared_noise": self.shared_noise,
+            **self.sample_scoring.describe(),
         }
 
     def sample(self, context: QueryContext, return_trajectory: bool = False) -> FusionDiffPipelineOutput:
@@ -186,10 +202,13 @@ class FusionDiffMethod(_SamplingMethod):
             conditioning_scale=self.conditioning_scale,
             return_trajectory=return_trajectory,
             shared_noise=self.shared_noise,
+            return_samples=self.sample_scoring.per_sample,
         )
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
-        return self.mix(self.sample(context).embeddings, context)
+        """``[Q, d]``, or every sample ``[Q, num_samples, d]`` when ``sample_reduction`` keeps them apart."""
+        output = self.sample(context)
+        return self.mix(output.samples if self.sample_scoring.per_sample else output.embeddings, context)
 
 
 class Emb2EmbMethod(_SamplingMethod):

@@ -4,25 +4,34 @@ Exclusion (CIRR removes the reference from its own ranking) never touches the sc
 index returns the top ``k + e`` items (``e`` = most ids excluded for any query), the excluded
 ones are masked in that small candidate list, and the best ``k`` of the rest are kept. That is
 exact, because at most ``e`` of the top ``k + e`` can be excluded.
+
+Multi-sample queries ``[Q, N, d]`` (several sampled embeddings per composed query) are scored with a
+``SampleScoring``: each gallery item's ``N`` similarities reduce to one score (max, log-sum-exp or mean).
+Exact search computes them as one matmul per block (``(b*N) x chunk``) and reduces before the top-k;
+approximate backends search the top ``k`` of every sample, take the union per query and rescore it
+exactly. The union holds the exact top ``k`` under ``max`` (an item in the top ``k`` by its best sample
+is in that sample's own top ``k``); under ``lse`` / ``mean`` it is an approximation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fusion_diff.errors import ConfigError, DataError
+from fusion_diff.retrieval.items import IdColumn
+from fusion_diff.retrieval.method import SampleScoring
 from fusion_diff.utils.checks import check_top_k, require_finite
+from fusion_diff.utils.registry import Registry
 
 NAN_QUERIES = (
     "Recompute them (check the sampling settings, e.g. a NaN guidance scale): NaN/inf queries score NaN against "
     "every gallery item and rank it arbitrarily."
 )
-from fusion_diff.retrieval.items import IdColumn
-from fusion_diff.utils.registry import Registry
+RESCORE_ROWS = 65536  # candidate vectors gathered at once when rescoring multi-sample candidates (~64 MB at d=256)
 
 
 @dataclass
@@ -61,13 +70,18 @@ class _Index:
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
-    def _check_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
+    def _check_queries(self, queries: torch.Tensor, scoring: SampleScoring | None = None) -> torch.Tensor:
+        if queries.ndim not in (2, 3) or queries.shape[-1] != self.dim:
             raise DataError(
                 f"Queries of shape {tuple(queries.shape)} do not match the {self.dim}-d gallery: queries and gallery "
                 "must come from the same embedder."
             )
         require_finite(queries, "Search queries", NAN_QUERIES)
+        if queries.ndim == 3 and scoring is None:
+            raise ConfigError(
+                f"Queries of shape {tuple(queries.shape)} hold several samples per query; pass scoring=SampleScoring(...) "
+                "to say how their similarities reduce (or average them into [Q, d])."
+            )
         return queries.detach().to(self.embeddings.device, torch.float32).contiguous()
 
     def _exclusion(self, exclude: Sequence[Sequence[str]] | None, num_queries: int) -> torch.Tensor:
@@ -91,18 +105,53 @@ class _Index:
     def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _topk_samples(self, queries: torch.Tensor, k: int, scoring: SampleScoring) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` for ``[Q, N, d]`` queries: every sample's top ``k``, merged per query, rescored exactly
+        (in blocks of queries, so the gathered candidate vectors stay within ``RESCORE_ROWS`` rows)."""
+        q, n, d = queries.shape
+        _, candidates = self._topk(queries.reshape(q * n, d), k)
+        candidates = unique_rows(candidates.reshape(q, -1).cpu())
+        block = max(1, RESCORE_ROWS // candidates.shape[1])
+        scores = torch.cat(
+            [self._score_rows(queries[i : i + block], candidates[i : i + block], scoring) for i in range(0, q, block)]
+        )
+        scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
+        return scores, candidates.gather(1, order)
+
+    def _score_rows(
+        self, queries: torch.Tensor, rows: torch.Tensor, scoring: SampleScoring | None = None
+    ) -> torch.Tensor:
+        """``[Q, m]`` scores of each query (``[Q, d]``, or ``[Q, N, d]`` reduced by ``scoring``) against its own
+        gallery ``rows [Q, m]`` (``-1`` = padding, scored ``-inf``)."""
+        flat = rows.clamp(min=0).flatten().to(self.embeddings.device)
+        candidates = self.embeddings.index_select(0, flat).view(*rows.shape, self.dim)
+        if queries.ndim == 3:
+            scores = scoring.reduce(torch.einsum("qnd,qmd->qnm", queries, candidates), dim=1)
+        else:
+            scores = torch.einsum("qd,qmd->qm", queries, candidates)
+        return scores.cpu().masked_fill(rows.cpu() < 0, float("-inf"))
+
     def search(
-        self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
+        self,
+        queries: torch.Tensor,
+        k: int = 50,
+        exclude: Sequence[Sequence[str]] | None = None,
+        scoring: SampleScoring | None = None,
     ) -> SearchResult:
         """Top-``k`` gallery items by inner product (cosine for unit-norm inputs), ``exclude[q]`` removed.
 
+        ``queries``: ``[Q, d]``, or ``[Q, N, d]`` with ``scoring`` reducing each item's ``N`` similarities.
         ``k`` must be >= 1; a gallery smaller than ``k`` returns all of its items (``SearchResult`` is then
         ``len(self)`` wide)."""
         k = check_top_k(k)
-        queries = self._check_queries(queries)
+        queries = self._check_queries(queries, scoring)
         banned = self._exclusion(exclude, queries.shape[0])
         k = min(k, len(self))
-        scores, indices = self._topk(queries, min(k + banned.shape[1], len(self)))
+        fetch = min(k + banned.shape[1], len(self))
+        if queries.ndim == 3:
+            scores, indices = self._topk_samples(queries, fetch, scoring)
+        else:
+            scores, indices = self._topk(queries, fetch)
         scores, indices = scores.cpu(), indices.cpu()
         scores = scores.masked_fill(indices < 0, float("-inf"))
         if banned.numel():
@@ -113,9 +162,16 @@ class _Index:
         ids = [[self.ids[j] for j in row if j >= 0] for row in indices.tolist()]
         return SearchResult(scores=scores, indices=indices, ids=ids)
 
-    def scores_for(self, queries: torch.Tensor, candidate_ids: Sequence[Sequence[str]]) -> torch.Tensor:
-        """``[Q, m]`` scores of each query against its own candidates (CIRR's subset recall); ragged rows pad ``-inf``."""
-        queries = self._check_queries(queries)
+    def scores_for(
+        self,
+        queries: torch.Tensor,
+        candidate_ids: Sequence[Sequence[str]],
+        scoring: SampleScoring | None = None,
+    ) -> torch.Tensor:
+        """``[Q, m]`` scores of each query against its own candidates (CIRR's subset recall); ragged rows pad ``-inf``.
+
+        ``queries [Q, N, d]`` need ``scoring``, as in ``search``."""
+        queries = self._check_queries(queries, scoring)
         if len(candidate_ids) != queries.shape[0]:
             raise ValueError(f"candidate_ids needs one list per query: {len(candidate_ids)} for {queries.shape[0]}.")
         absent = sorted({item for items in candidate_ids for item in items if item not in self.position})
@@ -128,11 +184,7 @@ class _Index:
             [[self.position[i] for i in items] + [-1] * (width - len(items)) for items in candidate_ids],
             dtype=torch.long,
         )
-        rows = rows.reshape(queries.shape[0], width)
-        flat = rows.clamp(min=0).flatten().to(self.embeddings.device)
-        candidates = self.embeddings.index_select(0, flat).view(*rows.shape, self.dim)
-        scores = torch.einsum("qd,qmd->qm", queries, candidates).cpu()
-        return scores.masked_fill(rows < 0, float("-inf"))
+        return self._score_rows(queries, rows.reshape(queries.shape[0], width), scoring)
 
 
 FAISS_KNN_MIN_QUERIES = 256  # from 256 queries on, faiss.knn beats torch on CPU (measured at 1 thread)
@@ -164,13 +216,28 @@ class GalleryIndex(_Index):
             gallery = np.ascontiguousarray(self.embeddings.numpy())  # a memory map stays mapped (no copy)
             scores, indices = faiss.knn(queries.numpy(), gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
             return torch.from_numpy(scores), torch.from_numpy(indices)
+        return self._chunked_topk(queries, k, self.query_block, lambda block, chunk: block @ chunk.T)
+
+    def _topk_samples(self, queries: torch.Tensor, k: int, scoring: SampleScoring) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact: ``(b*N) x chunk`` similarities in one matmul, reduced over the samples, then the running top-k."""
+        block = max(1, self.query_block // queries.shape[1])  # the same score memory as single queries
+        return self._chunked_topk(queries, k, block, lambda b, chunk: scoring.reduce(b @ chunk.T, dim=1))
+
+    def _chunked_topk(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        query_block: int,
+        score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Running top-``k`` over gallery chunks; ``score(query block, gallery chunk)`` gives ``[b, chunk]``."""
         all_scores, all_indices = [], []
-        for q0 in range(0, queries.shape[0], self.query_block):
-            block = queries[q0 : q0 + self.query_block]
+        for q0 in range(0, queries.shape[0], query_block):
+            block = queries[q0 : q0 + query_block]
             best_scores = block.new_empty(block.shape[0], 0)
             best_indices = torch.empty(block.shape[0], 0, dtype=torch.long, device=block.device)
             for g0 in range(0, len(self), self.chunk_size):
-                scores = block @ self.embeddings[g0 : g0 + self.chunk_size].T
+                scores = score(block, self.embeddings[g0 : g0 + self.chunk_size])
                 top_scores, top_indices = scores.topk(min(k, scores.shape[1]), dim=1)
                 merged_scores = torch.cat([best_scores, top_scores], dim=1)
                 merged_indices = torch.cat([best_indices, top_indices + g0], dim=1)
@@ -211,6 +278,14 @@ class FaissGalleryIndex(_Index):
     def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores, indices = self.index.search(np.ascontiguousarray(queries.cpu().numpy()), k)
         return torch.from_numpy(scores), torch.from_numpy(indices).long()
+
+
+def unique_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows [Q, m]`` of gallery indices with repeats within a row (and ``-1`` padding) turned into ``-1``."""
+    ordered, _ = rows.sort(dim=1)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return ordered.masked_fill(repeat, -1)
 
 
 def build_index(embeddings: torch.Tensor, ids: Sequence[str], backend: str = "exact", **kwargs) -> _Index:

@@ -18,6 +18,7 @@ import torch
 
 from fusion_diff.errors import CacheMismatchError, ConfigError, DataError, MissingFileError
 from fusion_diff.retrieval.index import NAN_QUERIES, SearchResult
+from fusion_diff.retrieval.method import SampleScoring
 from fusion_diff.retrieval.store import INDEX_KIND, NAN_GALLERY, PersistentIndex, space_differences
 from fusion_diff.utils.checks import check_top_k, require_finite
 from fusion_diff.utils.io import artifact_manifest
@@ -147,11 +148,23 @@ class QdrantIndex:
         return self
 
     def search(
-        self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
+        self,
+        queries: torch.Tensor,
+        k: int = 50,
+        exclude: Sequence[Sequence[str]] | None = None,
+        scoring: SampleScoring | None = None,
     ) -> SearchResult:
-        """Top-``k`` by inner product for each query in one batch request; ``exclude[q]`` ids filtered out."""
+        """Top-``k`` by inner product for each query in one batch request; ``exclude[q]`` ids filtered out.
+
+        Multi-sample queries ``[Q, N, d]`` are refused: their exact rescoring needs the vectors at hand."""
         from qdrant_client import models
 
+        if queries.ndim == 3:
+            raise ConfigError(
+                f"Qdrant index {self.location}: multi-sample scoring (sample_reduction "
+                f"{scoring.reduction if scoring else None!r}) rescores candidates against the gallery vectors, which "
+                "this index keeps remotely; use sample_reduction='mean', or a FAISS folder index (fusion-diff index build)."
+            )
         k = check_top_k(k)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise DataError(f"Queries of shape {tuple(queries.shape)} do not match the {self.dim}-d collection.")

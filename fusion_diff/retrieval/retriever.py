@@ -25,7 +25,7 @@ from fusion_diff.embedding.base import ImageInput, JointEmbedder
 from fusion_diff.embedding.cache import CACHE_KIND, EmbeddingCache, embed_with_cache
 from fusion_diff.errors import CacheMismatchError, ConfigError, DataError
 from fusion_diff.retrieval.index import SearchResult
-from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method
+from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method, sample_scoring
 from fusion_diff.retrieval.sources import TAR_MEMBER, GalleryItems, gallery_items
 from fusion_diff.retrieval.store import STAGING, IndexSettings, PersistentIndex, space_differences
 from fusion_diff.utils.checks import check_top_k
@@ -354,9 +354,8 @@ class ComposedRetriever:
         gen = torch.Generator().manual_seed(0)
         rows = torch.randint(len(items), (min(len(texts), 1000),), generator=gen).tolist()
         context = self.query_context([Path(paths[r]) for r in rows], list(texts)[: len(rows)])
-        return run_method(
-            self.method, context
-        ), f"composed queries of {self.method.name}: gallery references + given texts"
+        queries = run_method(self.method, context).flatten(0, -2)  # multi-sample methods: every sample is a query
+        return queries, f"composed queries of {self.method.name}: gallery references + given texts"
 
     # ------------------------------------------------------------------ search
     def query_context(self, reference_images: Sequence[ImageInput], texts: Sequence[str]) -> QueryContext:
@@ -418,7 +417,12 @@ class ComposedRetriever:
             stop = start + QUERY_BLOCK
             context = self.query_context(references[start:stop], list(texts)[start:stop])
             queries = run_method(chosen, context)
-            found = self.index.search(queries, k=k, exclude=None if exclude is None else exclude[start:stop])
+            found = self.index.search(
+                queries,
+                k=k,
+                exclude=None if exclude is None else exclude[start:stop],
+                scoring=sample_scoring(chosen),
+            )
             hits += self.hits(found)
         return hits
 

@@ -34,8 +34,9 @@ import torch
 
 from fusion_diff.errors import CacheMismatchError, ConfigError, DataError
 from fusion_diff.retrieval.index import FaissGalleryIndex, GalleryIndex, SearchResult, _Index
-from fusion_diff.utils.checks import require_finite
 from fusion_diff.retrieval.items import ItemTable
+from fusion_diff.retrieval.method import SampleScoring
+from fusion_diff.utils.checks import require_finite
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
 
 INDEX_KIND = "gallery_index"
@@ -150,9 +151,7 @@ class _PrebuiltFaiss(FaissGalleryIndex):
         if self.rerank <= 1:
             return super()._topk(queries, k)
         _, candidates = super()._topk(queries, min(max(k * self.rerank, 64), len(self)))
-        rows = candidates.clamp(min=0)
-        vectors = self.embeddings.index_select(0, rows.flatten()).view(*rows.shape, self.dim)
-        scores = torch.einsum("qd,qmd->qm", queries, vectors).masked_fill(candidates < 0, float("-inf"))
+        scores = self._score_rows(queries, candidates)
         scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
         return scores, candidates.gather(1, order)
 
@@ -234,16 +233,26 @@ class PersistentIndex:
         return self.backend.position
 
     def search(
-        self, queries: torch.Tensor, k: int = 50, exclude: Sequence[Sequence[str]] | None = None
+        self,
+        queries: torch.Tensor,
+        k: int = 50,
+        exclude: Sequence[Sequence[str]] | None = None,
+        scoring: SampleScoring | None = None,
     ) -> SearchResult:
-        found = self.backend.search(queries, k=k, exclude=exclude)
+        """Top-``k`` per query (``[Q, N, d]`` multi-sample queries with ``scoring``: see ``fusion_diff.retrieval.index``)."""
+        found = self.backend.search(queries, k=k, exclude=exclude, scoring=scoring)
         valid = found.indices >= 0
         flat = iter(self.items.rows(found.indices[valid].tolist()))  # every hit's metadata in one read
         found.items = [[next(flat) for _ in range(n)] for n in valid.sum(1).tolist()]
         return found
 
-    def scores_for(self, queries: torch.Tensor, candidate_ids: Sequence[Sequence[str]]) -> torch.Tensor:
-        return self.backend.scores_for(queries, candidate_ids)
+    def scores_for(
+        self,
+        queries: torch.Tensor,
+        candidate_ids: Sequence[Sequence[str]],
+        scoring: SampleScoring | None = None,
+    ) -> torch.Tensor:
+        return self.backend.scores_for(queries, candidate_ids, scoring)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's summary (``fusion-diff index info``) plus the size on disk."""

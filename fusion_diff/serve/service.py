@@ -317,6 +317,8 @@ class SearchService:
     # ------------------------------------------------------------------ the joint-space picture
     def joint_space_figure(self, response: SearchResponse) -> Path:
         """PNG of where the response's first query landed: reference, sampling walk, query, top hits, target."""
+        import torch.nn.functional as F
+
         from fusion_diff.retrieval.method import run_method
         from fusion_diff.viz import plot_query_walk
 
@@ -334,6 +336,8 @@ class SearchService:
                 method.sample(context, return_trajectory=True).trajectory[:, 0] if hasattr(method, "sample") else None
             )
             query = run_method(method, context)[0]
+            if query.ndim == 2:  # a multi-sample method: the figure places the samples' mean direction
+                query = F.normalize(query.mean(0), dim=-1)
         reference = (
             context.reference_image_embeds if retriever.gallery_mode == "image" else context.reference_fused_embeds
         )[0]

@@ -5,6 +5,11 @@ own text input); control = the reference's fused embedding ``f(I_ref, T_ref)`` (
 with ``control_source: image``). Text and control are dropped independently, so sampling can use
 two guidance scales. Only the adapter's parameters are in the optimiser; the prior is loaded with
 ``from_pretrained``, set to eval and ``requires_grad_(False)``, and stays bit-identical.
+
+The objective (diffusion, or the direct-regression ablation) is the stage-1 prior's. ``prior_init: random``
+is the no-stage-1 ablation: the prior at ``prior_path`` gives only the architecture (and backbone identity);
+its weights are re-initialised (seeded by the run's seed), its standardisation is computed from the triplet
+targets, and that frozen random prior is what the adapter is trained on and saved with.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ from fusion_diff.embedding.base import EmbedderIdentity
 from fusion_diff.errors import CacheMismatchError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, predicted_sample
+from fusion_diff.models.prior import FusionPrior
 from fusion_diff.training.config import TrainConfig, require
 from fusion_diff.training.data import TripletEmbeddingDataset
 from fusion_diff.training.prior_task import (
     DenoisedBatch,
     build_pipeline,
-    denoise_random_timesteps,
+    denoise_for_objective,
     dropout_mask,
     embedder_identity,
     load_stage1,
+    objective_loss,
 )
 from fusion_diff.training.task import TaskSpec, ValidationFn
 
@@ -52,6 +59,9 @@ class AdapterModelConfig:
     conditioning_scale: float = 1.0
     contrastive_weight: float = 0.0  # 0: the diffusion loss alone
     contrastive_temperature: float = 0.05
+    # pretrained: the stage-1 weights; random: the no-stage-1 ablation (the prior's architecture, fresh weights)
+    prior_init: Literal["pretrained", "random"] = "pretrained"
+    regression_loss: Literal["mse", "cosine"] = "mse"  # a regression prior (objective from stage 1) only
 
     def __post_init__(self) -> None:
         require(self.num_blocks is None or self.num_blocks > 0, "num_blocks", "must be > 0 or null")
@@ -85,11 +95,14 @@ class AdapterTask:
         self.conditioning_scale = model_cfg.conditioning_scale
         self.contrastive_weight = model_cfg.contrastive_weight
         self.contrastive_temperature = model_cfg.contrastive_temperature
+        self.regression_loss = model_cfg.regression_loss
         self.prior, self.scheduler = load_stage1(model_cfg.prior_path)
-        self.prior.requires_grad_(False)
-        self.prior.eval()
         self.dataset = TripletEmbeddingDataset(self.data_cfg.triplet_embeddings, self.data_cfg.control_source)
         self._check_backbone(model_cfg.prior_path)
+        if model_cfg.prior_init == "random":
+            self.prior = random_prior_like(self.prior, self.dataset.tensors["target"])
+        self.prior.requires_grad_(False)
+        self.prior.eval()
         self.adapter = ControlAdapter.from_prior(self.prior, num_blocks=model_cfg.num_blocks)
 
     def _check_backbone(self, prior_path: str) -> None:
@@ -125,12 +138,15 @@ class AdapterTask:
                 drop_text, drop_control, self.conditioning_scale,
             )  # fmt: skip
 
-        denoised = denoise_random_timesteps(self.scheduler, z0, denoise, generator)
-        mse = denoised.mse()
+        denoised = denoise_for_objective(self.prior, self.scheduler, z0, denoise, generator)
+        main = objective_loss(self.prior, denoised, self.regression_loss)
         if not self.contrastive_weight:
-            return mse, {}
+            return main, {}
         contrastive = self.contrastive_loss(denoised, batch["target"], ~(drop_text | drop_control))
-        return mse + self.contrastive_weight * contrastive, {"mse": mse.item(), "contrastive": contrastive.item()}
+        main_name = (
+            "cosine" if self.prior.config.objective == "regression" and self.regression_loss == "cosine" else "mse"
+        )
+        return main + self.contrastive_weight * contrastive, {main_name: main.item(), "contrastive": contrastive.item()}
 
     def contrastive_loss(self, denoised: DenoisedBatch, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """InfoNCE of the fully conditioned ``rows``' z0 estimates against every target of the batch."""
@@ -148,6 +164,13 @@ class AdapterTask:
 
     def save_final(self, trainable: nn.Module, output_dir: Path) -> None:
         build_pipeline(self.prior, trainable).save_pretrained(output_dir)
+
+
+def random_prior_like(prior: FusionPrior, targets: torch.Tensor) -> FusionPrior:
+    """A freshly initialised prior of ``prior``'s configuration, standardised with ``targets``' statistics."""
+    fresh = FusionPrior.from_config(prior.config).to(device=prior.device, dtype=prior.dtype)
+    fresh.set_standardization(targets.mean(0), targets.std(0))
+    return fresh
 
 
 TASK = TaskSpec(name="adapter", model_config=AdapterModelConfig, data_config=AdapterDataConfig, build=AdapterTask)

@@ -4,6 +4,11 @@
 the prior), condition = the caption's text embedding ``f(T)``, dropped with probability
 ``text_dropout`` (the learned null text) so that classifier-free guidance works at sampling time.
 The loss is the MSE on the prior's ``prediction_type`` (z0, epsilon or v) at a uniform timestep.
+
+``objective: regression`` trains the same network as a direct regressor instead (the ablation that asks
+what the generative part adds): ``z0`` from the conditions on one fixed input (no noise, fixed timestep;
+``denoise.regression_input``), with an MSE or cosine loss. The objective is stored in the prior's config,
+so the saved pipeline runs it as one forward.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from torch import nn
 
 from fusion_diff.embedding.base import EmbedderIdentity
 from fusion_diff.errors import MissingFileError
-from fusion_diff.models.denoise import noise_scheduler, sampling_scheduler, training_target
-from fusion_diff.models.prior import FusionPrior
+from fusion_diff.models.denoise import noise_scheduler, regression_input, sampling_scheduler, training_target
+from fusion_diff.models.prior import OBJECTIVES, FusionPrior
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
 from fusion_diff.training.config import TrainConfig, require
 from fusion_diff.training.data import CachedEmbeddingDataset, PairEmbeddingDataset
@@ -41,8 +46,16 @@ class PriorModelConfig:
     dropout: float = 0.0
     prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"
     num_train_timesteps: int = 1000  # the cosine (squaredcos_cap_v2) schedule of fusion_diff.models.denoise
+    objective: Literal["diffusion", "regression"] = "diffusion"  # regression: the direct-regression ablation
+    regression_loss: Literal["mse", "cosine"] = "mse"  # objective regression only
 
     def __post_init__(self) -> None:
+        require(self.objective in OBJECTIVES, "objective", f"must be one of {list(OBJECTIVES)}")
+        require(
+            self.objective == "diffusion" or self.prediction_type == "sample",
+            "prediction_type",
+            "must be 'sample' with objective: regression (the regressor outputs z0)",
+        )
         require(
             self.hidden_dim > 0 and self.num_layers > 0 and self.num_heads > 0,
             "hidden_dim",
@@ -95,14 +108,28 @@ def denoise_random_timesteps(
     return DenoisedBatch(denoise(noisy, timesteps), target, noisy, timesteps)
 
 
-def diffusion_loss(
+def denoise_for_objective(
+    prior: FusionPrior,
     scheduler: DDPMScheduler,
     z0: torch.Tensor,
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     generator: torch.Generator,
-) -> torch.Tensor:
-    """The diffusion objective: MSE of ``denoise`` against its prediction type's target at random timesteps."""
-    return denoise_random_timesteps(scheduler, z0, denoise, generator).mse()
+) -> DenoisedBatch:
+    """One training forward of ``prior``'s objective: at random timesteps (diffusion) or on the fixed input
+    of a direct regressor, whose target is ``z0`` itself."""
+    if prior.config.objective == "regression":
+        noisy, timesteps = regression_input(prior, z0.shape[0])
+        return DenoisedBatch(denoise(noisy, timesteps), z0, noisy, timesteps)
+    return denoise_random_timesteps(scheduler, z0, denoise, generator)
+
+
+def objective_loss(prior: FusionPrior, denoised: DenoisedBatch, regression_loss: str = "mse") -> torch.Tensor:
+    """MSE on the prediction type's target; a regressor with ``regression_loss="cosine"`` uses
+    ``1 - cos(z0_hat, z0)`` on the embeddings (what retrieval ranks by) instead."""
+    if prior.config.objective == "regression" and regression_loss == "cosine":
+        output, target = (prior.destandardize(x.float()) for x in (denoised.output, denoised.target))
+        return 1 - F.cosine_similarity(output, target, dim=-1).mean()
+    return denoised.mse()
 
 
 def dropout_mask(probability: float, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -154,7 +181,9 @@ class PriorTask:
             prediction_type=model_cfg.prediction_type,
             num_train_timesteps=model_cfg.num_train_timesteps,
             embedder_identity=embedder_identity(self.dataset),
+            objective=model_cfg.objective,
         )
+        self.regression_loss = model_cfg.regression_loss
         target = self.dataset.tensors["target"]
         self.prior.set_standardization(target.mean(0), target.std(0))
         self.scheduler = noise_scheduler(self.prior)
@@ -177,8 +206,8 @@ class PriorTask:
             # called through the prepared module so that DDP synchronises the gradients.
             return trainable(noisy, timesteps, batch["text"], drop_text=drop_text).sample
 
-        loss = diffusion_loss(self.scheduler, z0, denoise, generator)
-        return loss, {}
+        denoised = denoise_for_objective(self.prior, self.scheduler, z0, denoise, generator)
+        return objective_loss(self.prior, denoised, self.regression_loss), {}
 
     def validate(self, trainable: nn.Module) -> dict[str, float]:
         if self.validation_fn is None:
