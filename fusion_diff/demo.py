@@ -257,8 +257,12 @@ class Demo:
             self.path("pairs"), data.pairs, seed=self.config.seed, workers=data.workers, progress=self.progress
         )
         out = self.path("pair_embeddings")
+        tokens = self.max_text_tokens()
         caches = _rebuild_if_stale(
-            out, lambda: embed_pair_set(self.path("pairs"), self.embedder, out, progress=self.progress)
+            out,
+            lambda: embed_pair_set(
+                self.path("pairs"), self.embedder, out, progress=self.progress, max_text_tokens=tokens
+            ),
         )
         for cache in caches.values():
             cache.compact()  # one shard: training memory-maps it
@@ -282,8 +286,20 @@ class Demo:
         captioner = self.make_captioner() if data.triplet_captions == "captioner" else None
         _rebuild_if_stale(
             out,
-            lambda: embed_triplets(self.path("triplets"), self.embedder, out, progress=self.progress, captioner=captioner),
+            lambda: embed_triplets(
+                self.path("triplets"),
+                self.embedder,
+                out,
+                progress=self.progress,
+                captioner=captioner,
+                max_text_tokens=self.max_text_tokens(),
+            ),
         )
+
+    def max_text_tokens(self) -> int | None:
+        """The stage-1 config's text condition (None: pooled); token-level text needs token caches embedded."""
+        overrides = self.config.training.stage1_overrides
+        return load_config(self.config_dir / self.config.training.stage1, overrides=overrides).model.max_text_tokens
 
     def train_stage(
         self, name: str, paths: dict[str, Path], validation_fn: Callable[[Any], dict[str, float]] | None = None
