@@ -8,7 +8,8 @@ the figures are noisy: report the load with them.
     python scripts/bench_training.py [--steps 40] [--dim 256] [--threads 2] [--max-text-tokens 0 16]
 
 ``--max-text-tokens``: one stage 1 + stage 2 run per value (0: pooled text; N: token-level text, random
-caption lengths 2..N), with the samples/s ratios to the first value.
+caption lengths 2..N, instruction lengths 2..``--instruction-length``, 16 by default: the shapes world's
+longest instruction), with the samples/s ratios to the first value. A batch costs its longest text.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--stage1-config", type=Path, default=REPO / "configs/stage1_prior.yaml")
     parser.add_argument("--stage2-config", type=Path, default=REPO / "configs/stage2_adapter.yaml")
     parser.add_argument("--max-text-tokens", type=int, nargs="+", default=[0], help="0: pooled text; N: token-level")
+    parser.add_argument("--instruction-length", type=int, default=16, help="longest instruction (token-level runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     first = None
@@ -72,8 +74,9 @@ def run_stages(args: argparse.Namespace, tokens: int) -> tuple[float, float, flo
         tmp = Path(tmp)
         write_random_caches(tmp / "pairs", PAIR_FIELDS, args.num, args.dim, seed=0, max_text_tokens=tokens or None)
         write_random_caches(
-            tmp / "triplets", TRIPLET_FIELDS, args.num, args.dim, seed=1, max_text_tokens=tokens or None
-        )
+            tmp / "triplets", TRIPLET_FIELDS, args.num, args.dim, seed=1,
+            max_text_tokens=tokens or None, max_length=min(tokens, args.instruction_length) or None,
+        )  # fmt: skip
         common = [
             f"schedule.max_train_steps={args.steps}",
             "checkpointing.every_n_steps=0",

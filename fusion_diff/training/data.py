@@ -196,12 +196,13 @@ def write_random_caches(
     seed: int = 0,
     embedder_identity: dict[str, Any] | None = None,
     max_text_tokens: int | None = None,
+    max_length: int | None = None,
 ) -> list[str]:
     """Unit-norm Gaussian embeddings in one cache per field (shared ids): for tests and throughput benchmarks.
 
     ``fields`` is ``PAIR_FIELDS`` for a stage-1 set or ``TRIPLET_FIELDS`` for a stage-2 set.
     ``max_text_tokens``: also the text field's token-level cache (``TOKEN_CACHES``), Gaussian token states of
-    random lengths 2..``max_text_tokens``.
+    random lengths 2..``max_length`` (default ``max_text_tokens``).
     ``embedder_identity``: label the caches as that embedder's (the smoke run's random stand-ins for its
     embeddings, so that the trained pipeline evaluates with it); default a ``random`` backend.
     """
@@ -217,7 +218,7 @@ def write_random_caches(
         cache = EmbeddingCache.open(
             Path(out_dir) / name, {**base, "dim": dim, "kind": "text", "max_text_tokens": max_text_tokens}
         )
-        lengths = torch.randint(2, max_text_tokens + 1, (num, 1), generator=generator)
+        lengths = torch.randint(2, (max_length or max_text_tokens) + 1, (num, 1), generator=generator)
         mask = torch.arange(max_text_tokens)[None] < lengths
         cache.append(ids, torch.randn(num, max_text_tokens, dim, generator=generator) * mask[..., None], mask)
     return ids
