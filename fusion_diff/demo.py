@@ -426,11 +426,15 @@ class Demo:
         queries = unit.queries[: self.config.evaluation.plot_queries]
         reference = evaluator.fused(unit, [q.reference for q in queries])
         target = evaluator.fused(unit, [q.positives[0] for q in queries])
-        text = evaluator.text_embeddings([q.texts[0] for q in queries])
+        pipeline = load_pipeline(stage2)
+        texts = [q.texts[0] for q in queries]
+        text, mask = pipeline.text_condition(texts, self.embedder, evaluator.text_embeddings(texts))
         options = self.fusion_diff_options()
         sampling = {k: options[k] for k in ("num_inference_steps", "control_guidance", "text_guidance") if k in options}
         generator = torch.Generator().manual_seed(self.config.seed)
-        output = load_pipeline(stage2).sample(text, reference, generator=generator, return_trajectory=True, **sampling)
+        output = pipeline.sample(
+            text, reference, generator=generator, return_trajectory=True, text_attention_mask=mask, **sampling
+        )
         inputs = VizInputs(
             reference, output.embeddings, target, evaluator.fused(unit, unit.gallery), output.trajectory,
             [q.query_id for q in queries],

@@ -192,6 +192,16 @@ class FusionDiffPipeline(DiffusionPipeline):
         tokens = embedder.encode_text_tokens(list(texts), self.prior.text_tokens, batch_size=max(len(texts), 1))
         return trim_tokens(*tokens)
 
+    def text_condition(
+        self, texts: Sequence[str], embedder: JointEmbedder | None = None, pooled: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(text_embeds, text_attention_mask)`` for ``sample``: ``pooled`` (already computed ``f(T)``) when the
+        prior takes pooled text and it is given, else ``encode_text`` (mask None for pooled text)."""
+        if self.prior.text_tokens is None and pooled is not None:
+            return pooled, None
+        text = self.encode_text(texts, embedder)
+        return (text.states, text.mask) if isinstance(text, TextTokens) else (text, None)
+
     # ---- sampling ----------------------------------------------------------------------------
 
     def sample(
@@ -346,10 +356,10 @@ class FusionDiffPipeline(DiffusionPipeline):
             control = self.embedder.embed_pairs(reference_images, list(reference_captions))
         else:
             control = self.embedder.embed_images(reference_images)
-        text, text_mask = _split(self.encode_text(instructions))
+        text, text_mask = self.text_condition(instructions)
         negative, negative_mask = None, None
         if negative_instructions is not None:
-            negative, negative_mask = _split(self.encode_text(negative_instructions))
+            negative, negative_mask = self.text_condition(negative_instructions)
         return self.sample(
             text,
             control,
@@ -532,11 +542,6 @@ class FusionDiffPipeline(DiffusionPipeline):
     def _average_samples(embeds: torch.Tensor, b: int, num_samples: int) -> torch.Tensor:
         """Mean of each query's ``num_samples`` consecutive unit vectors, renormalised."""
         return F.normalize(embeds.view(b, num_samples, -1).mean(1), dim=-1)
-
-
-def _split(text: TextTokens | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(embeds, mask)`` of what ``encode_text`` returned (mask None for pooled text)."""
-    return (text.states, text.mask) if isinstance(text, TextTokens) else (text, None)
 
 
 def _check_components(

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import torch
 
-from fusion_diff.embedding.base import TextTokens
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline, FusionDiffPipelineOutput
 from fusion_diff.retrieval.method import GalleryMode, QueryContext, check_mix_weight, mix_toward_reference
@@ -84,10 +83,11 @@ class _SamplingMethod:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(embeds, mask)`` of the modification texts (or ``texts``) in the prior's kind of text condition:
         the context's pooled embeddings, or the token states of one batched text-tower forward (mask None: pooled)."""
-        if self.pipeline.prior.text_tokens is None and texts is None:
-            return context.modification_text_embeds, None
-        text = self.pipeline.encode_text(context.modification_texts if texts is None else texts, context.embedder)
-        return (text.states, text.mask) if isinstance(text, TextTokens) else (text, None)
+        if texts is not None:
+            return self.pipeline.text_condition(texts, context.embedder)
+        return self.pipeline.text_condition(
+            context.modification_texts, context.embedder, context.modification_text_embeds
+        )
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
