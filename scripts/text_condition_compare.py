@@ -2,6 +2,7 @@
 
     python scripts/text_condition_compare.py [--config configs/demo_quick.yaml] [--max-text-tokens 32]
         [--out runs/text-condition] [--captioner retrieval] [--val-queries 1000] [--stage1-steps N --stage2-steps N]
+        [data.pairs=2000 ...]   # demo config overrides
 
 Both variants run the demo's own steps (``fusion_diff.demo.Demo``) at the sizes of ``--config``, on the same
 world backbone, benchmark, pair set and triplet set (built once under ``<out>/shared``; the token-level run
@@ -85,8 +86,9 @@ def main() -> None:
     parser.add_argument("--stage2-steps", type=int, default=None, help="override both variants' stage-2 steps")
     parser.add_argument("--backbone-cache", default=None, help="world backbone cache folder (default: the shared one)")
     parser.add_argument("--only", choices=("pooled", "tokens"), default=None, help="run one variant")
+    parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. data.pairs=2000")
     args = parser.parse_args()
-    overrides = [f"world.val_queries={args.val_queries}"]
+    overrides = [f"world.val_queries={args.val_queries}", *args.overrides]
     if args.backbone_cache:
         overrides.append(f"world.backbone_cache={args.backbone_cache}")
     base = load_dataclass(DemoConfig, args.config, overrides=overrides)

@@ -124,7 +124,13 @@ def run_embed(args: argparse.Namespace) -> int:
     prepare_captioner(captioner, processes)
     start = time.perf_counter()
     caches = embed_triplets(
-        args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner, processes=processes
+        args.triplets,
+        embedder,
+        args.out,
+        batch_size=args.batch_size,
+        captioner=captioner,
+        processes=processes,
+        max_text_tokens=args.max_text_tokens or None,
     )
     sizes = ", ".join(f"{name} {len(cache)}" for name, cache in caches.items())
     if processes.is_main:
@@ -254,6 +260,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             '\'{"backend": "openclip", "model_name": "ViT-L-14", "pretrained": "openai"}\'')
     embed.add_argument("--fusion-weight", type=float, default=0.5, help="image weight a of the world backbone's fusion")
     embed.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
+    embed.add_argument("--max-text-tokens", type=int, default=0,
+                       help="also the instructions' token states up to N tokens (instruction_tokens/), for a prior "
+                            "trained with model.max_text_tokens=N; 0: pooled only")
     embed.add_argument("--device", default="cpu", help="torch device of the embedder and the captioner (cpu, cuda)")
     embed.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="precision of the embedder and the captioner"
