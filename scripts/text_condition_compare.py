@@ -46,13 +46,20 @@ def variant(base: DemoConfig, out: Path, name: str, stage1: list[str], stage2: l
     return Demo(config, CONFIG_DIR, progress=False)
 
 
-def run(demo: Demo, name: str) -> dict:
-    """Data (cached after the first variant), stages 1 and 2, then Fusion-Diff on val: overall and per edit kind."""
+def run(demo: Demo, name: str, backbone_cache: str | None) -> dict:
+    """Data (cached after the first variant), stages 1 and 2, then Fusion-Diff on val: overall and per edit kind.
+
+    ``backbone_cache``: use the backbone in that folder as it is (whatever config trained it), never retrain it.
+    """
+    from data_synth.shapes.backbone import load_world_embedder
     from fusion_diff.baselines import create_method
     from fusion_diff.benchmarks.shapes import edit_kinds, recall_at_1_by_kind
 
     with demo.step("world backbone"):
-        demo.embedder = demo.build_backbone()
+        if backbone_cache:
+            demo.embedder = load_world_embedder(cache=backbone_cache, train_if_missing=False, progress=False)
+        else:
+            demo.embedder = demo.build_backbone()
     with demo.step("benchmark"):
         demo.build_benchmark()
     with demo.step("pair set + embeddings"):
@@ -84,13 +91,15 @@ def main() -> None:
     parser.add_argument("--val-queries", type=int, default=1000)
     parser.add_argument("--stage1-steps", type=int, default=None, help="override both variants' stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, default=None, help="override both variants' stage-2 steps")
-    parser.add_argument("--backbone-cache", default=None, help="world backbone cache folder (default: the shared one)")
+    parser.add_argument(
+        "--backbone-cache",
+        default=None,
+        help="a world backbone folder, used as it is (default: the demo's, built if missing)",
+    )
     parser.add_argument("--only", choices=("pooled", "tokens"), default=None, help="run one variant")
     parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. data.pairs=2000")
     args = parser.parse_args()
     overrides = [f"world.val_queries={args.val_queries}", *args.overrides]
-    if args.backbone_cache:
-        overrides.append(f"world.backbone_cache={args.backbone_cache}")
     base = load_dataclass(DemoConfig, args.config, overrides=overrides)
     steps = [f"schedule.max_train_steps={args.stage1_steps}"] if args.stage1_steps else []
     steps2 = [f"schedule.max_train_steps={args.stage2_steps}"] if args.stage2_steps else []
@@ -102,7 +111,7 @@ def main() -> None:
     for name, (folder, stage1) in variants.items():
         if args.only in (None, folder):
             demo = variant(base, args.out.resolve(), folder, stage1, steps2, args.captioner)
-            results[name] = run(demo, name)
+            results[name] = run(demo, name, args.backbone_cache)
     kinds = sorted({kind for r in results.values() for kind in r["r1_by_kind"]})
     lines = [
         (
