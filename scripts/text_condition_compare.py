@@ -118,7 +118,9 @@ def main() -> None:
     lines = [
         (
             f"Fusion-Diff R@1 on the shapes benchmark's val split ({args.val_queries} queries; {args.config.name} "
-            f"sizes, {args.captioner} captioner, query settings of the config), pooled vs token-level text:"
+            f"sizes{', ' + ' '.join(args.overrides) if args.overrides else ''}, stage steps "
+            f"{args.stage1_steps or 'of the config'}/{args.stage2_steps or 'of the config'}, {args.captioner} captioner, "
+            "query settings of the config), pooled vs token-level text:"
         ),
         "",
         "| text condition | R@1 | R@5 | " + " | ".join(kinds) + " |",
