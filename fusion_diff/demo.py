@@ -150,8 +150,9 @@ REFERENCE_STEP_SECONDS = {
 
 def remaining_estimate(done: dict[str, float], todo: Iterable[str]) -> float | None:
     """Seconds the ``todo`` steps should take: their reference times x (measured / reference) of the steps done
-    that did real work (>= 1 s: cached steps say nothing about speed); None before any such step."""
-    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0}
+    that did real work (>= 1 s: cached steps say nothing about speed) and have a reference time (the query-index
+    step has none); None before any such step."""
+    worked = {name: seconds for name, seconds in done.items() if seconds >= 1.0 and name in REFERENCE_STEP_SECONDS}
     if not worked:
         return None
     speed = sum(worked.values()) / sum(REFERENCE_STEP_SECONDS[name] for name in worked)
