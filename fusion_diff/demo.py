@@ -306,8 +306,12 @@ class Demo:
             self.path("pairs"), data.pairs, seed=self.config.seed, workers=data.workers, progress=self.progress
         )
         out = self.path("pair_embeddings")
+        tokens = self.max_text_tokens()
         caches = _rebuild_if_stale(
-            out, lambda: embed_pair_set(self.path("pairs"), self.embedder, out, progress=self.progress)
+            out,
+            lambda: embed_pair_set(
+                self.path("pairs"), self.embedder, out, progress=self.progress, max_text_tokens=tokens
+            ),
         )
         for cache in caches.values():
             cache.compact()  # one shard: training memory-maps it
@@ -338,8 +342,20 @@ class Demo:
         captioner = self.make_captioner() if data.triplet_captions == "captioner" else None
         _rebuild_if_stale(
             out,
-            lambda: embed_triplets(self.path("triplets"), self.embedder, out, progress=self.progress, captioner=captioner),
+            lambda: embed_triplets(
+                self.path("triplets"),
+                self.embedder,
+                out,
+                progress=self.progress,
+                captioner=captioner,
+                max_text_tokens=self.max_text_tokens(),
+            ),
         )
+
+    def max_text_tokens(self) -> int | None:
+        """The stage-1 config's text condition (None: pooled); token-level text needs token caches embedded."""
+        overrides = self.config.training.stage1_overrides
+        return load_config(self.config_dir / self.config.training.stage1, overrides=overrides).model.max_text_tokens
 
     def train_stage(
         self,
@@ -509,11 +525,15 @@ class Demo:
         queries = unit.queries[: self.config.evaluation.plot_queries]
         reference = evaluator.fused(unit, [q.reference for q in queries])
         target = evaluator.fused(unit, [q.positives[0] for q in queries])
-        text = evaluator.text_embeddings([q.texts[0] for q in queries])
+        pipeline = load_pipeline(stage2)
+        texts = [q.texts[0] for q in queries]
+        text, mask = pipeline.text_condition(texts, self.embedder, evaluator.text_embeddings(texts))
         options = self.fusion_diff_options()
         sampling = {k: options[k] for k in ("num_inference_steps", "control_guidance", "text_guidance") if k in options}
         generator = torch.Generator().manual_seed(self.config.seed)
-        output = load_pipeline(stage2).sample(text, reference, generator=generator, return_trajectory=True, **sampling)
+        output = pipeline.sample(
+            text, reference, generator=generator, return_trajectory=True, text_attention_mask=mask, **sampling
+        )
         inputs = VizInputs(
             reference, output.embeddings, target, evaluator.fused(unit, unit.gallery), output.trajectory,
             [q.query_id for q in queries],

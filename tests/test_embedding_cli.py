@@ -76,3 +76,16 @@ def test_search_refuses_queries_of_another_embedder(inputs, tiny_openclip_checkp
     )
     with pytest.raises(CacheMismatchError, match="pretrained"):
         main(["search", "--gallery", str(gallery), "--text", "red", "--model", name])  # random weights: another space
+
+
+def test_issue18_embed_texts_token_level(inputs, tiny_openclip_checkpoint, tiny_openclip):
+    name, checkpoint = tiny_openclip_checkpoint
+    out = inputs / "tokens"
+    args = ["embed", "texts", "--texts", str(inputs / "texts.jsonl"), "--out", str(out), "--model", name]
+    assert main([*args, "--pretrained", str(checkpoint), "--max-text-tokens", "8", "--chunk-size", "1"]) == 0
+    ids, tokens = EmbeddingCache.read(out).load_tokens()
+    expected = tiny_openclip.encode_text_tokens(["red", "blue"], 8)
+    assert ids == ["q0", "q1"] and torch.equal(tokens.mask, expected.mask) and tokens.mask.sum(1).tolist() == [3, 3]
+    torch.testing.assert_close(tokens.states, expected.states)
+    with pytest.raises(CacheMismatchError, match="max_text_tokens: cache has 8, requested None"):
+        main([*args, "--pretrained", str(checkpoint)])  # the same folder as a pooled text cache

@@ -187,3 +187,19 @@ def test_issue20_checkpoint_identity_is_content(tiny_openclip_checkpoint, tiny_o
     with pytest.raises(ConfigError, match=r"differing: \['pretrained'\]"):
         pipeline(wrong)
 
+
+
+def test_issue18_token_states_end_in_the_pooled_embedding(tiny_openclip, caplog):
+    """Token-level text: one forward, masked to the real length, the end-of-text state is the pooled text."""
+    texts = ["remove the red circle", "a red circle", "add a small green square at the top left of the scene"]
+    tokens = tiny_openclip.encode_text_tokens(texts, max_tokens=24, batch_size=2)
+    lengths = tokens.mask.sum(1)
+    assert tokens.states.shape == (3, 24, 32) and tokens.mask.dtype == torch.bool
+    assert lengths.tolist() == [len(tiny_openclip.tokenizer.encode(t)) + 2 for t in texts]  # + start/end tokens
+    assert not tokens.states[~tokens.mask].any()
+    end = tokens.states[torch.arange(3), lengths - 1]
+    torch.testing.assert_close(F.normalize(end, dim=-1), tiny_openclip.embed_texts(texts), atol=1e-5, rtol=1e-4)
+    with caplog.at_level("WARNING"):
+        short = tiny_openclip.encode_text_tokens(texts, max_tokens=6)
+    assert short.mask.sum(1).tolist() == [6, 5, 6] and "1 of 3 texts" in caplog.text
+    torch.testing.assert_close(short.states[:2], tokens.states[:2, :6])  # causal attention: short texts unchanged

@@ -119,3 +119,16 @@ def test_issue20_vlm_identity_is_content(vlm, tiny_qwen2vl, tmp_path):
 def test_vlm_missing_folder_is_named(tmp_path):
     with pytest.raises(MissingFileError, match="no_such_vlm"):
         VLMEmbedder(tmp_path / "no_such_vlm")
+
+
+def test_vlm_token_states_are_the_texts_own_tokens_right_padded(vlm, caplog):
+    texts = ["a red square", "a much longer description of two blue circles"]
+    tokens = vlm.encode_text_tokens(texts, max_tokens=64)
+    lengths = [len(ids) for ids in vlm.processor.tokenizer(texts)["input_ids"]]
+    assert tokens.states.shape == (2, 64, 32) and tokens.mask.tolist()[0][: lengths[0] + 1] == [True] * lengths[0] + [False]
+    assert tokens.mask.sum(1).tolist() == lengths and not tokens.states[~tokens.mask].any()
+    alone = vlm.encode_text_tokens(texts[:1], max_tokens=64)  # padding does not change a text's states
+    torch.testing.assert_close(alone.states[0], tokens.states[0], atol=1e-5, rtol=1e-4)
+    with caplog.at_level("WARNING"):
+        short = vlm.encode_text_tokens(texts, max_tokens=8)
+    assert short.mask.sum(1).tolist() == [min(n, 8) for n in lengths] and "2 of 2 texts" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from data_synth.shapes.captions import caption_matches, subject_attribute_split
 from data_synth.shapes.pairs import embed_pair_set, read_pair_set, write_pair_set
@@ -51,3 +52,15 @@ def test_embed_pair_set_writes_image_text_and_fused_caches(tmp_path, tiny_opencl
     assert (loaded["fused"] - expected).abs().max() < 1e-6
     again = embed_pair_set(tmp_path / "pairs", tiny_openclip, tmp_path / "emb", progress=False)  # resumes: no-op
     assert len(again["fused"]) == 12
+
+
+def test_issue18_embed_pair_set_token_cache(tmp_path, tiny_openclip):
+    write_pair_set(tmp_path / "pairs", 6, seed=0, workers=1, progress=False)
+    caches = embed_pair_set(
+        tmp_path / "pairs", tiny_openclip, tmp_path / "emb", batch_size=4, progress=False, max_text_tokens=24
+    )
+    records = read_pair_set(tmp_path / "pairs")
+    _, tokens = caches["text_tokens"].load_tokens([r.id for r in records])
+    expected = tiny_openclip.encode_text_tokens([r.caption for r in records], 24)
+    assert torch.equal(tokens.mask, expected.mask) and caches["text_tokens"].identity["kind"] == "text"
+    torch.testing.assert_close(tokens.states, expected.states, atol=1e-5, rtol=1e-5)

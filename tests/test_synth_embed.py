@@ -33,7 +33,9 @@ def test_embed_triplets_writes_four_consistent_caches(triplet_dir, tmp_path, tin
     expected = tiny_openclip.embed_pairs([t.reference_image for t in triplets], [t.reference_caption for t in triplets])
     torch.testing.assert_close(ref_fused, expected, atol=1e-5, rtol=1e-5)
     _, instructions = caches["instruction_text"].load(ids)
-    torch.testing.assert_close(instructions, tiny_openclip.embed_texts([t.instruction for t in triplets]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        instructions, tiny_openclip.embed_texts([t.instruction for t in triplets]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_embed_resumes_after_interruption(triplet_dir, tmp_path, tiny_openclip, monkeypatch):
@@ -93,3 +95,19 @@ def test_captioner_captions_replace_the_triplets_own_in_the_fused_caches(triplet
     assert "captions" not in caches["instruction_text"].identity  # unaffected by the caption source
     with pytest.raises(CacheMismatchError, match="captions"):  # annotation captions are not mixed in
         embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)
+
+
+def test_issue18_instruction_token_cache_beside_the_pooled_one(triplet_dir, tmp_path, tiny_openclip):
+    caches = embed_triplets(
+        triplet_dir, tiny_openclip, tmp_path / "emb", batch_size=4, progress=False, max_text_tokens=12
+    )
+    triplets = list(iter_triplets(triplet_dir))
+    _, tokens = caches["instruction_tokens"].load_tokens([t.id for t in triplets])
+    expected = tiny_openclip.encode_text_tokens([t.instruction for t in triplets], 12)
+    assert caches["instruction_tokens"].identity["max_text_tokens"] == 12 and len(caches) == len(CACHE_KINDS) + 1
+    assert torch.equal(tokens.mask, expected.mask)
+    torch.testing.assert_close(tokens.states, expected.states, atol=1e-5, rtol=1e-5)
+    again = embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False)  # pooled only: untouched
+    assert set(again) == set(CACHE_KINDS) and (tmp_path / "emb/instruction_tokens/manifest.json").is_file()
+    with pytest.raises(CacheMismatchError, match="max_text_tokens: cache has 12, requested 8"):
+        embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False, max_text_tokens=8)

@@ -174,11 +174,17 @@ def read_pair_set(pair_dir: str | os.PathLike) -> list[PairRecord]:
 
 
 def embed_pair_set(
-    pair_dir: str | os.PathLike, embedder: JointEmbedder, out_dir: str | os.PathLike, batch_size: int = 256, progress: bool = True
+    pair_dir: str | os.PathLike,
+    embedder: JointEmbedder,
+    out_dir: str | os.PathLike,
+    batch_size: int = 256,
+    progress: bool = True,
+    max_text_tokens: int | None = None,
 ) -> dict[str, EmbeddingCache]:
     """Embed a pair set into ``out_dir/{image,text,fused}`` EmbeddingCaches keyed by pair id (resumable).
 
     The fused cache is late fusion of the other two when the embedder supports it, else ``embed_pairs``.
+    ``max_text_tokens``: also the captions' token states (``text_tokens/``), for a token-level prior.
     """
     records = read_pair_set(pair_dir)
     ids = [r.id for r in records]
@@ -197,6 +203,18 @@ def embed_pair_set(
     else:
         pairs = [(r.image, r.caption) for r in records]
         embed_with_cache(caches["fused"], ids, pairs, lambda chunk: _embed_pairs(embedder, chunk), batch_size, progress)
+    if max_text_tokens:
+        tokens_identity = base | {"kind": "text", "max_text_tokens": max_text_tokens}
+        caches["text_tokens"] = EmbeddingCache.open(out / "text_tokens", tokens_identity)
+        captions = [r.caption for r in records]
+        embed_with_cache(
+            caches["text_tokens"],
+            ids,
+            captions,
+            lambda chunk: embedder.encode_text_tokens(chunk, max_text_tokens, batch_size),
+            batch_size,
+            progress,
+        )
     return caches
 
 

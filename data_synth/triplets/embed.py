@@ -7,6 +7,8 @@ share the triplet ids::
     reference_image/    f(I_ref)          the control when no reference caption is used
     instruction_text/   f(instruction)    the prior's text condition
     target_fused/       f(I_tgt, T_tgt)   the denoising target z0
+    instruction_tokens/ the instruction's token states and mask (only with ``max_text_tokens``: the
+                        token-level text condition)
 
 With a ``captioner``, the two fused caches use the captioner's captions instead of the triplets' own
 (``T_ref``, ``T_tgt``): at test time references and gallery items are captioned, never annotated, so
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from data_synth.triplets.format import SHARD_DIR, decode, load_manifest, read_shard
 from fusion_diff.captioning.base import Captioner
 from fusion_diff.captioning.modes import embed_in_mode
-from fusion_diff.embedding.base import JointEmbedder
+from fusion_diff.embedding.base import JointEmbedder, TextTokens
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import DataError
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
@@ -45,6 +47,7 @@ CACHE_KINDS = {
     "instruction_text": "text",
     "target_fused": "fused",
 }
+TOKEN_CACHE = "instruction_tokens"
 
 
 def triplet_identity(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -62,9 +65,11 @@ def open_triplet_caches(
     embedder: JointEmbedder,
     triplets: dict[str, Any],
     captioner: Captioner | None = None,
+    max_text_tokens: int | None = None,
     **open_options: Any,
 ) -> dict[str, EmbeddingCache]:
-    """The four caches for ``embedder``; CacheMismatchError if one was made by another backbone, set or captioner.
+    """The four caches for ``embedder`` (five with ``max_text_tokens``: the instructions' token states);
+    CacheMismatchError if one was made by another backbone, set, captioner or token length.
 
     ``open_options`` go to ``EmbeddingCache.open`` (``repair``, ``expect_unlisted``).
     """
@@ -72,11 +77,13 @@ def open_triplet_caches(
 
     def identity(name: str, kind: str) -> dict[str, Any]:
         captions = {"captions": caption_source(captioner)} if kind == "fused" else {}
-        return {**base, "kind": kind, "role": name, "triplets": triplets, **captions}
+        tokens = {"max_text_tokens": max_text_tokens} if name == TOKEN_CACHE else {}
+        return {**base, "kind": kind, "role": name, "triplets": triplets, **captions, **tokens}
 
+    kinds = {**CACHE_KINDS, TOKEN_CACHE: "text"} if max_text_tokens else CACHE_KINDS
     return {
         name: EmbeddingCache.open(Path(out_dir) / name, identity(name, kind), **open_options)
-        for name, kind in CACHE_KINDS.items()
+        for name, kind in kinds.items()
     }
 
 
@@ -88,10 +95,12 @@ def embed_triplets(
     progress: bool = True,
     captioner: Captioner | None = None,
     processes: Processes | None = None,
+    max_text_tokens: int | None = None,
 ) -> dict[str, EmbeddingCache]:
     """Embed every triplet of ``triplet_dir`` into the four caches under ``out_dir`` (resumable, sharded by process).
 
     ``captioner``: caption references and targets with it for the fused caches (see the module docstring).
+    ``max_text_tokens``: also the instructions' token states (``instruction_tokens/``), for a token-level prior.
     """
     triplet_dir = Path(triplet_dir)
     manifest = load_manifest(triplet_dir)
@@ -99,7 +108,7 @@ def embed_triplets(
     processes = processes or Processes.current()
     with processes.exclusive(out_dir, "triplet embedding job"):
         with processes.main_first():  # the main process repairs and lists what a crashed run left first
-            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, repair=True)
+            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, max_text_tokens, repair=True)
         base = {name: cache.next_shard_number() for name, cache in caches.items()}
         processes.wait()  # nobody writes a shard before every process has read the folders
         units = processes.take(range(len(manifest["shards"])))
@@ -116,11 +125,11 @@ def embed_triplets(
                 if wanted:
                     numbers = {name: base[name] + k for name in caches}
                     chunk = [decode(s) for s in wanted]
-                    _embed_chunk(embedder, caches, numbers, todo, chunk, batch_size, path, captioner)
+                    _embed_chunk(embedder, caches, numbers, todo, chunk, batch_size, path, captioner, max_text_tokens)
                 bar.update(len(samples))
         processes.wait()
         if processes.is_main:
-            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, expect_unlisted=True)
+            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, max_text_tokens, expect_unlisted=True)
             for cache in caches.values():
                 cache.compact()  # one shard per cache: training memory-maps it without a copy
             write_json_atomic(
@@ -135,11 +144,19 @@ def embed_triplets(
                 ),
             )
         processes.wait()
-    return open_triplet_caches(out_dir, embedder, triplets, captioner)
+        return open_triplet_caches(out_dir, embedder, triplets, captioner, max_text_tokens)
 
 
 def _embed_chunk(
-    embedder, caches, numbers, todo, triplets, batch_size: int, shard: Path, captioner: Captioner | None
+    embedder,
+    caches,
+    numbers,
+    todo,
+    triplets,
+    batch_size: int,
+    shard: Path,
+    captioner: Captioner | None,
+    max_text_tokens: int | None = None,
 ) -> None:
     """Embed one shard's triplets into the caches that lack them (each cache gets its own subset), as cache
     shards ``numbers[name]``."""
@@ -184,8 +201,13 @@ def _embed_chunk(
         "instruction_text": lambda idx: texts("instruction", idx),
         "reference_fused": lambda idx: fused("reference_image", "reference_caption", idx, ref_subset(idx)),
         "target_fused": lambda idx: fused("target_image", "target_caption", idx),
+        TOKEN_CACHE: lambda idx: embedder.encode_text_tokens(
+            [triplets[i].instruction for i in idx], max_text_tokens, batch_size=batch_size
+        ),
     }
-    for name in CACHE_KINDS:
+    for name in caches:
         idx = rows(name)
         if idx:
-            caches[name].write_shard(numbers[name], [triplets[i].id for i in idx], outputs[name](idx))
+            out = outputs[name](idx)
+            parts = (out.states, out.mask) if isinstance(out, TextTokens) else (out,)
+            caches[name].write_shard(numbers[name], [triplets[i].id for i in idx], *parts)

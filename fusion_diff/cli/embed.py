@@ -20,7 +20,7 @@ from fusion_diff.utils.image_sources import folder_images, is_tar_source, tar_im
 if TYPE_CHECKING:  # torch, open_clip, transformers: imported only when a command runs
     import torch
 
-    from fusion_diff.embedding import JointEmbedder
+    from fusion_diff.embedding import JointEmbedder, TextTokens
 
 
 # The names of fusion_diff.embedding.factory.BACKENDS (spelt out: building the parser must not import torch).
@@ -161,8 +161,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.kind == "texts":
         ids, items = _text_inputs(Path(args.texts))
         kind = "text"
+        tokens = {"max_text_tokens": args.max_text_tokens} if args.max_text_tokens else {}
 
-        def embed_batch(batch: list[Any]) -> torch.Tensor:
+        def embed_batch(batch: list[Any]) -> torch.Tensor | TextTokens:
+            if tokens:
+                return embedder.encode_text_tokens(batch, args.max_text_tokens, batch_size=len(batch))
             return embedder.embed_texts(batch, batch_size=len(batch))
 
     else:
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         def embed_batch(batch: list[Any]) -> torch.Tensor:
             return embedder.embed_pairs([i for i, _ in batch], [t for _, t in batch], batch_size=len(batch))
 
-    identity = {**embedder.identity.as_dict(), "kind": kind}
+    identity = {**embedder.identity.as_dict(), "kind": kind, **(tokens if args.kind == "texts" else {})}
     cache, new = embed_sharded(
         args.out, identity, ids, items, embed_batch, args.chunk_size, args.batch_size, args.num_workers, processes
     )
@@ -214,5 +217,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--chunk-size", type=positive_int, default=4096, help="items per cache shard (the unit of resumption and of sharding)"
         )
         sub.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers decoding images")
+        if kind == "texts":
+            sub.add_argument(
+                "--max-text-tokens",
+                type=non_negative_int,
+                default=0,
+                help="0: one pooled vector per text; N: the text tower's token states, up to N tokens, with their "
+                "mask (the token-level text condition)",
+            )
         add_embedder_args(sub)
         sub.set_defaults(func=run)

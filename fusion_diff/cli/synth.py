@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusion_diff.cli.arguments import finite_float, positive_int, seed_int
+from fusion_diff.cli.arguments import finite_float, non_negative_int, positive_int, seed_int
 from fusion_diff.cli.caption import add_captioner_args, captioner_from_args
 from fusion_diff.errors import ConfigError
 
@@ -126,7 +126,13 @@ def run_embed(args: argparse.Namespace) -> int:
     prepare_captioner(captioner, processes)
     start = time.perf_counter()
     caches = embed_triplets(
-        args.triplets, embedder, args.out, batch_size=args.batch_size, captioner=captioner, processes=processes
+        args.triplets,
+        embedder,
+        args.out,
+        batch_size=args.batch_size,
+        captioner=captioner,
+        processes=processes,
+        max_text_tokens=args.max_text_tokens or None,
     )
     sizes = ", ".join(f"{name} {len(cache)}" for name, cache in caches.items())
     if processes.is_main:
@@ -256,6 +262,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             '\'{"backend": "openclip", "model_name": "ViT-L-14", "pretrained": "openai"}\'')
     embed.add_argument("--fusion-weight", type=finite_float, default=0.5, help="image weight a of the world backbone's fusion")
     embed.add_argument("--batch-size", type=positive_int, default=256, help="items per forward pass")
+    embed.add_argument("--max-text-tokens", type=non_negative_int, default=0,
+                       help="also the instructions' token states up to N tokens (instruction_tokens/), for a prior "
+                            "trained with model.max_text_tokens=N; 0: pooled only")
     embed.add_argument("--device", default="cpu", help="torch device of the embedder and the captioner (cpu, cuda)")
     embed.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="precision of the embedder and the captioner"

@@ -79,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pairs.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
     pairs.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default %(default)s)")
     pairs.add_argument("--embed", type=Path, default=None, help="also embed them with the world backbone into this folder")
+    pairs.add_argument("--max-text-tokens", type=int, default=0, help="with --embed: also the captions' token states (text_tokens/)")
     pairs.set_defaults(func=_pairs)
 
     captioner = commands.add_parser(
@@ -208,7 +209,7 @@ def _pairs(args: argparse.Namespace) -> int:
     if args.embed is not None:
         from data_synth.shapes.backbone import load_world_embedder
 
-        caches = embed_pair_set(root, load_world_embedder(), args.embed)
+        caches = embed_pair_set(root, load_world_embedder(), args.embed, max_text_tokens=args.max_text_tokens or None)
         print("embeddings: " + ", ".join(f"{kind}={cache.root}" for kind, cache in caches.items()))
     return 0
 

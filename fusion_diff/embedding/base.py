@@ -11,10 +11,12 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, NamedTuple, Union
 
 import torch
 from PIL import Image
+
+from fusion_diff.errors import ConfigError
 
 ImageInput = Union[Image.Image, str, os.PathLike]
 
@@ -70,6 +72,21 @@ def upgrade_identity(identity: Any) -> Any:
     return identity
 
 
+class TextTokens(NamedTuple):
+    """Token-level text features: ``states [B, L, D]`` float32 (zeros where masked) and ``mask [B, L]`` bool
+    (True = a real token of the text, from its first token through its end-of-text token)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+
+def trim_tokens(states: torch.Tensor, mask: torch.Tensor) -> TextTokens:
+    """Drop the trailing columns that no row uses: a batch of short instructions costs its longest one, not
+    ``max_text_tokens`` (the prior's cost grows with the number of tokens)."""
+    length = max(int(mask.sum(1).max()), 1) if mask.numel() else 1
+    return TextTokens(states[:, :length], mask[:, :length])
+
+
 class JointEmbedder(ABC):
     """Maps images, texts and (image, text) pairs into one normalised joint space."""
 
@@ -94,6 +111,17 @@ class JointEmbedder(ABC):
         self, images: Sequence[ImageInput], texts: Sequence[str], batch_size: int = 64, progress: bool = False
     ) -> torch.Tensor:
         """Fused ``f(I, T)``: ``[N, dim]`` float32 CPU tensor, rows of unit norm."""
+
+    def encode_text_tokens(self, texts: Sequence[str], max_tokens: int, batch_size: int = 256) -> TextTokens:
+        """The text tower's per-token states before pooling, for a token-level text condition.
+
+        ``states [N, max_tokens, D]`` (``D`` = the backend's text feature size) and ``mask [N, max_tokens]``;
+        a text longer than ``max_tokens`` is truncated (counted in a warning). Backends that cannot expose
+        their token states say so.
+        """
+        raise ConfigError(
+            f"{type(self).__name__} does not expose token-level text states; use pooled text (max_text_tokens: 0)."
+        )
 
     @property
     def supports_late_fusion(self) -> bool:

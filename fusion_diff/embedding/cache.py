@@ -6,6 +6,10 @@ Layout of a cache folder::
                                 dim, count, shard list, versions
     shard-00000.safetensors     tensor "embeddings" [n, dim] float32; the shard's ids in its metadata
 
+A token-level text cache (identity key ``max_text_tokens: L``, what ``JointEmbedder.encode_text_tokens``
+gives) holds ``embeddings [n, L, dim]`` and a bool ``mask [n, L]`` in each shard; its identity differs
+from the pooled text cache's, so neither can be opened as the other.
+
 Why safetensors shards: each append writes one new self-contained file (temp name, then rename),
 so an interrupted job loses at most the chunk in flight and never leaves a torn file; reading
 goes through safetensors' mmap backend, so ``load()`` of a single-shard cache is zero-copy and
@@ -37,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fusion_diff.embedding.base import upgrade_identity
+from fusion_diff.embedding.base import TextTokens, upgrade_identity
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
 from fusion_diff.utils.checks import require_finite
 from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
@@ -48,6 +52,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 CACHE_KIND = "embedding_cache"
 _TENSOR = "embeddings"
+_MASK = "mask"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 T = TypeVar("T")
 
@@ -68,6 +73,7 @@ class EmbeddingCache:
         self._shards = shards  # [{"file": name, "count": n}]
         self._shard_ids: list[list[str]] = [self._read_ids(self.root / shard["file"]) for shard in shards]
         self._index: dict[str, tuple[int, int]] = {}  # id -> (shard number, row)
+        self.max_text_tokens: int | None = identity.get("max_text_tokens")  # token-level text cache: L
         for number, ids in enumerate(self._shard_ids):
             self._index.update({item: (number, row) for row, item in enumerate(ids)})
 
@@ -196,12 +202,12 @@ class EmbeddingCache:
                 continue
             with safe_open(str(path), framework="pt") as handle:
                 shape = handle.get_slice(_TENSOR).get_shape()
-            fits = self._dim in (None, shape[1]) and len(ids) == shape[0] and self._index.keys().isdisjoint(ids)
+            fits = self._dim in (None, shape[-1]) and len(ids) == shape[0] and self._index.keys().isdisjoint(ids)
             if not fits:
                 raise DataError(
                     f"Shard {path} is not listed in {self.root / MANIFEST} and does not fit the cache. Delete it."
                 )
-            self._dim = shape[1]
+            self._dim = shape[-1]
             self._register(path.name, ids)
             adopted += 1
         if orphans and not quiet:
@@ -221,7 +227,13 @@ class EmbeddingCache:
 
     def _write_manifest(self) -> None:
         manifest = artifact_manifest(
-            CACHE_KIND, identity=self.identity, dim=self._dim, count=len(self), dtype="float32", shards=self._shards
+            CACHE_KIND,
+            identity=self.identity,
+            dim=self._dim,
+            count=len(self),
+            dtype="float32",
+            max_text_tokens=self.max_text_tokens,  # null: one vector per id
+            shards=self._shards,
         )
         write_json_atomic(self.root / MANIFEST, manifest)
 
@@ -256,14 +268,16 @@ class EmbeddingCache:
             vars(self).update(vars(type(self).open(self.root, self.identity, create=False)))
             yield self
 
-    def append(self, ids: Sequence[str], embeds: torch.Tensor) -> None:
-        """Store one chunk as a new shard (atomic), then list it in the manifest (atomic)."""
+    def append(self, ids: Sequence[str], embeds: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Store one chunk as a new shard (atomic), then list it in the manifest (atomic).
+
+        A token-level text cache takes ``embeds [n, L, dim]`` with their ``mask [n, L]``; any other ``[n, dim]``.
+        """
         ids = [str(item) for item in ids]
-        if embeds.ndim != 2 or embeds.shape[0] != len(ids):
-            raise ValueError(f"append needs [len(ids), dim] embeddings, got {tuple(embeds.shape)} for {len(ids)} ids.")
-        if self._dim is not None and embeds.shape[1] != self._dim:
+        self._check_rows(ids, embeds, mask)
+        if self._dim is not None and embeds.shape[-1] != self._dim:
             raise CacheMismatchError(
-                f"Embedding cache {self.root} holds {self._dim}-d embeddings; refusing {embeds.shape[1]}-d ones. "
+                f"Embedding cache {self.root} holds {self._dim}-d embeddings; refusing {embeds.shape[-1]}-d ones. "
                 "Use a cache directory of their own."
             )
         repeated = [item for item, n in Counter(ids).items() if n > 1]
@@ -275,27 +289,50 @@ class EmbeddingCache:
             )
         if not ids:
             return
-        name = self.write_shard(self.next_shard_number(), ids, embeds)
-        self._dim = embeds.shape[1]
+        name = self.write_shard(self.next_shard_number(), ids, embeds, mask)
+        self._dim = embeds.shape[-1]
         self._register(name, ids)
         self._write_manifest()
 
-    def write_shard(self, number: int, ids: Sequence[str], embeds: torch.Tensor) -> str:
+    def _check_rows(self, ids: Sequence[str], embeds: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Refuse rows of the wrong layout: pooled vectors for a token-level cache, tokens for a pooled one."""
+        tokens = self.max_text_tokens
+        if tokens is None:
+            if embeds.ndim != 2 or embeds.shape[0] != len(ids) or mask is not None:
+                raise CacheMismatchError(
+                    f"Embedding cache {self.root} holds one vector per id ([len(ids), dim], no mask); got "
+                    f"{tuple(embeds.shape)} for {len(ids)} ids{' with a token mask' if mask is not None else ''}. "
+                    "Token-level text goes into a cache opened with max_text_tokens in its identity."
+                )
+            return
+        if embeds.ndim != 3 or embeds.shape[:2] != (len(ids), tokens) or mask is None or mask.shape != embeds.shape[:2]:
+            raise CacheMismatchError(
+                f"Embedding cache {self.root} holds token-level text (max_text_tokens={tokens}): it needs "
+                f"[{len(ids)}, {tokens}, dim] states and a [{len(ids)}, {tokens}] mask, got {tuple(embeds.shape)} "
+                f"and {None if mask is None else tuple(mask.shape)}."
+            )
+
+    def write_shard(
+        self, number: int, ids: Sequence[str], embeds: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> str:
         """Write shard ``number`` (atomically) without listing it: the next ``open`` adopts it.
 
         This is how the processes of a sharded job write side by side: each writes the numbers of
         its own work units and only the main process touches the manifest.
         """
+        self._check_rows(ids, embeds, mask)
         name = f"shard-{number:05d}.safetensors"
-        tensor = embeds.detach().to("cpu", torch.float32).contiguous()
+        tensors = {_TENSOR: embeds.detach().to("cpu", torch.float32).contiguous()}
+        if mask is not None:
+            tensors[_MASK] = mask.detach().to("cpu", torch.bool).contiguous()
         require_finite(
-            tensor,
+            tensors[_TENSOR],
             f"Embeddings for {self.root / name} (ids {list(ids)[:3]}...)",
             "Refusing to cache them: a NaN/inf vector scores NaN against everything and ranks arbitrarily. Check "
             "the model's inputs and settings (e.g. a NaN guidance scale) and recompute.",
         )
         with atomic_path(self.root / name) as tmp:
-            save_file({_TENSOR: tensor}, str(tmp), metadata={"ids": json.dumps([str(i) for i in ids])})
+            save_file(tensors, str(tmp), metadata={"ids": json.dumps([str(i) for i in ids])})
         return name
 
     def next_shard_number(self) -> int:
@@ -307,52 +344,80 @@ class EmbeddingCache:
         if len(self._shards) <= 1:
             return
         ids, embeds = self.load()
+        mask = self._gather(_MASK, None) if self.max_text_tokens is not None else None
         old = [self.root / shard["file"] for shard in self._shards]
         self._shards, self._shard_ids, self._index = [], [], {}
-        name = f"shard-{self.next_shard_number():05d}.safetensors"
-        with atomic_path(self.root / name) as tmp:
-            save_file({_TENSOR: embeds.contiguous()}, str(tmp), metadata={"ids": json.dumps(ids)})
+        name = self.write_shard(self.next_shard_number(), ids, embeds, mask)
         self._register(name, ids)
         self._write_manifest()
         for path in old:
             path.unlink()
 
     # ------------------------------------------------------------------ reading
-    def _shard_tensors(self) -> list[torch.Tensor]:
+    def _shard_tensors(self, name: str = _TENSOR) -> list[torch.Tensor]:
         tensors = []
         for shard in self._shards:
             with safe_open(str(self.root / shard["file"]), framework="pt") as handle:  # mmap backend: no copy
-                tensors.append(handle.get_tensor(_TENSOR))
+                tensors.append(handle.get_tensor(name))
         return tensors
 
-    def load(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
-        """``(ids, [N, dim] float32)``; all of the cache (in insertion order) or the given ids, in their order.
+    def _empty(self, name: str) -> torch.Tensor:
+        rows = () if self.max_text_tokens is None else (self.max_text_tokens,)
+        if name == _MASK:
+            return torch.zeros(0, *rows, dtype=torch.bool)
+        return torch.empty(0, *rows, self._dim or 0)
 
-        A single-shard cache loaded whole is a copy-on-write memory map of the shard (zero-copy, paged
-        in lazily; writes never reach the file); anything else is gathered into memory.
-        """
-        tensors = self._shard_tensors()
+    def _gather(self, name: str, ids: list[str] | None) -> torch.Tensor:
+        """Rows of tensor ``name`` of every shard: all of them in insertion order, or those of ``ids`` in order."""
+        tensors = self._shard_tensors(name)
         if ids is None:
             if not tensors:
-                return [], torch.empty(0, self._dim or 0)
-            return self.ids, tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+                return self._empty(name)
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        if not ids:
+            return self._empty(name)
+        where = torch.tensor([self._index[item] for item in ids], dtype=torch.long)  # [N, 2]: (shard, row)
+        if len(tensors) == 1:
+            return tensors[0].index_select(0, where[:, 1])
+        out = tensors[0].new_empty(len(ids), *tensors[0].shape[1:])
+        for number, tensor in enumerate(tensors):  # gather shard by shard: no copy of the whole table
+            take = where[:, 0] == number
+            if take.any():
+                out[take] = tensor.index_select(0, where[take, 1])
+        return out
+
+    def _check_present(self, ids: Sequence[str] | None) -> list[str] | None:
+        if ids is None:
+            return None
         ids = list(ids)
         absent = [item for item in ids if item not in self._index]
         if absent:
             raise DataError(
                 f"{len(absent)} ids are not in embedding cache {self.root} (e.g. {absent[:5]}). Embed them first."
             )
-        if not ids:
-            return [], torch.empty(0, self._dim or 0)
-        where = torch.tensor([self._index[item] for item in ids], dtype=torch.long)  # [N, 2]: (shard, row)
-        if len(tensors) == 1:
-            return ids, tensors[0].index_select(0, where[:, 1])
-        out = torch.empty(len(ids), self._dim)
-        for number, tensor in enumerate(tensors):  # gather shard by shard: no copy of the whole table
-            take = where[:, 0] == number
-            if take.any():
-                out[take] = tensor.index_select(0, where[take, 1])
-        return ids, out
+        return ids
+
+    def load(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """``(ids, [N, dim] float32)`` (token-level text: ``[N, L, dim]``); all of the cache (in insertion order)
+        or the given ids, in their order.
+
+        A single-shard cache loaded whole is a copy-on-write memory map of the shard (zero-copy, paged
+        in lazily; writes never reach the file); anything else is gathered into memory.
+        """
+        wanted = self._check_present(ids)
+        return (self.ids if wanted is None else wanted), self._gather(_TENSOR, wanted)
+
+    def load_tokens(self, ids: Sequence[str] | None = None) -> tuple[list[str], TextTokens]:
+        """``(ids, TextTokens(states [N, L, dim], mask [N, L]))`` of a token-level text cache (memory-mapped as ``load``)."""
+        if self.max_text_tokens is None:
+            raise CacheMismatchError(
+                f"Embedding cache {self.root} holds one pooled vector per id, not token-level text; embed the texts "
+                "with max_text_tokens set (a cache of its own) or use pooled text (max_text_tokens: 0)."
+            )
+        wanted = self._check_present(ids)
+        return (self.ids if wanted is None else wanted), TextTokens(
+            self._gather(_TENSOR, wanted), self._gather(_MASK, wanted)
+        )
 
 
 def embed_with_cache(
@@ -366,7 +431,7 @@ def embed_with_cache(
     """Embed only the ids the cache lacks, one appended shard per ``batch_size`` items; return all in ``ids`` order.
 
     ``items[i]`` is the input for ``ids[i]`` (an image path, a text, an (image, text) pair, ...);
-    ``embed_fn`` maps a list of items to ``[n, dim]``. Interrupt it at any point and call it again:
+    ``embed_fn`` maps a list of items to ``[n, dim]`` (or, for a token-level text cache, to ``TextTokens``). Interrupt it at any point and call it again:
     finished chunks are kept, the rest is computed, nothing is duplicated.
     """
     if len(ids) != len(items):
@@ -379,6 +444,10 @@ def embed_with_cache(
             with tqdm(total=len(todo), desc=desc, disable=not progress, unit="item") as bar:
                 for start in range(0, len(todo), batch_size):
                     chunk = todo[start : start + batch_size]
-                    cache.append(chunk, embed_fn([items[first[item]] for item in chunk]))
+                    out = embed_fn([items[first[item]] for item in chunk])
+                    if isinstance(out, TextTokens):
+                        cache.append(chunk, out.states, out.mask)
+                    else:
+                        cache.append(chunk, out)
                     bar.update(len(chunk))
     return cache.load(ids)[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from fusion_diff.embedding.base import ImageInput
+from fusion_diff.embedding.base import ImageInput, TextTokens
 from fusion_diff.errors import DataError, MissingFileError
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -59,3 +61,32 @@ def embed_in_batches(
     if not chunks:
         return torch.empty(0, dim)
     return F.normalize(torch.cat(chunks), dim=-1)
+
+
+def tokens_in_batches(
+    encode: Callable[[Sequence[str], int], tuple[torch.Tensor, torch.Tensor, int]],
+    texts: Sequence[str],
+    max_tokens: int,
+    batch_size: int,
+    name: str,
+) -> TextTokens:
+    """Run a backend's token-level text ``encode(batch, max_tokens) -> (states, mask, truncated)`` over ``texts``;
+    every batch is padded to ``max_tokens`` columns, and the truncated texts are counted in one warning."""
+    if max_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens} and {batch_size}.")
+    states, masks, truncated = [], [], 0
+    for start in range(0, len(texts), batch_size):
+        batch_states, batch_mask, cut = encode(texts[start : start + batch_size], max_tokens)
+        pad = max_tokens - batch_states.shape[1]
+        states.append(F.pad(batch_states.float().cpu(), (0, 0, 0, pad)))
+        masks.append(F.pad(batch_mask.cpu(), (0, pad)))
+        truncated += cut
+    if truncated:
+        logger.warning(
+            "%s: %d of %d texts are longer than max_text_tokens=%d and were truncated (end-of-text token kept); "
+            "raise max_text_tokens to keep all of them.",
+            name, truncated, len(texts), max_tokens,
+        )  # fmt: skip
+    if not states:
+        return TextTokens(torch.empty(0, max_tokens, 0), torch.zeros(0, max_tokens, dtype=torch.bool))
+    return TextTokens(torch.cat(states), torch.cat(masks))

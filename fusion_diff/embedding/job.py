@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fusion_diff.embedding.base import TextTokens
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.utils.image_sources import batches_of, loaded_batches
 from fusion_diff.utils.sharding import Processes
@@ -36,7 +37,8 @@ def embed_sharded(
 
     ``items[i]`` is the input of ``ids[i]`` (a path, a ``TarMember``, a text, an (image, text)
     tuple); images are decoded by ``num_workers`` DataLoader workers and ``embed_batch`` maps one
-    decoded batch to ``[n, dim]``.
+    decoded batch to ``[n, dim]`` (or to ``TextTokens`` for a token-level text cache: ``max_text_tokens``
+    in ``identity``).
     """
     if len(ids) != len(items):
         raise ValueError(f"embed_sharded needs one item per id, got {len(ids)} ids and {len(items)} items.")
@@ -58,9 +60,14 @@ def embed_sharded(
                 parts = []
                 for _ in batches_of_unit:
                     batch = next(batches)
-                    parts.append(embed_batch(batch).float().cpu())
+                    parts.append(embed_batch(batch))
                     bar.update(len(batch))
-                cache.write_shard(base + start // chunk_size, todo[start : start + chunk_size], torch.cat(parts))
+                unit_ids, number = todo[start : start + chunk_size], base + start // chunk_size
+                if isinstance(parts[0], TextTokens):  # token-level text: states and their masks
+                    states, mask = torch.cat([p.states for p in parts]), torch.cat([p.mask for p in parts])
+                    cache.write_shard(number, unit_ids, states, mask)
+                else:
+                    cache.write_shard(number, unit_ids, torch.cat([p.float().cpu() for p in parts]))
         processes.wait()
         if processes.is_main:
             EmbeddingCache.open(root, identity, expect_unlisted=True)  # lists every process's shards in the manifest

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.factory import load_state_dict
 
-from fusion_diff.embedding.base import EmbedderIdentity, ImageInput, JointEmbedder
-from fusion_diff.embedding.images import as_rgb, embed_in_batches
+from fusion_diff.embedding.base import EmbedderIdentity, ImageInput, JointEmbedder, TextTokens
+from fusion_diff.embedding.images import as_rgb, embed_in_batches, tokens_in_batches
 from fusion_diff.embedding.registry import ensure_registered
 from fusion_diff.embedding.text_checks import tokenize_checked
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
@@ -191,6 +191,42 @@ class OpenCLIPEmbedder(JointEmbedder):
     def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = tokenize_checked(self.tokenizer, texts).to(self.device)
         return self.model.encode_text(tokens, normalize=True)
+
+    @torch.inference_mode()
+    def _encode_text_tokens(self, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One forward of the text transformer over the first ``L`` positions (``L`` = the longest text, at most
+        ``max_tokens``): its attention is causal, so these states equal those of the full-context forward. The
+        states after ``ln_final`` go through ``text_projection``, so the end-of-text state is the pooled
+        embedding (before normalisation) and every token lives in the joint space's coordinates."""
+        model = self.model
+        if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") not in ("argmax", "eos"):
+            raise ConfigError(
+                f"encode_text_tokens supports open_clip CLIP text transformers pooled at the end-of-text token; "
+                f"{self.model_name} has another text tower. Use pooled text (max_text_tokens: 0)."
+            )
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        if model.text_pool_type == "argmax":
+            end = tokens.argmax(dim=-1)
+        else:
+            end = (tokens == model.text_eos_id).int().argmax(dim=-1)
+        long = end >= max_tokens
+        end_token = tokens.gather(1, end[:, None]).squeeze(1)
+        end = torch.clamp(end, max=max_tokens - 1)
+        length = int(end.max()) + 1
+        tokens = tokens[:, :length].clone()
+        tokens[long, length - 1] = end_token[long]  # truncated as open_clip's tokenizer does: end-of-text kept last
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+        attn_mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+        x = model.ln_final(model.transformer(x, attn_mask=attn_mask))
+        projection = model.text_projection
+        if projection is not None:
+            x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        mask = torch.arange(length, device=x.device)[None] <= end[:, None]
+        return x.float() * mask[..., None], mask, int(long.sum())
+
+    def encode_text_tokens(self, texts: Sequence[str], max_tokens: int, batch_size: int = 256) -> TextTokens:
+        return tokens_in_batches(self._encode_text_tokens, texts, max_tokens, batch_size, f"open_clip {self.model_name}")
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         return embed_in_batches(self._encode_images, images, batch_size, self.dim, progress, "embedding images")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fusion_diff.embedding.base import EmbedderIdentity, ImageInput, JointEmbedder
-from fusion_diff.embedding.images import as_rgb, embed_in_batches
+from fusion_diff.embedding.base import EmbedderIdentity, ImageInput, JointEmbedder, TextTokens
+from fusion_diff.embedding.images import as_rgb, embed_in_batches, tokens_in_batches
 from fusion_diff.embedding.openclip import checkpoint_fingerprint
 from fusion_diff.errors import ConfigError, MissingFileError
 from fusion_diff.utils.runtime import announce
@@ -103,6 +103,27 @@ class VLMEmbedder(JointEmbedder):
         mask = inputs["attention_mask"]
         last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # last real token, whatever the padding side
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    @torch.inference_mode()
+    def _encode_text_tokens(self, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The language model's final hidden states over the bare text (no chat template, no instruction: the
+        tokens are the text's own), the first ``max_tokens`` tokens, moved to the left (right padding)."""
+        tokenizer = self.processor.tokenizer
+        lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+        inputs = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**inputs).last_hidden_state  # [B, L, H], padded on the tokenizer's side
+        keep = inputs["attention_mask"].bool()
+        position = keep.long().cumsum(1) - 1  # each real token's place once the padding is moved to the right
+        states = hidden.new_zeros(hidden.shape)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(position)
+        states[rows[keep], position[keep]] = hidden[keep]
+        mask = torch.arange(keep.shape[1], device=keep.device)[None] < keep.sum(1, keepdim=True)
+        return states, mask, sum(length > max_tokens for length in lengths)
+
+    def encode_text_tokens(self, texts: Sequence[str], max_tokens: int, batch_size: int = 64) -> TextTokens:
+        return tokens_in_batches(self._encode_text_tokens, texts, max_tokens, batch_size, f"VLM {self.model_id}")
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         return embed_in_batches(

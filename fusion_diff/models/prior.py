@@ -139,6 +139,11 @@ class FusionPrior(ModelMixin, ConfigMixin):
         self.register_buffer("embedding_mean", torch.zeros(embedding_dim))
         self.register_buffer("embedding_std", torch.ones(embedding_dim))
 
+    @property
+    def text_tokens(self) -> int | None:
+        """``max_text_tokens`` of a token-level text condition; None for pooled text (``max_text_tokens == 1``)."""
+        return self.config.max_text_tokens if self.config.max_text_tokens > 1 else None
+
     # ---- standardisation ---------------------------------------------------------------------
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor, min_std: float = 1e-6) -> None:

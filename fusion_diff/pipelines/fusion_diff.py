@@ -5,6 +5,10 @@ in through the prior's text condition, the reference's embedding through the ada
 Guidance uses two scales in the InstructPix2Pix form, and all guidance branches of a step run as
 one batched forward. Every initial noise is drawn up front from the caller's generator, so
 results do not depend on ``batch_size`` and are reproducible under a seed.
+
+The text condition is the prior's: a pooled vector per text, or (a prior built with
+``max_text_tokens > 1``) the text tower's token states with their mask; a dropped text is the
+prior's learned null token, attended alone.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from fusion_diff.embedding.base import ImageInput, JointEmbedder, upgrade_identity
+from fusion_diff.embedding.base import ImageInput, JointEmbedder, TextTokens, trim_tokens, upgrade_identity
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, regression_input, sampler_name, sampling_scheduler
@@ -59,8 +63,21 @@ def guidance_weights(control_guidance: float, text_guidance: float, with_control
     return {name: w for name, w in weights.items() if w != 0.0}
 
 
+def _pad_tokens(
+    embeds: torch.Tensor, mask: torch.Tensor | None, length: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-level text padded (masked out) to ``length`` tokens, so that two texts stack in one batch."""
+    if mask is None or embeds.shape[1] == length:
+        return embeds, mask
+    pad = length - embeds.shape[1]
+    return F.pad(embeds, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+
+
 class GuidedDenoiser:
-    """The guided model output for one chunk of rows: every branch stacked into one ``predict`` call."""
+    """The guided model output for one chunk of rows: every branch stacked into one ``predict`` call.
+
+    Token-level text (``text_mask`` given) stacks too: the texts of all branches are padded to one length.
+    """
 
     def __init__(
         self,
@@ -72,19 +89,30 @@ class GuidedDenoiser:
         control_guidance: float = 1.5,
         text_guidance: float = 1.5,
         conditioning_scale: float = 1.0,
+        text_mask: torch.Tensor | None = None,
+        negative_text_mask: torch.Tensor | None = None,
     ):
         if adapter is not None and control_embeds is None:
             raise ValueError("GuidedDenoiser: an adapter needs control_embeds.")
         self.prior, self.adapter, self.conditioning_scale = prior, adapter, conditioning_scale
         weights = guidance_weights(control_guidance, text_guidance, with_control=adapter is not None)
         n, device = text_embeds.shape[0], text_embeds.device
-        unconditional_text = text_embeds if negative_text_embeds is None else negative_text_embeds
+        unconditional_text, unconditional_mask = text_embeds, text_mask
+        if negative_text_embeds is not None:
+            unconditional_text, unconditional_mask = negative_text_embeds, negative_text_mask
+        if text_mask is not None:
+            length = max(text_embeds.shape[1], unconditional_text.shape[1])
+            text_embeds, text_mask = _pad_tokens(text_embeds, text_mask, length)
+            unconditional_text, unconditional_mask = _pad_tokens(unconditional_text, unconditional_mask, length)
 
         def flags(value: bool) -> torch.Tensor:
             return torch.full((n,), value, dtype=torch.bool, device=device)
 
         self.num_branches = len(weights)
         self.text = torch.cat([text_embeds if b == "full" else unconditional_text for b in weights])
+        self.text_mask = None
+        if text_mask is not None:
+            self.text_mask = torch.cat([text_mask if b == "full" else unconditional_mask for b in weights])
         self.drop_text = torch.cat([flags(b != "full" and negative_text_embeds is None) for b in weights])
         self.drop_control = torch.cat([flags(b == "uncond") for b in weights])
         self.control = None if control_embeds is None else control_embeds.repeat(self.num_branches, 1)
@@ -103,6 +131,7 @@ class GuidedDenoiser:
             drop_text=self.drop_text,
             drop_control=self.drop_control if self.adapter is not None else None,
             conditioning_scale=self.conditioning_scale,
+            text_attention_mask=self.text_mask,
         )
         return (self.weights * out.view(self.num_branches, *sample.shape)).sum(0)
 
@@ -162,6 +191,27 @@ class FusionDiffPipeline(DiffusionPipeline):
     def sampler(self) -> str:
         return sampler_name(self.scheduler)
 
+    def encode_text(self, texts: Sequence[str], embedder: JointEmbedder | None = None) -> TextTokens | torch.Tensor:
+        """The prior's text condition for ``texts``: pooled ``[B, dt]``, or token states and mask (trimmed to
+        the longest text) for a token-level prior; one batched forward of the text tower."""
+        embedder = embedder or self.embedder
+        if embedder is None:
+            raise ConfigError("FusionDiffPipeline.encode_text needs an embedder (bind_embedder or pass one).")
+        if self.prior.text_tokens is None:
+            return embedder.embed_texts(list(texts))
+        tokens = embedder.encode_text_tokens(list(texts), self.prior.text_tokens, batch_size=max(len(texts), 1))
+        return trim_tokens(*tokens)
+
+    def text_condition(
+        self, texts: Sequence[str], embedder: JointEmbedder | None = None, pooled: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(text_embeds, text_attention_mask)`` for ``sample``: ``pooled`` (already computed ``f(T)``) when the
+        prior takes pooled text and it is given, else ``encode_text`` (mask None for pooled text)."""
+        if self.prior.text_tokens is None and pooled is not None:
+            return pooled, None
+        text = self.encode_text(texts, embedder)
+        return (text.states, text.mask) if isinstance(text, TextTokens) else (text, None)
+
     # ---- sampling ----------------------------------------------------------------------------
 
     def sample(
@@ -181,6 +231,8 @@ class FusionDiffPipeline(DiffusionPipeline):
         precision: str = "fp32",
         shared_noise: bool = False,
         return_samples: bool = False,
+        text_attention_mask: torch.Tensor | None = None,
+        negative_text_attention_mask: torch.Tensor | None = None,
     ) -> FusionDiffPipelineOutput:
         """Query embeddings ``[B, d]`` from modification-text embeddings and reference (control) embeddings.
 
@@ -188,7 +240,8 @@ class FusionDiffPipeline(DiffusionPipeline):
         its fixed input instead of the sampler loop: ``num_inference_steps`` and the noise do not apply.
 
         Args:
-            text_embeds: ``f(T_mod)``, ``[B, dt]``.
+            text_embeds: ``f(T_mod)``, ``[B, dt]``; for a token-level prior its token states ``[B, L, dt]``
+                with ``text_attention_mask [B, L]`` (``encode_text`` gives both).
             control_embeds: the reference's joint-space embedding ``[B, d]`` (fused or image-only);
                 required with an adapter; without one it is only used by ``mix_reference``.
             negative_text_embeds: replaces the null text in the unconditional branches.
@@ -206,10 +259,9 @@ class FusionDiffPipeline(DiffusionPipeline):
             conditioning_scale: scales the adapter's residuals.
             precision: ``"fp32"``, or ``"bf16"`` to run the denoiser under bfloat16 autocast (about 2x
                 faster on CPUs with AVX512-BF16 / AMX; scheduler arithmetic stays in float32).
+            text_attention_mask, negative_text_attention_mask: the masks of token-level text (True = real token).
         """
-        text_embeds = self._prepare(
-            text_embeds, "text_embeds", self.prior.config.text_embed_dim or self.prior.config.embedding_dim
-        )
+        text_embeds, text_mask = self._prepare_text(text_embeds, text_attention_mask, "text_embeds")
         b = text_embeds.shape[0]
         if self.adapter is not None and control_embeds is None:
             raise ValueError(
@@ -217,11 +269,15 @@ class FusionDiffPipeline(DiffusionPipeline):
                 "(the reference's embedding), or build the pipeline without an adapter for prior-only sampling."
             )
         control = self._prepare(control_embeds, "control_embeds", self.prior.config.embedding_dim, b)
-        negative = self._prepare(negative_text_embeds, "negative_text_embeds", text_embeds.shape[-1], b)
+        negative, negative_mask = self._prepare_text(
+            negative_text_embeds, negative_text_attention_mask, "negative_text_embeds", b
+        )
         return self._generate(
             text_embeds,
             control,
             negative,
+            text_mask=text_mask,
+            negative_mask=negative_mask,
             adapter=self.adapter,
             num_inference_steps=num_inference_steps,
             control_guidance=control_guidance,
@@ -251,24 +307,27 @@ class FusionDiffPipeline(DiffusionPipeline):
         return_trajectory: bool = False,
         batch_size: int = 1024,
         precision: str = "fp32",
+        text_attention_mask: torch.Tensor | None = None,
+        negative_text_attention_mask: torch.Tensor | None = None,
     ) -> FusionDiffPipelineOutput:
         """Training-free edit with the prior alone: noise the reference's embedding to ``strength``, denoise with text.
 
         ``strength`` in [0, 1]: the share of the schedule that is re-run (0 returns the reference,
-        1 samples from pure noise). The adapter, if any, is not used.
+        1 samples from pure noise). The adapter, if any, is not used. Text as in ``sample``.
         """
         d = self.prior.config.embedding_dim
         reference = self._prepare(reference_embeds, "reference_embeds", d)
-        text_embeds = self._prepare(
-            text_embeds, "text_embeds", self.prior.config.text_embed_dim or d, reference.shape[0]
-        )
-        negative = self._prepare(
-            negative_text_embeds, "negative_text_embeds", text_embeds.shape[-1], reference.shape[0]
+        b = reference.shape[0]
+        text_embeds, text_mask = self._prepare_text(text_embeds, text_attention_mask, "text_embeds", b)
+        negative, negative_mask = self._prepare_text(
+            negative_text_embeds, negative_text_attention_mask, "negative_text_embeds", b
         )
         return self._generate(
             text_embeds,
             reference,
             negative,
+            text_mask=text_mask,
+            negative_mask=negative_mask,
             init=reference,
             strength=strength,
             adapter=None,
@@ -311,11 +370,46 @@ class FusionDiffPipeline(DiffusionPipeline):
             control = self.embedder.embed_pairs(reference_images, list(reference_captions))
         else:
             control = self.embedder.embed_images(reference_images)
-        text = self.embedder.embed_texts(list(instructions))
-        negative = self.embedder.embed_texts(list(negative_instructions)) if negative_instructions is not None else None
-        return self.sample(text, control, negative, **sample_kwargs)
+        text, text_mask = self.text_condition(instructions)
+        negative, negative_mask = None, None
+        if negative_instructions is not None:
+            negative, negative_mask = self.text_condition(negative_instructions)
+        return self.sample(
+            text,
+            control,
+            negative,
+            text_attention_mask=text_mask,
+            negative_text_attention_mask=negative_mask,
+            **sample_kwargs,
+        )
 
     # ---- internals ---------------------------------------------------------------------------
+
+    def _prepare_text(
+        self, embeds: torch.Tensor | None, mask: torch.Tensor | None, name: str, rows: int | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Check that text is of the kind the prior was trained on (pooled vs token-level), then ``_prepare`` it."""
+        if embeds is None:
+            return None, None
+        tokens = self.prior.text_tokens
+        embeds = torch.as_tensor(embeds)
+        given = "token-level" if embeds.dim() == 3 or mask is not None else "pooled"
+        if (tokens is None) != (given == "pooled"):
+            kind = f"token-level text (max_text_tokens={tokens})" if tokens else "pooled text"
+            raise DataError(
+                f"FusionDiffPipeline: {name} is {given} text {tuple(embeds.shape)} but the prior was trained on {kind}. "
+                "Encode the texts with pipeline.encode_text(texts) (it follows the prior)."
+            )
+        dim = self.prior.config.text_embed_dim or self.prior.config.embedding_dim
+        if tokens is None:
+            return self._prepare(embeds, name, dim, rows), None
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+        if embeds.dim() != 3 or embeds.shape[1] > tokens or mask.shape != embeds.shape[:2] or not mask.any(1).all():
+            raise DataError(
+                f"FusionDiffPipeline: {name} {tuple(embeds.shape)} with mask {tuple(mask.shape)} is not token-level "
+                f"text of at most {tokens} tokens with at least one real token per row; use pipeline.encode_text."
+            )
+        return self._prepare(embeds, name, dim, rows), mask.to(self.device)
 
     def _prepare(
         self, embeds: torch.Tensor | None, name: str, dim: int, rows: int | None = None
@@ -324,7 +418,7 @@ class FusionDiffPipeline(DiffusionPipeline):
         if embeds is None:
             return None
         embeds = torch.as_tensor(embeds)
-        token_level = name.endswith("text_embeds") and self.prior.config.max_text_tokens > 1 and embeds.dim() == 3
+        token_level = name.endswith("text_embeds") and self.prior.text_tokens is not None and embeds.dim() == 3
         if (
             (embeds.dim() != 2 and not token_level)
             or embeds.shape[-1] != dim
@@ -360,6 +454,8 @@ class FusionDiffPipeline(DiffusionPipeline):
         conditioning_scale: float = 1.0,
         shared_noise: bool = False,
         return_samples: bool = False,
+        text_mask: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
     ) -> FusionDiffPipelineOutput:
         """Shared loop of ``sample`` (``init`` None: start from noise) and ``emb2emb`` (start from noised ``init``)."""
         self.check_sampling_settings(
@@ -387,6 +483,7 @@ class FusionDiffPipeline(DiffusionPipeline):
             return None if x is None else x.repeat_interleave(num_samples, dim=0)
 
         text_r, control_r, negative_r = rows(text), rows(control), rows(negative)
+        text_mask_r, negative_mask_r = rows(text_mask), rows(negative_mask)
         init_r = None if init is None else self.prior.standardize(rows(init))
         draws = num_samples if shared_noise else b * num_samples  # rows are query-major: repeat the shared block
         noise = randn_tensor((draws, d), generator=generator, device=self.device, dtype=self.prior.dtype)
@@ -418,6 +515,8 @@ class FusionDiffPipeline(DiffusionPipeline):
                     control_guidance,
                     text_guidance,
                     conditioning_scale,
+                    None if text_mask_r is None else text_mask_r[sl],
+                    None if negative_mask_r is None else negative_mask_r[sl],
                 )
                 steps = []
                 for t in timesteps:

@@ -83,6 +83,17 @@ class _SamplingMethod:
     def mix(self, queries: torch.Tensor, context: QueryContext) -> torch.Tensor:
         return mix_toward_reference(queries, self.gallery_reference(context), self.mix_reference)
 
+    def text_condition(
+        self, context: QueryContext, texts: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(embeds, mask)`` of the modification texts (or ``texts``) in the prior's kind of text condition:
+        the context's pooled embeddings, or the token states of one batched text-tower forward (mask None: pooled)."""
+        if texts is not None:
+            return self.pipeline.text_condition(texts, context.embedder)
+        return self.pipeline.text_condition(
+            context.modification_texts, context.embedder, context.modification_text_embeds
+        )
+
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
@@ -101,6 +112,7 @@ class _SamplingMethod:
             "mix_anchor": "f(I_ref)" if self.gallery_mode == "image" else "control",
             "seed": self.seed,
             "precision": self.precision,
+            "text_condition": f"tokens<={prior_cfg.max_text_tokens}" if self.pipeline.prior.text_tokens else "pooled",
             "control_mode": self.control_mode,
             "control_used": self.control_used,
             "gallery_mode": self.gallery_mode,
@@ -185,13 +197,19 @@ class FusionDiffMethod(_SamplingMethod):
         """The pipeline's output for ``context`` before the mix toward the reference; with ``return_trajectory``
         also z after every step (the web page draws that walk)."""
         self.bind(context)
-        negative = None
+        text, text_mask = self.text_condition(context)
+        negative, negative_mask = None, None
         if self.negative_text:
-            negative = context.embedder.embed_texts([self.negative_text]).expand(len(context.query_ids), -1)
+            negative, negative_mask = self.text_condition(context, [self.negative_text])
+            rows = len(context.query_ids)
+            negative = negative.expand(rows, *negative.shape[1:])
+            negative_mask = None if negative_mask is None else negative_mask.expand(rows, -1)
         return self.pipeline.sample(
-            context.modification_text_embeds,
+            text,
             control_embeds=self.reference_embeds(context),
             negative_text_embeds=negative,
+            text_attention_mask=text_mask,
+            negative_text_attention_mask=negative_mask,
             num_inference_steps=self.num_inference_steps,
             control_guidance=self.control_guidance,
             text_guidance=self.text_guidance,
@@ -258,9 +276,11 @@ class Emb2EmbMethod(_SamplingMethod):
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
         self.bind(context)
+        text, text_mask = self.text_condition(context)
         queries = self.pipeline.emb2emb(
             self.reference_embeds(context),
-            context.modification_text_embeds,
+            text,
+            text_attention_mask=text_mask,
             strength=self.strength,
             num_inference_steps=self.num_inference_steps,
             text_guidance=self.text_guidance,

@@ -29,7 +29,7 @@ from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, predicted_sample
 from fusion_diff.models.prior import FusionPrior
 from fusion_diff.training.config import TrainConfig, require
-from fusion_diff.training.data import TripletEmbeddingDataset
+from fusion_diff.training.data import TripletEmbeddingDataset, check_text_condition, describe_text_condition
 from fusion_diff.training.prior_task import (
     DenoisedBatch,
     build_pipeline,
@@ -62,6 +62,8 @@ class AdapterModelConfig:
     # pretrained: the stage-1 weights; random: the no-stage-1 ablation (the prior's architecture, fresh weights)
     prior_init: Literal["pretrained", "random"] = "pretrained"
     regression_loss: Literal["mse", "cosine"] = "mse"  # a regression prior (objective from stage 1) only
+    # The text condition is the frozen prior's: null follows it; a value (0 = pooled) must match it.
+    max_text_tokens: int | None = None
 
     def __post_init__(self) -> None:
         require(self.num_blocks is None or self.num_blocks > 0, "num_blocks", "must be > 0 or null")
@@ -97,13 +99,32 @@ class AdapterTask:
         self.contrastive_temperature = model_cfg.contrastive_temperature
         self.regression_loss = model_cfg.regression_loss
         self.prior, self.scheduler = load_stage1(model_cfg.prior_path)
-        self.dataset = TripletEmbeddingDataset(self.data_cfg.triplet_embeddings, self.data_cfg.control_source)
+        self._check_text_condition(model_cfg)
+        self.dataset = TripletEmbeddingDataset(
+            self.data_cfg.triplet_embeddings, self.data_cfg.control_source, self.prior.text_tokens
+        )
+        check_text_condition(
+            self.prior.text_tokens,
+            self.dataset.text_tokens(),
+            f"The prior at {model_cfg.prior_path}",
+            str(self.dataset.roots["text"]),
+        )
         self._check_backbone(model_cfg.prior_path)
         if model_cfg.prior_init == "random":
             self.prior = random_prior_like(self.prior, self.dataset.tensors["target"])
         self.prior.requires_grad_(False)
         self.prior.eval()
         self.adapter = ControlAdapter.from_prior(self.prior, num_blocks=model_cfg.num_blocks)
+
+    def _check_text_condition(self, model_cfg: AdapterModelConfig) -> None:
+        """The adapter's text goes in through the frozen prior: a stage-2 setting must agree with the prior's."""
+        asked = model_cfg.max_text_tokens
+        if asked is not None and (asked or None) != self.prior.text_tokens:
+            raise CacheMismatchError(
+                f"Stage 2 asks for {describe_text_condition(asked)} (model.max_text_tokens={asked}) but the prior at "
+                f"{model_cfg.prior_path} was trained on {describe_text_condition(self.prior.text_tokens)}. Drop "
+                "model.max_text_tokens (it follows the prior) or train a prior with that setting."
+            )
 
     def _check_backbone(self, prior_path: str) -> None:
         """Refuse triplets embedded by another backbone than the prior's pairs (their spaces differ)."""
@@ -135,7 +156,7 @@ class AdapterTask:
         def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             return predict(
                 self.prior, trainable, noisy, timesteps, batch["text"], batch["control"],
-                drop_text, drop_control, self.conditioning_scale,
+                drop_text, drop_control, self.conditioning_scale, batch.get("text_mask"),
             )  # fmt: skip
 
         denoised = denoise_for_objective(self.prior, self.scheduler, z0, denoise, generator)

@@ -48,6 +48,9 @@ class PriorModelConfig:
     num_train_timesteps: int = 1000  # the cosine (squaredcos_cap_v2) schedule of fusion_diff.models.denoise
     objective: Literal["diffusion", "regression"] = "diffusion"  # regression: the direct-regression ablation
     regression_loss: Literal["mse", "cosine"] = "mse"  # objective regression only
+    # 0/null: the caption's pooled text embedding (one condition token, the fast default); N >= 2: the text
+    # tower's token states, up to N tokens (the pair embeddings need a text_tokens/ cache of that N).
+    max_text_tokens: int | None = None
 
     def __post_init__(self) -> None:
         require(self.objective in OBJECTIVES, "objective", f"must be one of {list(OBJECTIVES)}")
@@ -55,6 +58,11 @@ class PriorModelConfig:
             self.objective == "diffusion" or self.prediction_type == "sample",
             "prediction_type",
             "must be 'sample' with objective: regression (the regressor outputs z0)",
+        )
+        require(
+            not self.max_text_tokens or self.max_text_tokens >= 2,
+            "max_text_tokens",
+            "must be 0/null (pooled text) or >= 2 (token-level text)",
         )
         require(
             self.hidden_dim > 0 and self.num_layers > 0 and self.num_heads > 0,
@@ -168,7 +176,7 @@ class PriorTask:
         model_cfg: PriorModelConfig = config.model
         self.data_cfg: PriorDataConfig = config.data
         self.validation_fn = validation_fn
-        self.dataset = PairEmbeddingDataset(self.data_cfg.pair_embeddings)
+        self.dataset = PairEmbeddingDataset(self.data_cfg.pair_embeddings, model_cfg.max_text_tokens)
         dims = self.dataset.dims
         self.prior = FusionPrior(
             embedding_dim=dims["target"],
@@ -180,6 +188,7 @@ class PriorTask:
             dropout=model_cfg.dropout,
             prediction_type=model_cfg.prediction_type,
             num_train_timesteps=model_cfg.num_train_timesteps,
+            max_text_tokens=model_cfg.max_text_tokens or 1,
             embedder_identity=embedder_identity(self.dataset),
             objective=model_cfg.objective,
         )
@@ -204,7 +213,9 @@ class PriorTask:
         def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             # The prior's forward is ``denoise.predict(prior, None, ...)`` (embed_tokens + decode); it is
             # called through the prepared module so that DDP synchronises the gradients.
-            return trainable(noisy, timesteps, batch["text"], drop_text=drop_text).sample
+            return trainable(
+                noisy, timesteps, batch["text"], drop_text=drop_text, text_attention_mask=batch.get("text_mask")
+            ).sample
 
         denoised = denoise_for_objective(self.prior, self.scheduler, z0, denoise, generator)
         return objective_loss(self.prior, denoised, self.regression_loss), {}
