@@ -1,14 +1,15 @@
 """The demo's time budget: measure this machine, estimate the demo, and shorten its training to fit, saying so.
 
-The reference schedule (``configs/demo.yaml``) takes ~18 min on the reference 2-core CPU and ~50 min on a
-2-core AMD EPYC without AVX-512 (issue 19). Before the first step the demo times a short fixed workload
+The reference schedule (``configs/demo.yaml``) takes ~18 min on the reference 2-core CPU and, by the step
+times of a from-nothing run there, ~27 min on a 2-core AMD EPYC without AVX-512 (issue 19; ~50 min before
+the fused optimiser and faster data paths). Before the first step the demo times a short fixed workload
 (``probe_seconds``: a few training steps of the world backbone, the demo's costliest kind of work), turns
 it into this machine's speed relative to the reference CPU, and estimates every step that is still to
 run. When the estimate exceeds the budget, every training schedule and training-set size but the world
 backbone's is scaled by one factor (the same number of epochs over fewer samples and fewer steps), never
 the benchmark or the table's rows. The backbone is scaled last and, by default, not at all: at 480 of its
 1,600 steps (x0.30) its held-out zero-shot shape accuracy fell from 96.7% to 31.9% and image->caption
-R@1 from 88.3% to 25.2% (measured on the 2-core EPYC, issue 19), which would sink every row. The plan is the plan is printed, kept in ``<out_dir>/demo_budget.json`` (a rerun of the same config
+R@1 from 88.3% to 25.2% (measured on the 2-core EPYC, issue 19), which would sink every row. The plan is printed, kept in ``<out_dir>/demo_budget.json`` (a rerun of the same config
 resumes it instead of measuring again, so nothing retrains) and recorded in every result's protocol line. Its numbers are then
 not the reference numbers. ``fusion-diff demo --no-budget`` runs the reference schedule.
 """
@@ -33,10 +34,12 @@ PLAN_FILE = "demo_budget.json"
 BACKBONE = "world backbone"  # the demo step that trains it
 SHOWN = ("backbone_steps", "pairs", "triplets", "scene_captioner_steps", "max_train_steps")  # in the protocol line
 SCALE_STEP = 0.05  # scales are multiples of this (rounded down), so that near-equal speeds give one plan
-# The probe's seconds per backbone step on the reference CPU: the README's from-nothing run spent ~320 of
-# the backbone's 335 s on its 1,600 training steps (the rest is held-out evaluation and saving). Derived, not
-# timed by the probe itself there (that machine was not at hand when the probe was written).
-REFERENCE_PROBE_SECONDS = 0.2
+# What the probe would read on the reference CPU, calibrated on a whole demo rather than on the backbone
+# alone: on the 2-core AMD EPYC (AVX2, no AVX-512) the probe read 0.229 s per step and the from-nothing demo
+# then took 1,521 s for steps whose reference times (at its plan) sum to 1,046 s, i.e. 1.455x; 0.229 / 1.455.
+# (The first value, 0.2, came from the backbone's own steps, which run relatively faster on that CPU (1.28x)
+# than the rest of the demo (1.5-1.6x): with it the plan expected ~20 min and the demo took 25.5.)
+REFERENCE_PROBE_SECONDS = 0.158
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ REFERENCE_COSTS: dict[str, StepCost] = {
     "FTI4CIR": StepCost(6, 60),  # 300 steps; image features of the pair set
     "evaluation (test split)": StepCost(91, 0),  # the table: never scaled
     "plots": StepCost(1, 0),
-    "query index (fusion-diff query)": StepCost(10, 0),  # added after that run: not measured there, a guess
+    "query index (fusion-diff query)": StepCost(21, 0),  # not in that run: 31 s on the 2-core EPYC, / 1.455
 }
 
 

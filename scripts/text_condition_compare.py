@@ -2,7 +2,7 @@
 
     python scripts/text_condition_compare.py [--config configs/demo_quick.yaml] [--max-text-tokens 32]
         [--out runs/text-condition] [--captioner retrieval] [--val-queries 1000] [--stage1-steps N --stage2-steps N]
-        [data.pairs=2000 ...]   # demo config overrides
+        [data.pairs=2000 world.backbone_cache=DIR ...]   # demo config overrides
 
 Both variants run the demo's own steps (``fusion_diff.demo.Demo``) at the sizes of ``--config``, on the same
 world backbone, benchmark, pair set and triplet set (built once under ``<out>/shared``; the token-level run
@@ -23,11 +23,12 @@ from pathlib import Path
 from fusion_diff.demo import CONFIG_DIR, Demo, DemoConfig
 from fusion_diff.training.config import load_dataclass
 
-SHARED = ("benchmark", "pairs", "pair_embeddings", "captioner", "triplets", "triplet_embeddings", "eval_cache")
+SHARED = ("benchmark", "pairs", "pair_embeddings", "triplets", "triplet_embeddings", "eval_cache")
 
 
 def variant(base: DemoConfig, out: Path, name: str, stage1: list[str], stage2: list[str], captioner: str) -> Demo:
-    """A demo of ``base`` in ``out/name`` whose data folders are links into ``out/shared``."""
+    """A demo of ``base`` in ``out/name`` whose data folders are links into ``out/shared``; the reference
+    schedule (no time budget: both variants must train alike) and no FTI4CIR, open-edit benchmark or val hook."""
     training = replace(
         base.training,
         fti4cir=None,
@@ -36,7 +37,14 @@ def variant(base: DemoConfig, out: Path, name: str, stage1: list[str], stage2: l
         stage2_overrides=[*base.training.stage2_overrides, *stage2],
     )
     evaluation = replace(base.evaluation, captioner={"type": captioner}, training_phrasing=False)
-    config = replace(base, out_dir=str(out / name), training=training, evaluation=evaluation)
+    config = replace(
+        base,
+        out_dir=str(out / name),
+        world=replace(base.world, open_test_queries=0),
+        training=training,
+        evaluation=evaluation,
+        budget=replace(base.budget, minutes=None),
+    )
     root = out / name
     root.mkdir(parents=True, exist_ok=True)
     for folder in SHARED:
@@ -44,37 +52,22 @@ def variant(base: DemoConfig, out: Path, name: str, stage1: list[str], stage2: l
         link = root / folder
         if not link.is_symlink():
             link.symlink_to(out / "shared" / folder, target_is_directory=True)
+    # The scene captioner's builder renames a finished folder into place, which a link cannot take: the first
+    # variant builds it in its own folder and the next ones link to that one.
+    captioner = root / "captioner"
+    built = [p for p in out.glob("*/captioner") if p.is_dir() and not p.is_symlink() and p != captioner]
+    if built and not captioner.exists():
+        captioner.symlink_to(built[0].resolve(), target_is_directory=True)
     return Demo(config, CONFIG_DIR, progress=False)
 
 
-def run(demo: Demo, name: str, backbone_cache: str | None) -> dict:
-    """Data (cached after the first variant), stages 1 and 2, then Fusion-Diff on val: overall and per edit kind.
-
-    ``backbone_cache``: use the backbone in that folder as it is (whatever config trained it), never retrain it.
-    """
-    from data_synth.shapes.backbone import load_world_embedder
+def run(demo: Demo, name: str) -> dict:
+    """The demo's data and stages 1-2 (``Demo.prepare``: cached after the first variant), then Fusion-Diff on
+    val: overall and per edit kind."""
     from fusion_diff.baselines import create_method
     from fusion_diff.benchmarks.shapes import edit_kinds, recall_at_1_by_kind
 
-    with demo.step("world backbone"):
-        if backbone_cache:
-            demo.embedder = load_world_embedder(cache=backbone_cache, train_if_missing=False, progress=False)
-        else:
-            demo.embedder = demo.build_backbone()
-    with demo.step("benchmark"):
-        demo.build_benchmark()
-    with demo.step("pair set + embeddings"):
-        demo.build_pairs()
-    if demo.config.evaluation.captioner.get("type") == "scene":
-        with demo.step("scene captioner"):
-            demo.build_scene_captioner()
-    with demo.step("triplets + embeddings"):
-        demo.build_triplets()
-    with demo.step("stage 1: prior"):
-        stage1 = demo.train_stage("stage1", {"data.pair_embeddings": demo.path("pair_embeddings")})
-    with demo.step("stage 2: Control-Adapter"):
-        paths = {"model.prior_path": stage1, "data.triplet_embeddings": demo.path("triplet_embeddings")}
-        stage2 = demo.train_stage("stage2", paths)
+    _, stage2 = demo.prepare()
     start = time.perf_counter()  # not a demo.step: the demo's time estimate knows only its own steps
     evaluator = demo.evaluator("val")
     method = create_method("fusion-diff", pipeline=str(stage2), name=name, **demo.fusion_diff_options())
@@ -93,11 +86,6 @@ def main() -> None:
     parser.add_argument("--val-queries", type=int, default=1000)
     parser.add_argument("--stage1-steps", type=int, default=None, help="override both variants' stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, default=None, help="override both variants' stage-2 steps")
-    parser.add_argument(
-        "--backbone-cache",
-        default=None,
-        help="a world backbone folder, used as it is (default: the demo's, built if missing)",
-    )
     parser.add_argument("--only", choices=("pooled", "tokens"), default=None, help="run one variant")
     parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. data.pairs=2000")
     args = parser.parse_args()
@@ -113,7 +101,7 @@ def main() -> None:
     for name, (folder, stage1) in variants.items():
         if args.only in (None, folder):
             demo = variant(base, args.out.resolve(), folder, stage1, steps2, args.captioner)
-            results[name] = run(demo, name, args.backbone_cache)
+            results[name] = run(demo, name)
     kinds = sorted({kind for r in results.values() for kind in r["r1_by_kind"]})
     lines = [
         (

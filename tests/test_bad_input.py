@@ -381,8 +381,12 @@ def _text_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "fusion_diff.embedding.text_checks"]
 
 
-def test_cut_texts_are_counted_once_per_batch(tiny_openclip, caplog):
-    """The tiny model's context is 32 tokens: longer texts are cut (warned with a count, not dropped)."""
+def test_cut_texts_are_counted_in_the_first_batch_that_cuts(tiny_openclip, caplog, monkeypatch):
+    """The tiny model's context is 32 tokens: longer texts are cut (warned with a count, not dropped), once per
+    process (a training run would otherwise repeat it every step)."""
+    from fusion_diff.embedding import text_checks
+
+    monkeypatch.setattr(text_checks, "_warned_contexts", set())
     texts = ["make it " * 20, "a red square", "add a blue star " * 10]
     with caplog.at_level(logging.WARNING, logger="fusion_diff"):
         embeds = tiny_openclip.embed_texts(texts, batch_size=len(texts))
@@ -393,6 +397,9 @@ def test_cut_texts_are_counted_once_per_batch(tiny_openclip, caplog):
     with caplog.at_level(logging.WARNING, logger="fusion_diff"):
         tiny_openclip.embed_texts(["", "a red square", " ".join(["x"] * 30)])  # 30 + start + end = 32 tokens: fits
     assert _text_warnings(caplog) == []  # an empty text is fine in general (the null prompt is one on purpose)
+    with caplog.at_level(logging.WARNING, logger="fusion_diff"):
+        tiny_openclip.embed_texts(texts)
+    assert _text_warnings(caplog) == []  # said once already
 
 
 def test_empty_instructions_are_counted_once_per_batch(tiny_openclip, caplog):

@@ -212,3 +212,27 @@ def test_method_encodes_instructions_at_token_level_in_one_forward(tiny_openclip
         generator=torch.Generator().manual_seed(0),
     ).embeddings
     torch.testing.assert_close(queries, expected)
+
+
+@pytest.mark.slow
+def test_text_condition_script_compares_both_variants_at_toy_sizes(tmp_path, monkeypatch, capsys):
+    """scripts/text_condition_compare.py: both variants through the demo's own steps, on shared data."""
+    import json
+    import runpy
+    import sys
+
+    from test_demo import toy_demo_config
+
+    _, config = toy_demo_config(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "text_condition_compare.py"
+    out = tmp_path / "compare"
+    argv = [str(script), "--config", str(config), "--out", str(out), "--max-text-tokens", "8", "--val-queries", "12"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--captioner", "scene"])
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"tokens<=8", "pooled"}
+    assert results["tokens<=8"]["protocol"]["method"]["text_condition"] == "tokens<=8"
+    assert results["pooled"]["protocol"]["method"]["text_condition"] == "pooled"
+    for shared in ("pair_embeddings", "captioner"):
+        assert (out / "tokens" / shared).resolve() == (out / "pooled" / shared).resolve()
+    assert "| tokens<=8 |" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Texts a CLIP tokenizer cuts, and empty instructions: warned about (once per batch, with counts), never dropped.
+"""Texts a CLIP tokenizer cuts, and empty instructions: warned about (with counts), never dropped.
 
 open_clip's tokenizers cut every text at the model's context length (77 tokens for the OpenAI models, fewer for
 small ones) without a word, so a long instruction silently loses its end; an empty instruction embeds as the empty
@@ -14,11 +14,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 logger = logging.getLogger(__name__)
+_warned_contexts: set[int] = set()  # a job embeds many batches: the cut is reported once per context length
 
 
 def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
-    """``tokenizer(texts)`` (an open_clip tokenizer), warning once for the batch how many texts it cut to the
-    context length."""
+    """``tokenizer(texts)`` (an open_clip tokenizer), warning how many texts of the batch it cut to the context
+    length: the first time in a process for each context length (a training run or an embedding job would
+    otherwise repeat it for every batch)."""
     texts = list(texts)
     tokens = tokenizer(texts)
     context = tokens.shape[1]
@@ -29,11 +31,13 @@ def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str
         longer = tokenizer(maybe_long, context_length=context + 1)
         pad = tokenizer([""], context_length=context + 1)[0, -1]
         cut = [text for text, row in zip(maybe_long, longer) if row[-1] != pad]
-    if cut:
+    if cut and context not in _warned_contexts:
+        _warned_contexts.add(context)
         example = cut[0] if len(cut[0]) <= 80 else cut[0][:77] + "..."
         logger.warning(
             f"{len(cut)} of {len(texts)} texts in this batch are longer than the text encoder's {context}-token "
-            f"context and were cut to it (their end does not reach the model), e.g. {example!r}. Shorten them."
+            f"context and were cut to it (their end does not reach the model), e.g. {example!r}. Shorten them. "
+            "(Shown once: later batches are not reported again.)"
         )
     return tokens
 
