@@ -35,6 +35,7 @@ from typing import Any
 from fusion_diff.baselines import create_method
 from fusion_diff.benchmarks.report import EvalResult, markdown_table, write_results
 from fusion_diff.demo import Demo, DemoConfig, default_config_path
+from fusion_diff.demo_budget import plan_as_record
 from fusion_diff.training.config import load_dataclass
 
 MULTI_SAMPLE = {"max": {"sample_reduction": "max"}, "lse": {"sample_reduction": "lse", "sample_temperature": 0.05}}
@@ -77,7 +78,7 @@ def test_rows(demo: Demo, stage2: Path, ablations: dict[str, Path], benchmark: s
     rows = [fusion_diff_row("fusion-diff", stage2, options)]
     rows += [fusion_diff_row(f"ablation: {name}", path, options) for name, path in ablations.items()]
     rows += [fusion_diff_row(f"fusion-diff[{r}]", stage2, {**options, **extra}) for r, extra in MULTI_SAMPLE.items()]
-    return [evaluate(evaluator, method) for method in rows]
+    return [evaluate(demo, evaluator, method) for method in rows]
 
 
 def sampling_rows(demo: Demo, stage2: Path) -> list[EvalResult]:
@@ -97,12 +98,14 @@ def sampling_rows(demo: Demo, stage2: Path) -> list[EvalResult]:
     results = []
     for setting in settings:
         name = "fusion-diff[" + ",".join(f"{k}={v}" for k, v in setting.items()) + "]"
-        results.append(evaluate(evaluator, fusion_diff_row(name, stage2, {**base, **setting})))
+        results.append(evaluate(demo, evaluator, fusion_diff_row(name, stage2, {**base, **setting})))
     return results
 
 
-def evaluate(evaluator: Any, method: Any) -> EvalResult:
+def evaluate(demo: Demo, evaluator: Any, method: Any) -> EvalResult:
+    """One row, its protocol naming the schedule it was trained with (the demo's: reference or scaled)."""
     result = evaluator.evaluate(method)
+    result.protocol.update(plan_as_record(demo.plan))
     print(f"    {method.name}: " + "  ".join(f"{k} {v:.2f}" for k, v in list(result.metrics.items())[:3]), flush=True)
     return result
 

@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="with --persisted: where data and indexes go")
     parser.add_argument("--nlist", type=int, default=None, help="with --persisted: IVF lists (default ~4 sqrt(N))")
     parser.add_argument("--nprobe", type=int, default=None, help="with --persisted: IVF lists searched")
-    parser.add_argument("--ef-search", type=int, default=256, help="with --persisted: HNSW efSearch")
+    parser.add_argument("--ef-search", type=int, default=None, help="with --persisted: HNSW efSearch (default: the library's)")
     parser.add_argument("--json-out", type=Path, default=None, help="with --persisted: write all results here")
     parser.add_argument("--search-only", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--query-file", type=Path, default=None, help=argparse.SUPPRESS)

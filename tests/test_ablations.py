@@ -227,6 +227,7 @@ def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, 
     }  # fmt: skip
     assert test_rows["ablation: regression"]["protocol"]["method"]["objective"] == "regression"
     assert test_rows["fusion-diff[max]"]["protocol"]["method"]["sample_reduction"] == "max"
+    assert {r["protocol"]["schedule"] for r in test_rows.values()} == {"reference schedule (configs/demo.yaml)"}
     no_stage1 = yaml.safe_load((tmp_path / "demo/ablation-no-stage1/stage2/training_config.yaml").read_text())
     assert no_stage1["model"]["prior_init"] == "random"
     sweep = json.loads((results / "ablations-val-sampling.json").read_text())

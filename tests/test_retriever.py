@@ -150,7 +150,7 @@ def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
 def test_auto_rule_and_bad_settings():
     assert IndexSettings().resolved(1000, 768).type == "exact"
     big = IndexSettings().resolved(1_000_000, 768)
-    assert (big.type, big.factory(), big.search_parameters()) == ("hnsw", "HNSW32,Flat", "efSearch=256")
+    assert (big.type, big.factory(), big.search_parameters()) == ("hnsw", "HNSW32,Flat", "efSearch=512")
     ivf = IndexSettings("ivf-flat").resolved(1_000_000, 768)
     assert (ivf.nlist, ivf.nprobe) == (4096, 64)
     with pytest.raises(ConfigError, match="Unknown index type 'kd-tree'"):

@@ -160,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--type", choices=INDEX_TYPES, default="auto", help="index type (auto: by gallery size)")
     build.add_argument("--nlist", type=positive_int, help="IVF lists (default ~4 sqrt(N))")
     build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query (default nlist/64, >= 16)")
-    build.add_argument("--ef-search", type=positive_int, default=256, help="HNSW efSearch")
+    build.add_argument("--ef-search", type=positive_int, default=None, help="HNSW efSearch (default 512)")
     build.add_argument(
         "--calibration-texts", help="text file of modification texts: the recall report then uses composed queries"
     )
