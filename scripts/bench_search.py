@@ -96,13 +96,15 @@ def bench_persisted(
     dim: int = 768,
     num_queries: int = 1000,
     k: int = 50,
-    types: tuple[str, ...] = ("exact", "ivf-flat", "ivf-pq", "hnsw"),
+    types: tuple[str, ...] = ("exact", "ivf-flat", "ivf-pq", "hnsw", "hnsw-sq8"),
     threads: int | None = None,
     workdir: Path | None = None,
     seed: int = 0,
     settings: dict[str, Any] | None = None,
+    ef_sweep: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """Build every index type over one clustered gallery, then search each from a fresh process."""
+    """Build every index type over one clustered gallery, then search each from a fresh process
+    (HNSW types once per efSearch of ``ef_sweep``, on the same folder, when it is given)."""
     from fusion_diff.retrieval.store import IndexSettings, PersistentIndex
 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench_search_"))
@@ -125,27 +127,39 @@ def bench_persisted(
         build = time.perf_counter() - start
         info = index.describe()
         del index
-        search = _search_in_fresh_process(root, work / "queries.npy", k, threads, work / f"{kind}-ids.npy")
-        found = np.load(work / f"{kind}-ids.npy")
-        exact_ids = found if kind == "exact" else exact_ids
-        row = {"build_s": build, "disk_mib": info["bytes_on_disk"] / 2**20, "factory": info["factory"], **search}
-        if exact_ids is not None:
-            hit = (found[:, :, None] == exact_ids[:, None, :]).any(-1)
-            row[f"recall@{k}"] = float(hit.mean())
-        row["build_report"] = info["recall"]
-        result[kind] = row
-        print(f"  {kind}: {json.dumps(row)}", flush=True)
+        sweep = ef_sweep if kind.startswith("hnsw") and ef_sweep else (None,)
+        for ef in sweep:
+            name = kind if ef is None else f"{kind} ef{ef}"
+            ids_file = work / f"{name.replace(' ', '-')}-ids.npy"
+            search = _search_in_fresh_process(root, work / "queries.npy", k, threads, ids_file, ef)
+            found = np.load(ids_file)
+            exact_ids = found if kind == "exact" else exact_ids
+            row = {"build_s": build, "disk_mib": info["bytes_on_disk"] / 2**20, "factory": info["factory"], **search}
+            if exact_ids is not None:
+                hit = (found[:, :, None] == exact_ids[:, None, :]).any(-1)
+                row[f"recall@{k}"] = float(hit.mean())
+            row["build_report"] = info["recall"]
+            result[name] = row
+            print(f"  {name}: {json.dumps(row)}", flush=True)
     return result
 
 
-def _search_in_fresh_process(root: Path, queries: Path, k: int, threads: int | None, out: Path) -> dict[str, Any]:
+def _search_in_fresh_process(
+    root: Path, queries: Path, k: int, threads: int | None, out: Path, ef_search: int | None = None,
+    rerank: int | None = None,
+) -> dict[str, Any]:
     command = [sys.executable, __file__, "--search-only", str(root), "--query-file", str(queries), "--k", str(k)]
     command += ["--ids-out", str(out)] + (["--threads", str(threads)] if threads else [])
+    command += ["--ef-search", str(ef_search)] if ef_search else []
+    command += ["--rerank", str(rerank)] if rerank else []
     reply = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(reply.stdout.strip().splitlines()[-1])
 
 
-def _search_only(root: Path, query_file: Path, k: int, ids_out: Path, repeats: int = 3) -> None:
+def _search_only(
+    root: Path, query_file: Path, k: int, ids_out: Path, ef_search: int | None = None, rerank: int | None = None,
+    repeats: int = 3,
+) -> None:
     """Open an index folder, search it (one excluded id per query, as CIRR), print latency and memory as JSON."""
     import faiss  # noqa: F401  (its libraries count in the baseline, not in the index's memory)
 
@@ -153,7 +167,7 @@ def _search_only(root: Path, query_file: Path, k: int, ids_out: Path, repeats: i
 
     baseline = _memory_mib()
     start = time.perf_counter()
-    index = PersistentIndex.load(root)
+    index = PersistentIndex.load(root).tune(ef_search=ef_search, rerank=rerank)
     load = time.perf_counter() - start
     queries = torch.from_numpy(np.load(query_file))
     exclude = [[f"{q:07d}"] for q in range(len(queries))]
@@ -184,9 +198,8 @@ def print_persisted(r: dict[str, Any]) -> None:
     )
     print("| type | factory | build s | disk MiB | search s (CPU s) | VmRSS MiB (growth) | RssAnon MiB (growth) | recall@50 vs exact | build report R@50 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for kind in ("exact", "ivf-flat", "ivf-pq", "hnsw"):
-        if kind in r:
-            b = r[kind]
+    for kind, b in r.items():
+        if isinstance(b, dict):
             report = (b["build_report"] or {}).get("recall@50")
             print(
                 f"| {kind} | {b['factory'] or 'memory map'} | {b['build_s']:.1f} | {b['disk_mib']:.0f} | {b['search_s']:.3f} ({b.get('cpu_s', float('nan')):.3f}) "
@@ -205,12 +218,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: library default)")
     parser.add_argument("--persisted", action="store_true", help="index folders: every type, memory, recall")
-    parser.add_argument("--types", nargs="+", default=["exact", "ivf-flat", "ivf-pq", "hnsw"], help="with --persisted")
+    parser.add_argument(
+        "--types", nargs="+", default=["exact", "ivf-flat", "ivf-pq", "hnsw", "hnsw-sq8"], help="with --persisted"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="with --persisted")
     parser.add_argument("--workdir", type=Path, default=None, help="with --persisted: where data and indexes go")
     parser.add_argument("--nlist", type=int, default=None, help="with --persisted: IVF lists (default ~4 sqrt(N))")
     parser.add_argument("--nprobe", type=int, default=None, help="with --persisted: IVF lists searched")
     parser.add_argument("--ef-search", type=int, default=None, help="with --persisted: HNSW efSearch (default: the library's)")
+    parser.add_argument("--rerank", type=int, default=None, help="with --persisted: quantized types' rescoring (default: the library's)")
+    parser.add_argument("--ef-sweep", type=int, nargs="+", default=[], help="with --persisted: search HNSW types at each efSearch")
     parser.add_argument("--json-out", type=Path, default=None, help="with --persisted: write all results here")
     parser.add_argument("--search-only", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--query-file", type=Path, default=None, help=argparse.SUPPRESS)
@@ -222,16 +239,17 @@ def main() -> None:
 
         faiss.omp_set_num_threads(args.threads)
     if args.search_only:
-        _search_only(args.search_only, args.query_file, args.k, args.ids_out)
+        _search_only(args.search_only, args.query_file, args.k, args.ids_out, args.ef_search, args.rerank)
         return
     if args.persisted:
         results = []
         for size in args.sizes:
             for dim in args.dims:
                 workdir = args.workdir / f"{size}x{dim}" if args.workdir else None
-                settings = {"nlist": args.nlist, "nprobe": args.nprobe, "ef_search": args.ef_search}
+                settings = {"nlist": args.nlist, "nprobe": args.nprobe, "ef_search": args.ef_search, "rerank": args.rerank}
                 results.append(
-                    bench_persisted(size, dim, args.queries, args.k, tuple(args.types), args.threads, workdir, settings=settings)
+                    bench_persisted(size, dim, args.queries, args.k, tuple(args.types), args.threads, workdir,
+                                    settings=settings, ef_sweep=tuple(args.ef_sweep))  # fmt: skip
                 )
                 print_persisted(results[-1])
         if args.json_out:

@@ -99,8 +99,9 @@ def test_index_folder_metadata_is_columnar_and_read_per_hit(tmp_path, data):
 
     gallery, queries, ids, exclude = data
     items = [
-        {"id": i, "path": f"/g/{i}.png", "caption": f"a shape ñ {n}" if n % 3 else None} for n, i in enumerate(ids)
-    ]
+        {"id": i, "path": f"/g/{i}.png", "caption": f"a shape ñ {n}" + ("\nline two, {x}" * (n % 5 == 0)) if n % 3 else None}
+        for n, i in enumerate(ids)
+    ]  # captions with newlines, commas, braces and non-ASCII: the hits' rows are decoded in one gather
     index = PersistentIndex.write(tmp_path / "idx", {"space": "test"}, gallery[:900], items[:900])
     assert isinstance(index.items, ItemTable) and isinstance(index.items._data.base, np.memmap)
     assert isinstance(index.ids.arrays[0].base, np.memmap) and isinstance(index.ids.arrays[1].base, np.memmap)
@@ -111,6 +112,7 @@ def test_index_folder_metadata_is_columnar_and_read_per_hit(tmp_path, data):
     assert found.items == [[items[ids.index(i)] for i in row] for row in expected.ids]
     assert index.position["g917"] == 917 and "nope" not in index.position and "g917" in index.position
     assert index.ids.rows(["g3", "x" * 99, "g999"]).tolist() == [3, -1, 999]
+    assert index.items.rows([10, 2, 10]) == [items[10], items[2], items[10]] and index.ids.take(np.array([10, 2])) == ["g10", "g2"]
     with pytest.raises(DataError, match="refusing ids already indexed"):
         index.add(gallery[:1], items[:1])
     generation = tmp_path / "idx" / index.manifest["generation"]

@@ -7,6 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,8 @@ from fusion_diff.benchmarks.evaluate import Evaluator
 from fusion_diff.captioning import RetrievalCaptioner
 from fusion_diff.embedding import EmbeddingCache
 from fusion_diff.errors import CacheMismatchError, ConfigError
-from fusion_diff.retrieval.store import IndexSettings, PersistentIndex
+from fusion_diff.cli import index as index_cli
+from fusion_diff.retrieval.store import INDEX_TYPES, IndexSettings, PersistentIndex
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def _clustered(n: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq", "hnsw", "hnsw-sq8"])
 def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
     vectors = _clustered(4000)
     items = [{"id": f"g{i}", "path": None, "caption": None} for i in range(4000)]
@@ -139,7 +141,19 @@ def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
     assert recall["protocol"].startswith("pseudo-queries") and recall["recall@50"] >= (0.6 if kind == "ivf-pq" else 0.8)
     queries = vectors[3000:3020]
     loaded = PersistentIndex.load(tmp_path / kind, {"space": "test"})
-    assert loaded.search(queries, k=10).ids == built.search(queries, k=10).ids
+    found = loaded.search(queries, k=10)
+    assert found.ids == built.search(queries, k=10).ids
+    if kind in ("ivf-pq", "hnsw-sq8"):  # quantized: the candidates are rescored, so every score is exact
+        exact = torch.einsum("qd,qkd->qk", queries, vectors[found.indices])
+        assert torch.allclose(found.scores, exact, atol=1e-5)
+    tuned = loaded.tune(ef_search=64, nprobe=16, rerank=2)  # query-time settings, the folder untouched
+    if kind.startswith("hnsw"):
+        assert faiss.downcast_index(tuned.backend.index).hnsw.efSearch == 64
+    else:
+        assert faiss.extract_index_ivf(tuned.backend.index).nprobe == 16
+    assert tuned.backend.rerank == (2 if kind in ("ivf-pq", "hnsw-sq8") else 0)
+    with pytest.raises(ConfigError, match="ef_search must be at least 1"):
+        tuned.tune(ef_search=0)
     grown = loaded.add(vectors[3000:], items[3000:])
     assert len(grown) == 4000 and grown.search(vectors[3500:3501], k=1).ids == [["g3500"]]
     assert PersistentIndex.load(tmp_path / kind).manifest["count"] == 4000
@@ -150,7 +164,11 @@ def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
 def test_auto_rule_and_bad_settings():
     assert IndexSettings().resolved(1000, 768).type == "exact"
     big = IndexSettings().resolved(1_000_000, 768)
-    assert (big.type, big.factory(), big.search_parameters()) == ("hnsw", "HNSW32,Flat", "efSearch=512")
+    assert (big.type, big.factory(), big.search_parameters(), big.rerank) == ("hnsw-sq8", "HNSW32,SQ8", "efSearch=416", 1)
+    flat = IndexSettings("hnsw").resolved(1_000_000, 768)
+    assert (flat.factory(), flat.search_parameters()) == ("HNSW32,Flat", "efSearch=512")
+    assert IndexSettings("ivf-pq").resolved(1_000_000, 768).rerank == 4
+    assert set(index_cli.INDEX_TYPES) == {"auto", *INDEX_TYPES}  # the CLI's copy (kept import-free) is complete
     ivf = IndexSettings("ivf-flat").resolved(1_000_000, 768)
     assert (ivf.nlist, ivf.nprobe) == (4096, 64)
     with pytest.raises(ConfigError, match="Unknown index type 'kd-tree'"):

@@ -18,7 +18,7 @@ from fusion_diff.cli.embed import add_embedder_args, embedder_spec
 from fusion_diff.cli.eval import route_options
 from fusion_diff.errors import ConfigError
 
-INDEX_TYPES = ("auto", "exact", "ivf-flat", "ivf-pq", "hnsw")
+INDEX_TYPES = ("auto", "exact", "ivf-flat", "ivf-pq", "hnsw", "hnsw-sq8")  # store.INDEX_TYPES (not imported: --help stays fast)
 
 
 def _retriever(args: argparse.Namespace):
@@ -40,7 +40,9 @@ def run_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    settings = IndexSettings(type=args.type, nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search)
+    settings = IndexSettings(
+        type=args.type, nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search, rerank=args.rerank
+    )
     texts = Path(args.calibration_texts).read_text(encoding="utf-8").splitlines() if args.calibration_texts else None
     index = retriever.index_gallery(args.images, args.out / INDEX_FOLDER, settings=settings, calibration_texts=texts)
     retriever.save_pretrained(args.out)
@@ -116,6 +118,10 @@ def run_query(args: argparse.Namespace) -> int:
     if len(args.image) != len(args.text):
         raise ConfigError(f"--image and --text pair up: got {len(args.image)} images and {len(args.text)} texts.")
     retriever = _retriever(args)
+    if args.ef_search or args.nprobe:
+        if not hasattr(retriever.index, "tune"):
+            raise ConfigError(f"{args.index} does not search a FAISS index folder; --ef-search / --nprobe do not apply.")
+        retriever.index.tune(ef_search=args.ef_search, nprobe=args.nprobe)
     exclude = [list(args.exclude)] * len(args.image) if args.exclude else None
     options = _method_options(args.method or retriever.method_name, args.set) if args.set else {}
     hits = retriever.search(args.image, args.text, k=args.k, exclude=exclude, method=args.method, **options)
@@ -160,7 +166,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--type", choices=INDEX_TYPES, default="auto", help="index type (auto: by gallery size)")
     build.add_argument("--nlist", type=positive_int, help="IVF lists (default ~4 sqrt(N))")
     build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query (default nlist/64, >= 16)")
-    build.add_argument("--ef-search", type=positive_int, default=None, help="HNSW efSearch (default 512)")
+    build.add_argument(
+        "--rerank", type=positive_int, help="ivf-pq / hnsw-sq8: rescore rerank x k candidates exactly (default 4 / 1)"
+    )
+    build.add_argument("--ef-search", type=positive_int, default=None, help="HNSW efSearch (default 512; hnsw-sq8 416)")
     build.add_argument(
         "--calibration-texts", help="text file of modification texts: the recall report then uses composed queries"
     )
@@ -198,6 +207,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query.add_argument("--text", nargs="+", required=True, help="modification text(s), one per image")
     query.add_argument("-k", "--k", type=positive_int, default=10, help="hits per query")
     query.add_argument("--exclude", nargs="+", help="gallery ids to leave out of every ranking (e.g. the reference)")
+    query.add_argument("--ef-search", type=positive_int, help="HNSW efSearch for this query (default: the index's)")
+    query.add_argument("--nprobe", type=positive_int, help="IVF lists searched for this query (default: the index's)")
     query.add_argument("--method", help="another registry method for this query (same gallery mode)")
     query.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option for this query")
     query.add_argument("--json", action="store_true", help="print hits as JSON")

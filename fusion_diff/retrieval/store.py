@@ -15,7 +15,7 @@ Why generations: a build or an ``add`` writes a complete new ``gen-*`` folder an
 ``manifest.json`` (one atomic rename), so a killed job leaves the previous index fully usable, and
 leftovers of unfinished generations are removed by the next write. Exact search runs on the memory
 map itself (no second copy of the vectors); approximate types rescore their candidates against it
-when their own scores are approximate (IVF-PQ).
+when their own scores are approximate (IVF-PQ, HNSW-SQ8).
 """
 
 from __future__ import annotations
@@ -43,12 +43,19 @@ INDEX_KIND = "gallery_index"
 MANIFEST = "manifest.json"
 STAGING = "staging"
 EMBEDDINGS, FAISS_FILE = "embeddings.npy", "faiss.index"
-INDEX_TYPES = ("exact", "ivf-flat", "ivf-pq", "hnsw")
+INDEX_TYPES = ("exact", "ivf-flat", "ivf-pq", "hnsw", "hnsw-sq8")
+HNSW_TYPES = ("hnsw", "hnsw-sq8")
+RESCORED_TYPES = ("ivf-pq", "hnsw-sq8")  # their own scores are approximate: candidates are rescored exactly
 EXACT_UP_TO = 200_000  # ``auto``: exact search below this many items (1k queries stay near 1 s on 2 cores)
-HNSW_UP_TO = 5_000_000  # ``auto``: HNSW up to here; beyond, IVF-PQ (HNSW keeps a graph + full vectors)
-# HNSW efSearch: at 1M clustered 768-d vectors and between-cluster queries recall@50 was 0.73 at 256,
-# 0.96 at 384, 0.98 at 512 (README, "Persisted gallery indexes"); 256 was FAISS's rule of thumb (~5k).
-DEFAULT_EF_SEARCH = 512
+HNSW_UP_TO = 5_000_000  # ``auto``: HNSW-SQ8 up to here; beyond, IVF-PQ (HNSW keeps a graph per item)
+# efSearch by type. At 1M clustered 768-d vectors and between-cluster queries, recall@50 of HNSW32 was 0.73 at
+# 256 (FAISS's rule of thumb, from ~5k items), 0.96 at 384, 0.98 at 512; HNSW32,SQ8 with its top 64 rescored
+# exactly: 0.945 at 352, 0.961 at 384, 0.972 at 416, in 0.9-1.0 s per 1,000 queries on 2 cores (README,
+# "Persisted gallery indexes").
+DEFAULT_EF_SEARCH = {"hnsw": 512, "hnsw-sq8": 416}
+# Candidates rescored exactly, as a multiple of k (at least 64): PQ codes misorder far down the list; SQ8's
+# 8-bit codes only near the cut (at 1M, rescoring 64 candidates gained as much recall as rescoring 204).
+DEFAULT_RERANK = {"ivf-pq": 4, "hnsw-sq8": 1}
 RECALL_QUERIES = 1000  # held-out queries of the recall report
 NAN_GALLERY = "Re-embed those items: a NaN/inf vector would score NaN against every query. Nothing was written."
 
@@ -58,8 +65,11 @@ class IndexSettings:
     """How the FAISS index is built and searched; ``None`` fields follow the gallery size.
 
     Defaults follow the FAISS guidelines: ``nlist`` ≈ 4·sqrt(N) (a power of two), ``nprobe`` = nlist/64
-    (at least 16), PQ with ``dim/16`` 8-bit sub-quantizers (trained on at least 39·256 vectors), HNSW with M=32 and efSearch=512 (``DEFAULT_EF_SEARCH``). IVF-PQ
-    candidates (``rerank`` × k of them) are rescored exactly against the memory-mapped vectors.
+    (at least 16), PQ with ``dim/16`` 8-bit sub-quantizers (trained on at least 39·256 vectors), HNSW with
+    M=32 and efSearch 512; ``hnsw-sq8`` is the same graph over 8-bit scalar-quantised vectors (a quarter of
+    the bytes per distance; efSearch 416). The quantized types' candidates (``rerank`` × k of them, at least
+    64; ``DEFAULT_RERANK``) are rescored exactly against the memory-mapped vectors, so every returned score
+    is exact.
     """
 
     type: str = "auto"
@@ -69,8 +79,8 @@ class IndexSettings:
     pq_bits: int | None = None  # 8, or 4 when fewer than 39·256 vectors could train 8-bit codebooks
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int | None = None  # None: DEFAULT_EF_SEARCH
-    rerank: int = 4
+    ef_search: int | None = None  # None: DEFAULT_EF_SEARCH of the type
+    rerank: int | None = None  # None: DEFAULT_RERANK of the type
     train_size: int | None = None  # training vectors: 39 per list (FAISS's minimum), at least 39·256 for PQ
 
     def resolved(self, count: int, dim: int) -> IndexSettings:
@@ -79,7 +89,7 @@ class IndexSettings:
             raise ConfigError(f"Unknown index type {self.type!r}; choose auto or one of {list(INDEX_TYPES)}.")
         kind = self.type
         if kind == "auto":
-            kind = "exact" if count <= EXACT_UP_TO else "hnsw" if count <= HNSW_UP_TO else "ivf-pq"
+            kind = "exact" if count <= EXACT_UP_TO else "hnsw-sq8" if count <= HNSW_UP_TO else "ivf-pq"
         nlist = self.nlist or max(1, min(2 ** round(math.log2(max(4 * math.sqrt(count), 1))), count // 39 or 1))
         pq_m = self.pq_m or max(1, dim // 16)
         if kind == "ivf-pq" and dim % pq_m:
@@ -92,8 +102,8 @@ class IndexSettings:
             pq_bits=self.pq_bits or (8 if count >= 39 * 256 else 4),
             hnsw_m=self.hnsw_m,
             ef_construction=self.ef_construction,
-            ef_search=self.ef_search or DEFAULT_EF_SEARCH,
-            rerank=self.rerank,
+            ef_search=self.ef_search or DEFAULT_EF_SEARCH.get(kind),
+            rerank=self.rerank or DEFAULT_RERANK.get(kind),
             train_size=self.train_size or min(count, max(39 * nlist, 39 * 256)),
         )
 
@@ -104,12 +114,13 @@ class IndexSettings:
             "ivf-flat": f"IVF{self.nlist},Flat",
             "ivf-pq": f"IVF{self.nlist},PQ{self.pq_m}x{self.pq_bits}",
             "hnsw": f"HNSW{self.hnsw_m},Flat",
+            "hnsw-sq8": f"HNSW{self.hnsw_m},SQ8",
         }[self.type]
 
     def search_parameters(self) -> str | None:
         if self.type in ("ivf-flat", "ivf-pq"):
             return f"nprobe={self.nprobe}"
-        return f"efSearch={self.ef_search}" if self.type == "hnsw" else None
+        return f"efSearch={self.ef_search}" if self.type in HNSW_TYPES else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexSettings:
@@ -145,13 +156,13 @@ def space_differences(stored: dict[str, Any], requested: dict[str, Any]) -> str:
 class _PrebuiltFaiss(FaissGalleryIndex):
     """A FAISS index read from disk, behind the common interface (exclusion, ``scores_for``)."""
 
-    def __init__(self, index: Any, embeddings: torch.Tensor, ids: Sequence[str], rerank: int = 1) -> None:
+    def __init__(self, index: Any, embeddings: torch.Tensor, ids: Sequence[str], rerank: int = 0) -> None:
         _Index.__init__(self, embeddings, ids)
         self.index = index
-        self.rerank = rerank
+        self.rerank = rerank  # 0: FAISS's scores are exact; n: rescore max(n·k, 64) candidates exactly
 
     def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rerank <= 1:
+        if not self.rerank:
             return super()._topk(queries, k)
         _, candidates = super()._topk(queries, min(max(k * self.rerank, 64), len(self)))
         scores = self._score_rows(queries, candidates)
@@ -184,18 +195,31 @@ class PersistentIndex:
             self.backend: _Index = GalleryIndex(embeddings, self.ids)
         else:
             faiss = _faiss()
-            # IVF inverted lists map with IO_FLAG_MMAP; HNSW's flat vector storage with IO_FLAG_MMAP_IFC
-            flag = faiss.IO_FLAG_MMAP_IFC if self.settings.type == "hnsw" else faiss.IO_FLAG_MMAP
+            # IVF inverted lists map with IO_FLAG_MMAP; HNSW's vector storage (flat or SQ8 codes) with IO_FLAG_MMAP_IFC
+            flag = faiss.IO_FLAG_MMAP_IFC if self.settings.type in HNSW_TYPES else faiss.IO_FLAG_MMAP
             index = faiss.read_index(str(generation / FAISS_FILE), flag)
             if index.ntotal != len(self.ids):
                 raise DataError(
                     f"Index {root}: {FAISS_FILE} holds {index.ntotal} vectors for {len(self.ids)} items. Rebuild it."
                 )
+            self.backend = _PrebuiltFaiss(index, embeddings, self.ids)
+            self.tune()
+
+    def tune(self, ef_search: int | None = None, nprobe: int | None = None, rerank: int | None = None) -> PersistentIndex:
+        """Change how this open index searches (the folder is not touched): HNSW ``ef_search``, IVF ``nprobe``,
+        ``rerank`` of the quantized types. Trade recall for speed at query time, without a rebuild."""
+        for name, value in (("ef_search", ef_search), ("nprobe", nprobe), ("rerank", rerank)):
+            if value is not None:
+                if value < 1:
+                    raise ConfigError(f"Index {self.root}: {name} must be at least 1, got {value}.")
+                setattr(self.settings, name, value)
+        if self.settings.type != "exact":
             params = self.settings.search_parameters()
             if params:
-                faiss.ParameterSpace().set_index_parameters(index, params)
-            rerank = self.settings.rerank if self.settings.type == "ivf-pq" else 1
-            self.backend = _PrebuiltFaiss(index, embeddings, self.ids, rerank)
+                _faiss().ParameterSpace().set_index_parameters(self.backend.index, params)
+            rescored = self.settings.type in RESCORED_TYPES
+            self.backend.rerank = (self.settings.rerank or DEFAULT_RERANK[self.settings.type]) if rescored else 0
+        return self
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -300,7 +324,7 @@ class PersistentIndex:
             faiss = _faiss()
             data = embeddings.numpy()
             index = faiss.index_factory(data.shape[1], resolved.factory(), faiss.METRIC_INNER_PRODUCT)
-            if resolved.type == "hnsw":
+            if resolved.type in HNSW_TYPES:
                 index.hnsw.efConstruction = resolved.ef_construction
             if not index.is_trained:
                 sample = np.random.default_rng(0).permutation(len(data))[: resolved.train_size]
