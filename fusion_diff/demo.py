@@ -37,7 +37,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from fusion_diff.demo_budget import REFERENCE_COSTS, BudgetSection, Plan, plan_as_record, plan_demo
+from fusion_diff.demo_budget import (
+    PLAN_FILE, REFERENCE_COSTS, BudgetSection, Plan, apply_plan, plan_as_record, plan_demo, saved_plan,
+)
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.training.config import did_you_mean, load_config, load_dataclass, require
 from fusion_diff.utils.io import atomic_path, write_json_atomic
@@ -46,6 +48,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's c
 T = TypeVar("T")
 INPUTS_FILE = "demo_inputs.json"  # beside each trained model: digests of what it was trained on
 BLIP_ROW_SUFFIX = " [world BLIP]"  # table rows whose captions come from the world's BLIP
+OPEN_BENCHMARK_FOLDERS = {"test": "benchmark_open", "val": "benchmark_open_val"}  # one split per folder (own gallery)
 
 
 @dataclass
@@ -244,6 +247,19 @@ class Demo:
             stage2 = self.train_stage("stage2", self.stage2_inputs(stage1), validation)
         return stage1, stage2
 
+    def adopt_saved_plan(self) -> Plan:
+        """Take the schedule the demo in ``out_dir`` was trained with (its ``demo_budget.json``): for scripts
+        that evaluate a finished demo's models, so that their protocol lines name the schedule they come from."""
+        if self.config.budget.minutes is not None:
+            plan = saved_plan(self.out, self.config)
+            if plan is None:
+                raise ConfigError(
+                    f"{self.out / PLAN_FILE} is missing or was made for another demo config: pass the config and "
+                    "overrides the demo ran with (--config, section.key=value), or run the demo first."
+                )
+            self.config, self.plan = apply_plan(self.config, plan), plan
+        return self.plan
+
     def stage1_inputs(self) -> dict[str, Path]:
         return {"data.pair_embeddings": self.path("pair_embeddings")}
 
@@ -281,13 +297,17 @@ class Demo:
         config = BenchmarkConfig(world.val_queries, world.test_queries, seed=self.config.seed)
         self._write_benchmark(self.path("benchmark"), config, write_benchmark)
 
-    def build_open_benchmark(self) -> None:
-        """The open-edit benchmark (CIRCO format): test queries only, held-out scenes and phrasings."""
+    def build_open_benchmark(self, split: str = "test", queries: int | None = None) -> None:
+        """The open-edit benchmark (CIRCO format; held-out scenes and phrasings), one split per folder: a CIRCO
+        gallery is shared by its splits, so a val split written beside the test split would add distractors to
+        the test numbers. The demo writes the test split (``world.open_test_queries``); the sampling sweep
+        writes a val split to select settings on."""
         from data_synth.shapes.benchmark_open import OpenBenchmarkConfig, write_open_benchmark
 
-        queries = self.config.world.open_test_queries
-        config = OpenBenchmarkConfig(val_queries=0, test_queries=queries, seed=self.config.seed)
-        self._write_benchmark(self.path("benchmark_open"), config, write_open_benchmark)
+        queries = self.config.world.open_test_queries if queries is None else queries
+        counts = {"val_queries": queries, "test_queries": 0} if split == "val" else {"val_queries": 0, "test_queries": queries}
+        config = OpenBenchmarkConfig(**counts, seed=self.config.seed)
+        self._write_benchmark(self.path(OPEN_BENCHMARK_FOLDERS[split]), config, write_open_benchmark)
 
     def _write_benchmark(self, root: Path, config: Any, write: Callable[..., Any]) -> None:
         """``write(root, config, ...)`` unless ``root`` already holds a benchmark written with ``config``."""
@@ -328,7 +348,10 @@ class Demo:
         from data_synth.shapes.blip import build_blip_captioner
 
         steps = self.config.training.blip_captioner_steps
-        build_blip_captioner(self.path("pairs"), self.path("blip"), steps, self.config.seed, progress=self.progress)
+        build_blip_captioner(
+            self.path("pairs"), self.path("blip"), steps, self.config.seed, progress=self.progress,
+            backbone=self.backbone_root(),
+        )  # fmt: skip
 
     def build_triplets(self) -> None:
         from data_synth.triplets.embed import embed_triplets
@@ -412,7 +435,7 @@ class Demo:
         from fusion_diff.benchmarks import load_benchmark
         from fusion_diff.benchmarks.evaluate import Evaluator
 
-        root = self.path("benchmark" if benchmark == "shapes" else "benchmark_open")
+        root = self.path("benchmark" if benchmark == "shapes" else OPEN_BENCHMARK_FOLDERS[split])
         units = load_benchmark(benchmark, root, split, phrasing=phrasing)
         return Evaluator(
             units,

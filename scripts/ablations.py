@@ -23,7 +23,9 @@ Then it prints two tables in the demo's format, each row with its protocol line:
     python scripts/ablations.py                  # the full demo's sizes (runs/demo)
     python scripts/ablations.py --config FILE [section.key=value ...]
 
-Tables go to <out_dir>/results/ablations-test.{md,json} and ablations-val-sampling.{md,json}.
+Tables go to <out_dir>/results/ablations-test.{md,json} and ablations-val-sampling.{md,json}; when the demo's
+own tables are there, ``shapes-test-with-ablations.{md,json}`` (and ``shapes-open-test-with-ablations``) hold
+the demo's main table with the ablation rows added: one table to read.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_diff.baselines import create_method
-from fusion_diff.benchmarks.report import EvalResult, markdown_table, write_results
+from fusion_diff.benchmarks.report import EvalResult, markdown_table, read_results, write_results
 from fusion_diff.demo import Demo, DemoConfig, default_config_path
 from fusion_diff.demo_budget import plan_as_record
 from fusion_diff.training.config import load_dataclass
@@ -102,6 +104,15 @@ def sampling_rows(demo: Demo, stage2: Path) -> list[EvalResult]:
     return results
 
 
+def with_demo_table(results: Path, demo_stem: str, rows: list[EvalResult]) -> None:
+    """``<demo_stem>-with-ablations``: the demo's table (when the demo wrote it) with the ablation rows added."""
+    demo_table = results / f"{demo_stem}.json"
+    if demo_table.is_file():
+        kept = read_results(demo_table)
+        known = {r.method for r in kept}
+        write_results(kept + [r for r in rows if r.method not in known], results, f"{demo_stem}-with-ablations")
+
+
 def evaluate(demo: Demo, evaluator: Any, method: Any) -> EvalResult:
     """One row, its protocol naming the schedule it was trained with (the demo's: reference or scaled)."""
     result = evaluator.evaluate(method)
@@ -129,6 +140,7 @@ def main() -> None:
     with demo.step("ablations: test split"):
         table = test_rows(demo, stage2, ablations)
         write_results(table, results, "ablations-test")
+        with_demo_table(results, "shapes-test", table)
     print("\nAblations (shapes test split):\n" + markdown_table(table))
     if not args.skip_sampling:
         with demo.step("ablations: sampling (val split)"):
@@ -139,6 +151,7 @@ def main() -> None:
         with demo.step("ablations: open-edit benchmark (test split)"):
             open_table = test_rows(demo, stage2, ablations, "shapes-open")
             write_results(open_table, results, "ablations-open-test")
+            with_demo_table(results, "shapes-open-test", open_table)
         print("\nAblations (open-edit benchmark, test split; several right answers):\n" + markdown_table(open_table))
     seconds = ", ".join(f"{name} {value:.0f} s" for name, value in demo.timings.items())
     print(f"Wrote {results}/ablations-*.md and .json. Step times: {seconds}")

@@ -7,6 +7,11 @@ mix-back toward the reference. The demo's defaults are chosen here, on val (neve
 finished demo folder:
 
     python scripts/sweep_sampling.py --demo-dir runs/demo [--config configs/demo.yaml]   # tables in runs/demo/results/
+    python scripts/sweep_sampling.py --demo-dir runs/demo --grid multi-sample --test-best \
+        --also runs/demo/ablation-regression/stage2          # steps x samples x mean/max/lse, then test once
+    python scripts/sweep_sampling.py --demo-dir runs/demo --grid multi-sample --benchmark shapes-open --test-best \
+        --also runs/demo/ablation-regression/stage2          # the same on the open-edit benchmark (several right
+                                                             # answers; a val split of its own is written first)
     python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/k3   # another stage-2 run on the same data
     python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/img --control-mode image  # f(I_ref) control
     python scripts/sweep_sampling.py --demo-dir runs/demo --fti4cir runs/fti600  # another FTI4CIR checkpoint
@@ -23,6 +28,7 @@ from fusion_diff.baselines import create_method
 from fusion_diff.baselines.registry import load_pipeline, method_factory
 from fusion_diff.benchmarks.report import markdown_table, write_results
 from fusion_diff.demo import Demo, DemoConfig, default_config_path
+from fusion_diff.demo_budget import plan_as_record
 from fusion_diff.training.config import load_dataclass
 
 
@@ -54,6 +60,22 @@ GRID = [
         for (c, t), m in itertools.product(((1.0, 1.5), (1.5, 2.0), (2.0, 2.0)), (0.0, 0.2, 0.3, 0.4))
     ],
 ]
+REDUCTIONS = (
+    {"sample_reduction": "mean"},
+    {"sample_reduction": "max"},
+    {"sample_reduction": "lse", "sample_temperature": 0.05},
+)
+# What sampling several queries buys: more steps leave more diversity between samples than the one-step z0
+# prediction, lower guidance more still; scoring by the best sample (max, lse) lets each sample reach a
+# different right answer where an edit has several.
+MULTI_SAMPLE_GRID = [
+    *[{**_setting(1, n, 1.5, 2.0, 0.1), **r} for n, r in itertools.product((8, 32), REDUCTIONS)],
+    *[{**_setting(10, 16, 1.5, 2.0, 0.1), **r} for r in REDUCTIONS],
+    *[{**_setting(10, 16, 1.0, 1.0, 0.1), **r} for r in REDUCTIONS[:2]],  # weaker guidance: more diverse samples
+    *[{**_setting(25, 8, 1.5, 2.0, 0.1), **r} for r in REDUCTIONS[:2]],
+]
+GRIDS = {"query-settings": GRID, "multi-sample": MULTI_SAMPLE_GRID}
+METRIC = {"shapes": "R@1", "shapes-open": "mAP@5"}
 FTI4CIR_MIX = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
@@ -64,6 +86,14 @@ def main() -> None:
     parser.add_argument("--control-mode", default="auto", choices=("auto", "fused", "image"),
                         help="Fusion-Diff's reference control at query time (image: for an adapter trained on f(I_ref))")
     parser.add_argument("--fti4cir", default=None, help="an FTI4CIR checkpoint to sweep (default: the demo's, unless --pipeline)")
+    parser.add_argument("--grid", default="query-settings", choices=sorted(GRIDS), help="which settings to sweep")
+    parser.add_argument("--benchmark", default="shapes", choices=sorted(METRIC),
+                        help="shapes (one right answer) or shapes-open (several; a val split is written for it)")
+    parser.add_argument("--open-val-queries", type=int, default=300, help="with --benchmark shapes-open: val queries")
+    parser.add_argument("--also", nargs="+", default=[], metavar="PIPELINE",
+                        help="other pipelines (ablations) scored with the demo's settings beside the sweep")
+    parser.add_argument("--test-best", action="store_true",
+                        help="then score the val-selected setting (and --also) once on the test split")
     parser.add_argument("--config", default=None, help="the demo config that made it (default: configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides used for that run (section.key=value)")
     args = parser.parse_args()
@@ -73,36 +103,54 @@ def main() -> None:
     config_path = Path(args.config) if args.config else default_config_path(quick=False)
     config = load_dataclass(DemoConfig, config_path, [*args.overrides, f"out_dir={args.demo_dir}"])
     demo = Demo(config, config_path.parent, progress=False)
+    demo.adopt_saved_plan()
     demo.embedder = demo.build_backbone()
-    evaluator = demo.evaluator("val")
+    metric = METRIC[args.benchmark]
+    if args.benchmark == "shapes-open":
+        demo.build_open_benchmark("val", args.open_val_queries)
+    evaluator = demo.evaluator("val", benchmark=args.benchmark)
     pipeline = load_pipeline(args.pipeline or demo.path("stage2"))
 
-    reference = evaluator.evaluate(create_method("image-only"))  # the bar to clear, on the same queries
-    print(f"image-only: R@1 {reference.metrics['R@1']:.2f}  R@10 {reference.metrics['R@10']:.2f}", flush=True)
-    results = [reference]
-    for setting in GRID:
-        name = "fusion-diff[" + ",".join(f"{key}={value}" for key, value in setting.items()) + "]"
-        method = method_factory("fusion-diff")(
-            pipeline=pipeline, seed=config.seed, name=name, control_mode=args.control_mode, **setting
-        )
+    def score(method, evaluator=evaluator):
         start = time.perf_counter()
         result = evaluator.evaluate(method)
-        seconds = time.perf_counter() - start
-        print(f"{name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}  ({seconds:.0f} s)", flush=True)
-        results.append(result)
-    best = max(results[1:], key=lambda r: r.metrics["R@1"])
+        result.protocol.update(plan_as_record(demo.plan))
+        shown = "  ".join(f"{key} {result.metrics[key]:.2f}" for key in (metric, "R@10", "mAP@50") if key in result.metrics)
+        print(f"{method.name}: {shown}  ({time.perf_counter() - start:.0f} s)", flush=True)
+        return result
+
+    def fusion_diff(name, setting, path=None):
+        return method_factory("fusion-diff")(
+            pipeline=load_pipeline(path) if path else pipeline, seed=config.seed, name=name,
+            control_mode=args.control_mode, **setting,
+        )  # fmt: skip
+
+    results = [score(create_method("image-only"))]  # the bar to clear, on the same queries
+    settings = {"fusion-diff[" + ",".join(f"{k}={v}" for k, v in s.items()) + "]": s for s in GRIDS[args.grid]}
+    sweep = [score(fusion_diff(name, setting)) for name, setting in settings.items()]
+    ablations = {f"ablation: {Path(path).parent.name}": path for path in args.also}
+    results += sweep + [score(fusion_diff(name, demo.fusion_diff_options(), path)) for name, path in ablations.items()]
+    best = max(sweep, key=lambda r: r.metrics[metric])
     fti4cir = Path(args.fti4cir) if args.fti4cir else demo.path("fti4cir")
-    if (args.fti4cir or not args.pipeline) and (fti4cir / "config.json").is_file():
+    if args.grid == "query-settings" and (args.fti4cir or not args.pipeline) and (fti4cir / "config.json").is_file():
         for gallery, mix in itertools.product(("image", "fused"), FTI4CIR_MIX):
             name = f"fti4cir[gallery_mode={gallery},mix_reference={mix}]"
             method = create_method("fti4cir", checkpoint=str(fti4cir), mix_reference=mix, gallery_mode=gallery, name=name)
-            result = evaluator.evaluate(method)
-            print(f"{method.name}: R@1 {result.metrics['R@1']:.2f}  R@10 {result.metrics['R@10']:.2f}", flush=True)
-            results.append(result)
+            results.append(score(method))
     print(markdown_table(results))
-    print(f"best Fusion-Diff setting on val by R@1: {best.method}")
-    stem = "shapes-val-sampling-sweep" + (f"-{Path(args.pipeline).name}" if args.pipeline else "")
+    print(f"best Fusion-Diff setting on val by {metric}: {best.method}")
+    stem = f"{args.benchmark}-val-{args.grid}-sweep" + (f"-{Path(args.pipeline).name}" if args.pipeline else "")
     write_results(results, demo.path("results"), stem)
+    if args.test_best:  # the val-selected setting, scored once on test beside the demo's default and the ablations
+        if args.benchmark == "shapes-open":
+            demo.build_open_benchmark("test")
+        test = demo.evaluator("test", benchmark=args.benchmark)
+        rows = [score(create_method("image-only"), test)]
+        rows.append(score(fusion_diff("fusion-diff (demo settings)", demo.fusion_diff_options()), test))
+        rows.append(score(fusion_diff(f"{best.method} (val-selected)", settings[best.method]), test))
+        rows += [score(fusion_diff(name, demo.fusion_diff_options(), path), test) for name, path in ablations.items()]
+        print(markdown_table(rows))
+        write_results(rows, demo.path("results"), stem.replace("-val-", "-test-") + "-best")
 
 
 if __name__ == "__main__":

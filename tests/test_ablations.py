@@ -238,3 +238,18 @@ def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, 
     assert {r["protocol"]["benchmark"] for r in open_rows} == {"shapes-open"}
     out = capsys.readouterr().out
     assert "Sampling ablation" in out and "- **ablation: regression**: shapes/test" in out
+
+    # the multi-sample sweep on a val split of the open-edit benchmark (a folder of its own), then test once
+    sweep_script = script.with_name("sweep_sampling.py")
+    regression = tmp_path / "demo" / "ablation-regression" / "stage2"
+    argv = [str(sweep_script), "--demo-dir", str(tmp_path / "demo"), "--config", str(config), "--grid", "multi-sample",
+            "--benchmark", "shapes-open", "--open-val-queries", "8", "--test-best", "--also", str(regression)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    grid = runpy.run_path(str(sweep_script), run_name="__main__")["MULTI_SAMPLE_GRID"]
+    val_rows = json.loads((results / "shapes-open-val-multi-sample-sweep.json").read_text())
+    assert {r["protocol"]["split"] for r in val_rows} == {"val"} and len(val_rows) == 2 + len(grid)
+    assert json.loads((tmp_path / "demo/benchmark_open_val/manifest.json").read_text())["splits"]["test"]["queries"] == 0
+    best = json.loads((results / "shapes-open-test-multi-sample-sweep-best.json").read_text())
+    assert [r["method"] for r in best][:2] == ["image-only", "fusion-diff (demo settings)"]
+    assert best[2]["method"].endswith("(val-selected)") and best[3]["method"] == "ablation: ablation-regression"
+    assert {r["protocol"]["split"] for r in best} == {"test"} and {r["protocol"]["benchmark"] for r in best} == {"shapes-open"}

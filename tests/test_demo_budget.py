@@ -129,3 +129,20 @@ def _protocol() -> dict:
         "gallery_mode": "fused", "captioner": "scene", "reference_inputs": ["image", "fused"],
         "ranking": {"reference_removed": True}, "missing_images": 0, "method": {"method": "fusion-diff"},
     }  # fmt: skip
+
+
+def test_scripts_adopt_the_plan_a_finished_demo_was_trained_with(demo, tmp_path, monkeypatch):
+    """Scripts that evaluate a finished demo's models (the sampling sweep) name its schedule in their protocol
+    lines, and refuse a folder whose plan was made for another config rather than guess."""
+    import fusion_diff.demo_budget as budget
+    from fusion_diff.demo import Demo
+    from fusion_diff.errors import ConfigError
+
+    config, config_dir = demo
+    config = replace(config, out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=f"{PLAN_FILE} is missing or was made for another demo config"):
+        Demo(config, config_dir).adopt_saved_plan()
+    monkeypatch.setattr(budget, "probe_seconds", lambda threads: 2.6 * REFERENCE_PROBE_SECONDS)
+    _, plan = plan_demo(config, config_dir, STEPS, tmp_path)
+    later = Demo(config, config_dir)
+    assert later.adopt_saved_plan() == plan and later.config.data.triplets == plan.schedules["data.triplets"]

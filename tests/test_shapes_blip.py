@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_world_cli_and_quality_script(tmp_path: Path, capsys) -> None:
     pairs = tmp_path / "pairs"
     write_pair_set(pairs, 8, seed=0, workers=1, progress=False)
     argv = ["world", "blip-captioner", "--pairs", str(pairs), "--out", str(tmp_path / "blip"), "--steps", "1",
-            "--batch-size", "2", "--eval-scenes", "2"]  # fmt: skip
+            "--batch-size", "2", "--eval-scenes", "2", "--from-scratch"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "--captioner generative --captioner-model" in printed and "per attribute: shape" in printed
@@ -169,3 +170,64 @@ def test_briefly_trained_blip_writes_parseable_captions_and_failures_are_reporte
     unreadable = score_captions(scenes[:1], ["a large"])  # names no shape
     assert unreadable["parse_failures"] == 1 and unreadable["exact_match"] == unreadable["count"] == 0.0
     assert set(unreadable["attribute_accuracy"].values()) == {0.0}
+
+
+def _tiny_backbone(root: Path, tiny_openclip_checkpoint) -> Path:
+    """A world-backbone cache folder holding the tiny open_clip model (ViT: 32 px, patch 8, width 32, 1 layer)."""
+    import open_clip
+
+    from data_synth.shapes.backbone import BackboneCache, BackboneConfig
+
+    name, checkpoint = tiny_openclip_checkpoint
+    model = open_clip.create_model(name, pretrained=str(checkpoint))
+    cache = BackboneCache.at(root)
+    cache.save_checkpoint(model)
+    cache.commit(BackboneConfig(), {}, {})
+    return root
+
+
+TINY_LIKE_BACKBONE = BlipWorldConfig(image_size=32, patch_size=8, width=32, vision_layers=1, text_layers=1, heads=2)
+
+
+def test_image_encoder_starts_from_the_world_backbone(tmp_path: Path, tiny_openclip_checkpoint) -> None:
+    """BLIP's image encoder takes the backbone ViT's weights (its transformer blocks exactly, ``ln_pre`` folded
+    into the embeddings), so it starts out computing the backbone's image features; other sizes are refused."""
+    import open_clip
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import BlipForConditionalGeneration
+
+    from data_synth.shapes.blip import vision_from_backbone
+
+    root = _tiny_backbone(tmp_path / "backbone", tiny_openclip_checkpoint)
+    state = load_file(str(root / "open_clip_model.safetensors"))
+    clip = open_clip.create_model(tiny_openclip_checkpoint[0], pretrained=str(root / "open_clip_model.safetensors"))
+    images, captions = _pairs(24)
+    processor = build_processor(captions, 32)
+    pixels = normalise_pixels(load_pixels(images, 32), processor)
+    blip = BlipForConditionalGeneration(TINY_LIKE_BACKBONE.blip_config(len(processor.tokenizer))).eval()
+    vision_from_backbone(blip, state, pixels)
+    hidden = torch.randn(2, 17, 32)
+    block, layer = clip.visual.transformer.resblocks[0].eval(), blip.vision_model.encoder.layers[0]
+    with torch.no_grad():  # one transformer block: the same function
+        assert torch.allclose(layer(hidden), block(hidden), atol=1e-5)
+        features = blip.vision_model(pixel_values=pixels).pooler_output @ state["visual.proj"]
+        cosine = F.cosine_similarity(features, clip.visual(pixels)).mean()
+    assert cosine > 0.8, f"features of the started encoder vs the backbone's: mean cosine {cosine:.2f}"
+    wide = BlipForConditionalGeneration(BlipWorldConfig(width=64, heads=2).blip_config(len(processor.tokenizer)))
+    with pytest.raises(ConfigError, match="does not fit the BLIP image encoder"):
+        vision_from_backbone(wide, state, pixels)
+
+
+def test_build_from_the_backbone_is_cached_by_its_identity(tmp_path: Path, tiny_openclip_checkpoint) -> None:
+    from fusion_diff.errors import MissingFileError
+
+    pairs = tmp_path / "pairs"
+    write_pair_set(pairs, 8, seed=0, workers=1, progress=False)
+    root = _tiny_backbone(tmp_path / "backbone", tiny_openclip_checkpoint)
+    options = {"steps": 2, "batch_size": 4, "model_config": TINY_LIKE_BACKBONE, "progress": False}
+    out = build_blip_captioner(pairs, tmp_path / "blip", backbone=root, **options)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["vision_init"].startswith("world backbone sha256:")
+    with pytest.raises(MissingFileError, match="no usable world backbone .*--from-scratch"):
+        build_blip_captioner(pairs, tmp_path / "blip2", backbone=tmp_path / "nowhere", **options)

@@ -3,8 +3,11 @@
 The scene captioner (``captioner.py``) reads the scene graph and is near-perfect, which real captioners on
 real benchmarks are not. This one is a generative image-to-text model of the BLIP class, trained like one:
 next-token prediction on the pair set's paraphrased captions (training scenes only, never a held-out scene,
-never a benchmark annotation), decoded with beam search. It makes the errors generative captioners make
-(a wrong colour, a missed or invented object, a position left out) at a rate set by its training budget.
+never a benchmark annotation), decoded with beam search. As real BLIP starts from a pretrained ViT, its image
+encoder starts from the world backbone's ViT (same sizes; ``vision_from_backbone``) unless asked to train
+from scratch (then shape and position stayed at chance for 1,200 steps). It makes the errors generative
+captioners make (a wrong shape or colour, a missed or invented object, a wrong position) at a rate set by its
+training budget.
 
 It is saved as a transformers folder (model, processor with a word-level tokenizer built from the captions'
 vocabulary, ``BlipImageProcessor`` at the world's image size, generation defaults), so the project loads it
@@ -20,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from data_synth.shapes.captioner import load_pixels
 from fusion_diff.embedding.base import ImageInput
-from fusion_diff.errors import ConfigError
+from fusion_diff.errors import ConfigError, MissingFileError
 
 MANIFEST_KIND = "shapes_blip_captioner"
 # Provisional, not calibrated: 1,200 steps (batch 64, lr 1e-3, 20k pairs) give 0.2% exact held-out captions, with
@@ -40,10 +44,10 @@ WORD_MARK = "▁"  # Metaspace's word-start mark: decoding restores the spaces, 
 class BlipWorldConfig:
     """Architecture of the world's BLIP (a ViT encoder and a BERT-style decoder with cross-attention)."""
 
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 48  # the image encoder's sizes are the world backbone's ViT (shapes-vit-tiny), so it can
+    patch_size: int = 8  # start from it
     width: int = 128
-    vision_layers: int = 3
+    vision_layers: int = 4
     text_layers: int = 2
     heads: int = 4
     max_length: int = 64  # tokens of a caption with its [BOS] and [SEP]; generation stops there
@@ -128,6 +132,53 @@ def normalise_pixels(pixels: torch.Tensor, processor) -> torch.Tensor:
     return (pixels.float() * image.rescale_factor - mean) / std
 
 
+def vision_from_backbone(model, backbone: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> None:
+    """Start BLIP's image encoder from the world backbone's ViT (open_clip ``visual.*`` weights), as real BLIP
+    starts from a pretrained ViT rather than from scratch.
+
+    The two are the same pre-norm transformer (fused qkv, GELU MLP, final LayerNorm) except that open_clip
+    normalises the embedded tokens once more (``ln_pre``), which BLIP has no place for. It is folded into the
+    embeddings: exactly for the class token (the same for every image), and for the patch tokens as the affine
+    map it is on average over ``pixel_values`` (the mean token std, and each position's mean token offset).
+    """
+    import torch.nn.functional as F
+
+    v = {key.removeprefix("visual."): value for key, value in backbone.items() if key.startswith("visual.")}
+    cfg = model.config.vision_config
+    layers = sum(key.endswith("attn.in_proj_weight") for key in v)
+    wanted = (cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size, (cfg.image_size // cfg.patch_size) ** 2 + 1)
+    found = (v["conv1.weight"].shape[0], layers, v["conv1.weight"].shape[-1], v["positional_embedding"].shape[0])
+    if wanted != found:
+        raise ConfigError(
+            f"The backbone's ViT (width, layers, patch, tokens) = {found} does not fit the BLIP image encoder's "
+            f"{wanted}: give BlipWorldConfig the backbone's sizes (image_size, vision_layers, patch_size, width)."
+        )
+    gamma, beta, position = v["ln_pre.weight"], v["ln_pre.bias"], v["positional_embedding"]
+    with torch.no_grad():
+        patches = F.conv2d(pixel_values, v["conv1.weight"], stride=cfg.patch_size).flatten(2).transpose(1, 2)
+        patches = patches + position[1:]
+        scale = gamma / patches.std(-1).mean()  # [width]
+        offset = patches.mean(-1).mean(0)  # [tokens - 1]: each position's mean over channels, averaged over images
+        positions = torch.cat([position[:1] * scale, (position[1:] - offset[:, None]) * scale + beta])
+        first = F.layer_norm(v["class_embedding"] + position[0], (cfg.hidden_size,), gamma, beta) - positions[0]
+    state = {
+        "embeddings.patch_embedding.weight": v["conv1.weight"] * scale.view(-1, 1, 1, 1),
+        "embeddings.patch_embedding.bias": torch.zeros(cfg.hidden_size),
+        "embeddings.class_embedding": first.view(1, 1, -1),
+        "embeddings.position_embedding": positions.unsqueeze(0),
+        "post_layernorm.weight": v["ln_post.weight"],
+        "post_layernorm.bias": v["ln_post.bias"],
+    }
+    names = {"self_attn.qkv": "attn.in_proj_", "self_attn.projection": "attn.out_proj.", "layer_norm1": "ln_1.",
+             "layer_norm2": "ln_2.", "mlp.fc1": "mlp.c_fc.", "mlp.fc2": "mlp.c_proj."}  # fmt: skip
+    for i in range(layers):
+        for blip_name, clip_name in names.items():
+            for kind in ("weight", "bias"):
+                clip_key = f"transformer.resblocks.{i}.{clip_name}{kind}"
+                state[f"encoder.layers.{i}.{blip_name}.{kind}"] = v[clip_key]
+    model.vision_model.load_state_dict(state, strict=True)
+
+
 def caption_labels(processor, captions: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` ``[N, L]`` of ``captions`` (padded to the longest); refuses captions
     longer than ``max_length`` tokens instead of cutting them (a cut caption teaches a wrong one)."""
@@ -153,8 +204,11 @@ def train_blip(
     losses: list[float] | None = None,
     callback: Callable[[int, Any, Any], None] | None = None,
     callback_every: int = 0,
+    vision_init: dict[str, torch.Tensor] | None = None,
 ):
-    """Train a ``BlipForConditionalGeneration`` from scratch on (image, caption) pairs; returns (model, processor).
+    """Train a ``BlipForConditionalGeneration`` on (image, caption) pairs; returns (model, processor). The text
+    decoder starts from scratch; the image encoder too, or from ``vision_init`` (the world backbone's
+    open_clip state dict, see ``vision_from_backbone``).
 
     Captioning loss of the BLIP decoder (next token, pad ignored), AdamW with a one-cycle schedule. Pixels
     and tokens are prepared once; each step draws a random batch. ``losses``, if given, receives each
@@ -172,6 +226,8 @@ def train_blip(
     input_ids, attention_mask = caption_labels(processor, captions, model_config.max_length)
     pixels = load_pixels(images, model_config.image_size)
     model = BlipForConditionalGeneration(model_config.blip_config(len(processor.tokenizer)))
+    if vision_init is not None:
+        vision_from_backbone(model, vision_init, normalise_pixels(pixels[:256], processor))
     model.generation_config.max_new_tokens = model_config.max_length - 1  # a whole caption after [BOS]
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.1)
@@ -221,20 +277,34 @@ def build_blip_captioner(
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     progress: bool = True,
+    backbone: str | os.PathLike | None = None,
 ) -> Path:
-    """Train the world's BLIP on a pair set's images and (paraphrased) captions into ``out_dir``.
+    """Train the world's BLIP on a pair set's images and (paraphrased) captions into ``out_dir``, its image
+    encoder started from the world backbone cached in ``backbone`` (None: from scratch).
 
-    Cached like the other world artifacts: a folder made from the same pair set with the same settings is
+    Cached like the other world artifacts: a folder made from the same pair set, backbone and settings is
     reused, any other replaced; the folder appears only when complete.
     """
+    from data_synth.shapes.backbone import BackboneCache
     from data_synth.shapes.pairs import build_from_pair_set
 
+    vision_init, backbone_identity = None, None
+    if backbone is not None:
+        cache = BackboneCache.at(Path(backbone))
+        if not cache.validate():
+            raise MissingFileError(
+                f"World BLIP: no usable world backbone in {backbone} ({'; '.join(cache.problems)}). Build it "
+                "(fusion-diff world backbone) or train the BLIP from scratch (--from-scratch)."
+            )
+        backbone_identity = cache.manifest()["checkpoint"]["sha256"]
+        vision_init = load_file(str(cache.checkpoint))
     config: dict[str, Any] = {
         "steps": steps,
         "seed": seed,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "model": asdict(model_config),
+        "vision_init": backbone_identity and f"world backbone sha256:{backbone_identity[:16]}",
     }
 
     def write(records, folder: Path) -> None:
@@ -247,6 +317,7 @@ def build_blip_captioner(
             seed=seed,
             model_config=model_config,
             progress=progress,
+            vision_init=vision_init,
         )
         save_blip(model, processor, folder)
 

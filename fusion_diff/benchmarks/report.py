@@ -83,6 +83,13 @@ def write_results(results: Sequence[EvalResult], out_dir: str | Path, stem: str)
     return json_path, md_path
 
 
+def read_results(path: str | Path) -> list[EvalResult]:
+    """The results a ``write_results`` JSON holds (metrics and protocol; rankings are not kept there)."""
+    from fusion_diff.utils.io import read_json
+
+    return [EvalResult(r["method"], r["metrics"], r["protocol"]) for r in read_json(Path(path), "results table")]
+
+
 def write_rankings(results: Sequence[EvalResult], out_dir: str | Path, stem: str) -> Path:
     """``{stem}.rankings.json``: every result's ranked ids per query (top-50; CIRR group top-3 under
     ``subset_rankings``), written atomically, so that no ranking is lost when a later step fails."""

@@ -99,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     blip = commands.add_parser(
         "blip-captioner",
         help="train the world's BLIP (a generative captioner) on a pair set",
-        description="Train a small transformers BlipForConditionalGeneration from scratch on a pair set's images and "
+        description="Train a small transformers BlipForConditionalGeneration (its image encoder started from the world "
+        "backbone's ViT, as real BLIP starts from a pretrained ViT) on a pair set's images and "
         "paraphrased captions (training scenes only), with a word-level tokenizer built from the captions and a "
         "BlipImageProcessor at the world's image size, and save model and processor with save_pretrained. Use it "
         "like any BLIP checkpoint: `--captioner generative --captioner-model DIR`. Its held-out quality (exact "
@@ -111,6 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     blip.add_argument("--batch-size", type=positive_int, default=64, help="pairs per step (default %(default)s)")
     blip.add_argument("--lr", type=finite_float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
     blip.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    blip.add_argument("--backbone", type=Path, default=None, help="world backbone cache folder (default: the cache's)")
+    blip.add_argument("--from-scratch", action="store_true", help="image encoder from random weights, not the backbone")
     blip.add_argument(
         "--eval-scenes",
         type=non_negative_int,
@@ -225,9 +228,12 @@ def _captioner(args: argparse.Namespace) -> int:
 def _blip_captioner(args: argparse.Namespace) -> int:
     from data_synth.shapes.blip import DEFAULT_STEPS, build_blip_captioner
 
+    from data_synth.shapes.backbone import BackboneCache
+
+    backbone = None if args.from_scratch else BackboneCache.at(args.backbone).root
     out = build_blip_captioner(
         args.pairs, args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed, batch_size=args.batch_size,
-        learning_rate=args.lr,
+        learning_rate=args.lr, backbone=backbone,
     )  # fmt: skip
     print(f"world BLIP: {out} (use it: --captioner generative --captioner-model {out})")
     if args.eval_scenes > 0:
