@@ -260,6 +260,13 @@ class Demo:
             self.config, self.plan = apply_plan(self.config, plan), plan
         return self.plan
 
+    def scored(self, evaluator, method):
+        """``evaluator.evaluate(method)`` with the schedule this demo's models were trained with in the protocol
+        (the rows of scripts that evaluate a finished demo's models)."""
+        result = evaluator.evaluate(method)
+        result.protocol.update(plan_as_record(self.plan))
+        return result
+
     def stage1_inputs(self) -> dict[str, Path]:
         return {"data.pair_embeddings": self.path("pair_embeddings")}
 
@@ -304,8 +311,10 @@ class Demo:
         writes a val split to select settings on."""
         from data_synth.shapes.benchmark_open import OpenBenchmarkConfig, write_open_benchmark
 
+        if split not in OPEN_BENCHMARK_FOLDERS:
+            raise ConfigError(f"Open-edit benchmark split {split!r}: choose one of {list(OPEN_BENCHMARK_FOLDERS)}.")
         queries = self.config.world.open_test_queries if queries is None else queries
-        counts = {"val_queries": queries, "test_queries": 0} if split == "val" else {"val_queries": 0, "test_queries": queries}
+        counts = {f"{name}_queries": queries if name == split else 0 for name in OPEN_BENCHMARK_FOLDERS}
         config = OpenBenchmarkConfig(**counts, seed=self.config.seed)
         self._write_benchmark(self.path(OPEN_BENCHMARK_FOLDERS[split]), config, write_open_benchmark)
 

@@ -37,7 +37,6 @@ from typing import Any
 from fusion_diff.baselines import create_method
 from fusion_diff.benchmarks.report import EvalResult, markdown_table, read_results, write_results
 from fusion_diff.demo import Demo, DemoConfig, default_config_path
-from fusion_diff.demo_budget import plan_as_record
 from fusion_diff.training.config import load_dataclass
 
 MULTI_SAMPLE = {"max": {"sample_reduction": "max"}, "lse": {"sample_reduction": "lse", "sample_temperature": 0.05}}
@@ -115,8 +114,7 @@ def with_demo_table(results: Path, demo_stem: str, rows: list[EvalResult]) -> No
 
 def evaluate(demo: Demo, evaluator: Any, method: Any) -> EvalResult:
     """One row, its protocol naming the schedule it was trained with (the demo's: reference or scaled)."""
-    result = evaluator.evaluate(method)
-    result.protocol.update(plan_as_record(demo.plan))
+    result = demo.scored(evaluator, method)
     print(f"    {method.name}: " + "  ".join(f"{k} {v:.2f}" for k, v in list(result.metrics.items())[:3]), flush=True)
     return result
 

@@ -102,7 +102,7 @@ def _backbone(spec: Any):
 
 def caption_curve(config: dict[str, Any], out_dir: str | Path, progress: bool = False) -> list[dict[str, Any]]:
     """One row per captioner: its held-out caption quality and every method's metrics (see the module doc)."""
-    from data_synth.shapes.caption_quality import HELDOUT_SEED, evaluate_captioner, heldout_scenes
+    from data_synth.shapes.caption_quality import HELDOUT_SEED, OBJECT_ATTRIBUTES, evaluate_captioner, heldout_scenes
     from fusion_diff.baselines.registry import create_method
     from fusion_diff.benchmarks import load_benchmark
     from fusion_diff.benchmarks.evaluate import Evaluator
@@ -123,7 +123,8 @@ def caption_curve(config: dict[str, Any], out_dir: str | Path, progress: bool = 
     for row in rows:
         captioner = _captioner(row["spec"], embedder, root, split)
         if row["spec"] == ORACLE:
-            quality = {"exact_match": 1.0, "attribute_accuracy": {"all": 1.0}, "note": "ground-truth captions"}
+            perfect = dict.fromkeys(OBJECT_ATTRIBUTES, 1.0)
+            quality = {"exact_match": 1.0, "attribute_accuracy": perfect, "note": "ground-truth captions"}
         elif scenes is not None:
             quality = evaluate_captioner(captioner, *scenes, HELDOUT_SEED)
         else:

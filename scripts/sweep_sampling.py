@@ -28,7 +28,6 @@ from fusion_diff.baselines import create_method
 from fusion_diff.baselines.registry import load_pipeline, method_factory
 from fusion_diff.benchmarks.report import markdown_table, write_results
 from fusion_diff.demo import Demo, DemoConfig, default_config_path
-from fusion_diff.demo_budget import plan_as_record
 from fusion_diff.training.config import load_dataclass
 
 
@@ -113,8 +112,7 @@ def main() -> None:
 
     def score(method, evaluator=evaluator):
         start = time.perf_counter()
-        result = evaluator.evaluate(method)
-        result.protocol.update(plan_as_record(demo.plan))
+        result = demo.scored(evaluator, method)
         shown = "  ".join(f"{key} {result.metrics[key]:.2f}" for key in (metric, "R@10", "mAP@50") if key in result.metrics)
         print(f"{method.name}: {shown}  ({time.perf_counter() - start:.0f} s)", flush=True)
         return result
@@ -128,7 +126,7 @@ def main() -> None:
     results = [score(create_method("image-only"))]  # the bar to clear, on the same queries
     settings = {"fusion-diff[" + ",".join(f"{k}={v}" for k, v in s.items()) + "]": s for s in GRIDS[args.grid]}
     sweep = [score(fusion_diff(name, setting)) for name, setting in settings.items()]
-    ablations = {f"ablation: {Path(path).parent.name}": path for path in args.also}
+    ablations = {f"ablation: {Path(path).parent.name.removeprefix('ablation-')}": path for path in args.also}
     results += sweep + [score(fusion_diff(name, demo.fusion_diff_options(), path)) for name, path in ablations.items()]
     best = max(sweep, key=lambda r: r.metrics[metric])
     fti4cir = Path(args.fti4cir) if args.fti4cir else demo.path("fti4cir")

@@ -251,5 +251,5 @@ def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, 
     assert json.loads((tmp_path / "demo/benchmark_open_val/manifest.json").read_text())["splits"]["test"]["queries"] == 0
     best = json.loads((results / "shapes-open-test-multi-sample-sweep-best.json").read_text())
     assert [r["method"] for r in best][:2] == ["image-only", "fusion-diff (demo settings)"]
-    assert best[2]["method"].endswith("(val-selected)") and best[3]["method"] == "ablation: ablation-regression"
+    assert best[2]["method"].endswith("(val-selected)") and best[3]["method"] == "ablation: regression"
     assert {r["protocol"]["split"] for r in best} == {"test"} and {r["protocol"]["benchmark"] for r in best} == {"shapes-open"}

@@ -146,14 +146,19 @@ def test_approximate_index_reports_recall_reloads_and_grows(kind, tmp_path):
     if kind in ("ivf-pq", "hnsw-sq8"):  # quantized: the candidates are rescored, so every score is exact
         exact = torch.einsum("qd,qkd->qk", queries, vectors[found.indices])
         assert torch.allclose(found.scores, exact, atol=1e-5)
-    tuned = loaded.tune(ef_search=64, nprobe=16, rerank=2)  # query-time settings, the folder untouched
-    if kind.startswith("hnsw"):
+    hnsw, rescored = kind.startswith("hnsw"), kind in ("ivf-pq", "hnsw-sq8")
+    tuned = loaded.tune(  # query-time settings, the folder untouched
+        ef_search=64 if hnsw else None, nprobe=None if hnsw else 16, rerank=2 if rescored else None
+    )
+    if hnsw:
         assert faiss.downcast_index(tuned.backend.index).hnsw.efSearch == 64
     else:
         assert faiss.extract_index_ivf(tuned.backend.index).nprobe == 16
-    assert tuned.backend.rerank == (2 if kind in ("ivf-pq", "hnsw-sq8") else 0)
-    with pytest.raises(ConfigError, match="ef_search must be at least 1"):
-        tuned.tune(ef_search=0)
+    assert tuned.backend.rerank == (2 if rescored else 0)
+    with pytest.raises(ConfigError, match="nprobe applies to" if hnsw else "ef_search applies to"):
+        tuned.tune(nprobe=8) if hnsw else tuned.tune(ef_search=8)  # a setting of another type: refused
+    with pytest.raises(ConfigError, match="must be at least 1"):
+        tuned.tune(ef_search=0) if hnsw else tuned.tune(nprobe=0)
     grown = loaded.add(vectors[3000:], items[3000:])
     assert len(grown) == 4000 and grown.search(vectors[3500:3501], k=1).ids == [["g3500"]]
     assert PersistentIndex.load(tmp_path / kind).manifest["count"] == 4000

@@ -226,9 +226,8 @@ def _captioner(args: argparse.Namespace) -> int:
 
 
 def _blip_captioner(args: argparse.Namespace) -> int:
-    from data_synth.shapes.blip import DEFAULT_STEPS, build_blip_captioner
-
     from data_synth.shapes.backbone import BackboneCache
+    from data_synth.shapes.blip import DEFAULT_STEPS, build_blip_captioner
 
     backbone = None if args.from_scratch else BackboneCache.at(args.backbone).root
     out = build_blip_captioner(

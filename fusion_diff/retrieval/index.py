@@ -15,8 +15,10 @@ is in that sample's own top ``k``); under ``lse`` / ``mean`` it is an approximat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from fusion_diff.retrieval.method import SampleScoring
 from fusion_diff.utils.checks import check_top_k, require_finite
 from fusion_diff.utils.registry import Registry
 
+T = TypeVar("T")
 NAN_QUERIES = (
     "Recompute them (check the sampling settings, e.g. a NaN guidance scale): NaN/inf queries score NaN against "
     "every gallery item and rank it arbitrarily."
@@ -90,8 +93,8 @@ class _Index:
             return torch.empty(num_queries, 0, dtype=torch.long)
         if len(exclude) != num_queries:
             raise ValueError(f"exclude needs one list per query: {len(exclude)} lists for {num_queries} queries.")
-        flat = iter(self._rows([item for items in exclude for item in items]))  # one lookup for all queries
-        rows = [[row for row in (next(flat) for _ in items) if row >= 0] for items in exclude]
+        found = regroup(self._rows([item for items in exclude for item in items]), map(len, exclude))  # one lookup
+        rows = [[row for row in part if row >= 0] for part in found]
         width = max(map(len, rows), default=0)
         return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long).reshape(
             num_queries, width
@@ -170,8 +173,8 @@ class _Index:
         """Each row's ids (``-1`` padding dropped), looked up in one gather rather than one call per hit."""
         valid = indices >= 0
         rows = indices[valid].numpy()
-        flat = iter(self.ids.take(rows) if isinstance(self.ids, IdColumn) else [self.ids[j] for j in rows.tolist()])
-        return [[next(flat) for _ in range(n)] for n in valid.sum(1).tolist()]
+        flat = self.ids.take(rows) if isinstance(self.ids, IdColumn) else [self.ids[j] for j in rows.tolist()]
+        return regroup(flat, valid.sum(1).tolist())
 
     def scores_for(
         self,
@@ -289,6 +292,12 @@ class FaissGalleryIndex(_Index):
     def _topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores, indices = self.index.search(np.ascontiguousarray(queries.cpu().numpy()), k)
         return torch.from_numpy(scores), torch.from_numpy(indices).long()
+
+
+def regroup(flat: Iterable[T], sizes: Iterable[int]) -> list[list[T]]:
+    """``flat`` cut into consecutive lists of ``sizes``: the per-query rows of one batched lookup."""
+    values = iter(flat)
+    return [list(itertools.islice(values, n)) for n in sizes]
 
 
 def unique_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fusion_diff.errors import CacheMismatchError, ConfigError, DataError
-from fusion_diff.retrieval.index import FaissGalleryIndex, GalleryIndex, SearchResult, _Index
+from fusion_diff.retrieval.index import FaissGalleryIndex, GalleryIndex, SearchResult, _Index, regroup
 from fusion_diff.retrieval.items import ItemTable
 from fusion_diff.retrieval.method import SampleScoring
 from fusion_diff.utils.checks import require_finite
@@ -208,17 +208,21 @@ class PersistentIndex:
     def tune(self, ef_search: int | None = None, nprobe: int | None = None, rerank: int | None = None) -> PersistentIndex:
         """Change how this open index searches (the folder is not touched): HNSW ``ef_search``, IVF ``nprobe``,
         ``rerank`` of the quantized types. Trade recall for speed at query time, without a rebuild."""
+        kind = self.settings.type
+        applies = {"ef_search": HNSW_TYPES, "nprobe": ("ivf-flat", "ivf-pq"), "rerank": RESCORED_TYPES}
         for name, value in (("ef_search", ef_search), ("nprobe", nprobe), ("rerank", rerank)):
-            if value is not None:
-                if value < 1:
-                    raise ConfigError(f"Index {self.root}: {name} must be at least 1, got {value}.")
-                setattr(self.settings, name, value)
-        if self.settings.type != "exact":
+            if value is None:
+                continue
+            if kind not in applies[name]:  # refused, not silently ignored
+                raise ConfigError(f"Index {self.root} is {kind}: {name} applies to {list(applies[name])} only.")
+            if value < 1:
+                raise ConfigError(f"Index {self.root}: {name} must be at least 1, got {value}.")
+            setattr(self.settings, name, value)
+        if kind != "exact":
             params = self.settings.search_parameters()
             if params:
                 _faiss().ParameterSpace().set_index_parameters(self.backend.index, params)
-            rescored = self.settings.type in RESCORED_TYPES
-            self.backend.rerank = (self.settings.rerank or DEFAULT_RERANK[self.settings.type]) if rescored else 0
+            self.backend.rerank = self.settings.rerank if kind in RESCORED_TYPES else 0
         return self
 
     # ------------------------------------------------------------------ opening
@@ -269,8 +273,8 @@ class PersistentIndex:
         """Top-``k`` per query (``[Q, N, d]`` multi-sample queries with ``scoring``: see ``fusion_diff.retrieval.index``)."""
         found = self.backend.search(queries, k=k, exclude=exclude, scoring=scoring)
         valid = found.indices >= 0
-        flat = iter(self.items.rows(found.indices[valid].tolist()))  # every hit's metadata in one read
-        found.items = [[next(flat) for _ in range(n)] for n in valid.sum(1).tolist()]
+        hits = self.items.rows(found.indices[valid].tolist())  # every hit's metadata in one read
+        found.items = regroup(hits, valid.sum(1).tolist())
         return found
 
     def scores_for(
