@@ -57,12 +57,14 @@ class WorldSection:
 
     backbone_steps: int = 1600  # open_clip training steps of the world backbone
     backbone_cache: str | None = None  # default: <cache root>/shapes_backbone (a shared, reusable cache)
+    backbone_negation_fraction: float = 0.0  # share of backbone captions naming an absent object ("..., and no red circle")
     val_queries: int = 1000
     test_queries: int = 2000
     open_test_queries: int = 300  # the open-edit benchmark (CIRCO format, several right answers); 0: none
 
     def __post_init__(self) -> None:
         require(self.backbone_steps > 0, "backbone_steps", "must be > 0")
+        require(0.0 <= self.backbone_negation_fraction <= 1.0, "backbone_negation_fraction", "must be in [0, 1]")
         require(self.val_queries > 0 and self.test_queries > 0, "val_queries", "and test_queries must be > 0")
         require(self.open_test_queries >= 0, "open_test_queries", "must be >= 0")
 
@@ -77,6 +79,7 @@ class DataSection:
     # Captions inside the triplets' fused embeddings: "captioner" (evaluation.captioner, as at test time)
     # or "annotation" (the triplets' own scene-graph captions).
     triplet_captions: str = "captioner"
+    negated_removals: bool = False  # removal instructions may also be worded as negations ("no more red stars")
 
     def __post_init__(self) -> None:
         require(self.pairs > 0 and self.triplets > 0, "pairs", "and triplets must be > 0")
@@ -278,14 +281,17 @@ class Demo:
         another length than the reference (a time-budgeted one) gets a folder of its own, never replacing it."""
         from fusion_diff.utils.paths import cache_dir
 
-        steps = self.config.world.backbone_steps
-        default = "shapes_backbone" if steps == WorldSection.backbone_steps else f"shapes_backbone-{steps}-steps"
-        return Path(self.config.world.backbone_cache or cache_dir(default))
+        world = self.config.world
+        name = "shapes_backbone" if world.backbone_steps == WorldSection.backbone_steps else f"shapes_backbone-{world.backbone_steps}-steps"
+        if world.backbone_negation_fraction:
+            name += f"-negation-{world.backbone_negation_fraction:g}"
+        return Path(world.backbone_cache or cache_dir(name))
 
     def backbone_config(self):
         from data_synth.shapes.backbone import BackboneConfig
 
-        return BackboneConfig.for_steps(self.config.world.backbone_steps, seed=self.config.seed)
+        world = self.config.world
+        return BackboneConfig.for_steps(world.backbone_steps, seed=self.config.seed, negation_fraction=world.backbone_negation_fraction)
 
     def backbone_cached(self) -> bool:
         from data_synth.shapes.backbone import BackboneCache
@@ -364,11 +370,16 @@ class Demo:
 
     def build_triplets(self) -> None:
         from data_synth.triplets.embed import embed_triplets
-        from data_synth.triplets.shapes_builder import build_shapes_triplets
+        from data_synth.triplets.shapes_builder import ShapesTripletConfig, build_shapes_triplets
 
         data = self.config.data
         build_shapes_triplets(
-            self.path("triplets"), data.triplets, seed=self.config.seed, workers=data.workers, progress=self.progress
+            self.path("triplets"),
+            data.triplets,
+            seed=self.config.seed,
+            config=ShapesTripletConfig(negated_removals=data.negated_removals),
+            workers=data.workers,
+            progress=self.progress,
         )
         out = self.path("triplet_embeddings")
         captioner = self.make_captioner() if data.triplet_captions == "captioner" else None

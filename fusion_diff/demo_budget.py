@@ -254,9 +254,18 @@ def probe_seconds(threads: int, steps: int = 3) -> float:
     return min(times[1:])  # the least disturbed step: other processes only ever slow it down
 
 
+# Settings added after plans were first saved: left out of the digest at their off value, so earlier plans stay valid.
+LATER_SETTINGS: dict[str, dict[str, Any]] = {"world": {"backbone_negation_fraction": 0.0}, "data": {"negated_removals": False}}
+
+
 def config_digest(config: DemoConfig) -> str:
     """What a saved plan was made for: the whole demo config before scaling (another size or schedule, another plan)."""
-    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True, default=str).encode()).hexdigest()
+    record = asdict(config)
+    for section, settings in LATER_SETTINGS.items():
+        for key, off in settings.items():
+            if record[section][key] == off:
+                del record[section][key]
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def saved_plan(out: Path, config: DemoConfig) -> Plan | None:

@@ -4,8 +4,8 @@
 
 Two measurements on the shapes-world backbone (loaded from its cache, never trained here):
 
-1. Cosine similarities between "remove the {colour} {shape}", "a {colour} {shape}" and "add a {colour} {shape}"
-   over every colour x shape, for the pooled embedding ``f(T)``, for the masked mean of the token states,
+1. Cosine similarities between "remove the {colour} {shape}", "a {colour} {shape}", "add a {colour} {shape}",
+   "without the {colour} {shape}" and "there is no {colour} {shape}" over every colour x shape, for the pooled embedding ``f(T)``, for the masked mean of the token states,
    and for the state at the verb's position ("remove" vs "add"; the object phrase has no verb).
 2. A linear probe (logistic regression, weight decay) telling removal from addition instructions, trained on
    the world's training phrasing (``data_synth.shapes.instructions``) and tested on the benchmark's held-out
@@ -50,6 +50,8 @@ def cosines(embedder: JointEmbedder, max_tokens: int) -> dict[str, dict[str, flo
         "remove": [f"remove the {t}" for t in things],
         "object": [f"a {t}" for t in things],
         "add": [f"add a {t}" for t in things],
+        "without": [f"without the {t}" for t in things],  # negation words (the backbone's captions may use them)
+        "no": [f"there is no {t}" for t in things],
     }
     pooled = {k: embedder.embed_texts(v) for k, v in texts.items()}
     tokens = {k: embedder.encode_text_tokens(v, max_tokens) for k, v in texts.items()}
@@ -59,7 +61,7 @@ def cosines(embedder: JointEmbedder, max_tokens: int) -> dict[str, dict[str, flo
     def cos(a: torch.Tensor, b: torch.Tensor) -> float:
         return round(float((a * b).sum(-1).mean()), 4)
 
-    pairs = [("remove", "object"), ("remove", "add"), ("add", "object")]
+    pairs = [("remove", "object"), ("remove", "add"), ("add", "object"), ("without", "object"), ("no", "object")]
     return {
         "pooled f(T)": {f"{a} vs {b}": cos(pooled[a], pooled[b]) for a, b in pairs},
         "token states, masked mean": {f"{a} vs {b}": cos(mean[a], mean[b]) for a, b in pairs},

@@ -400,6 +400,8 @@ def test_cut_texts_are_counted_in_the_first_batch_that_cuts(tiny_openclip, caplo
     with caplog.at_level(logging.WARNING, logger="fusion_diff"):
         tiny_openclip.embed_texts(texts)
     assert _text_warnings(caplog) == []  # said once already
+    fits = text_checks.fits_context(tiny_openclip.tokenizer, [" ".join(["x"] * 30), " ".join(["x"] * 31), "a red square"], 32)
+    assert fits == [True, False, True]
 
 
 def test_empty_instructions_are_counted_once_per_batch(tiny_openclip, caplog):

@@ -146,3 +146,25 @@ def test_scripts_adopt_the_plan_a_finished_demo_was_trained_with(demo, tmp_path,
     _, plan = plan_demo(config, config_dir, STEPS, tmp_path)
     later = Demo(config, config_dir)
     assert later.adopt_saved_plan() == plan and later.config.data.triplets == plan.schedules["data.triplets"]
+
+
+def test_settings_added_later_keep_earlier_plans_and_get_their_own_backbone(demo):
+    """A plan saved before the negation settings existed stays valid while they are off; turned on, they
+    change the plan's config and train a backbone in a folder of its own (the shared one is never replaced)."""
+    import hashlib
+    from dataclasses import asdict
+
+    from fusion_diff.demo import Demo
+    from fusion_diff.demo_budget import config_digest
+
+    config, config_dir = demo
+    earlier = asdict(config)
+    del earlier["world"]["backbone_negation_fraction"], earlier["data"]["negated_removals"]
+    assert config_digest(config) == hashlib.sha256(json.dumps(earlier, sort_keys=True, default=str).encode()).hexdigest()
+    negation = replace(config, world=replace(config.world, backbone_negation_fraction=0.3))
+    assert config_digest(negation) != config_digest(config)
+    assert Demo(config, config_dir, progress=False).backbone_root().name == "shapes_backbone"
+    negated = Demo(negation, config_dir, progress=False)
+    assert negated.backbone_root().name == "shapes_backbone-negation-0.3"
+    assert negated.backbone_config().negation_fraction == 0.3
+    assert negated.backbone_config().identity() != Demo(config, config_dir, progress=False).backbone_config().identity()

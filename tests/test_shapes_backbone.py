@@ -16,8 +16,11 @@ from data_synth.shapes.backbone import (
     build_backbone,
     load_world_embedder,
     scene_targets,
+    sibling_partners,
     training_scenes,
+    with_negations,
 )
+from data_synth.shapes.captions import absent_kinds, caption_scene
 from data_synth.shapes import render as render_module
 from data_synth.shapes.scene import COLOURS, GRID, SHAPES, SIZES, Scene, SceneObject, sample_scene
 from fusion_diff.embedding import OpenCLIPEmbedder
@@ -134,6 +137,28 @@ def test_training_scenes_hold_the_asked_share_of_single_objects_and_siblings():
     assert len(scenes) == 64
     assert all(len(s.objects) == 1 for s in scenes[:16])  # half of the 32 base scenes
     assert not any(s.is_heldout() for s in scenes)
+
+
+def test_negated_captions_name_a_kind_the_scene_lacks_and_prefer_the_partners_extra_object():
+    rng = random.Random(0)
+    scenes = training_scenes(rng, 64, sibling_fraction=0.5)
+    partners = sibling_partners(64, 0.5)
+    assert all(partners[p] == i for i, p in enumerate(partners) if p is not None)
+    captions = [caption_scene(s, rng) for s in scenes]
+    negated = with_negations(scenes, captions, partners, 1.0, rng, fits=lambda texts: [True] * len(texts))
+    assert all(n.startswith(c) and n != c for c, n in zip(captions, negated))
+    for i, (scene, caption, text) in enumerate(zip(scenes, captions, negated)):
+        clause = text[len(caption) :]
+        named = [k for k in absent_kinds(scene) if f" {k[0]} {k[1]}" in clause]
+        assert len(named) == 1, text  # exactly one kind, and one the scene lacks
+        extra = set() if partners[i] is None else {(o.colour, o.shape) for o in scenes[partners[i]].objects}
+        extra &= set(absent_kinds(scene))
+        assert not extra or named[0] in extra, (text, extra)
+    # a negated caption the encoder would cut keeps its plain form; fraction 0 changes nothing
+    assert with_negations(scenes, captions, partners, 1.0, rng, fits=lambda texts: [False] * len(texts)) == captions
+    assert with_negations(scenes, captions, partners, 0.0, rng, fits=lambda texts: [True] * len(texts)) == captions
+    with pytest.raises(ValueError, match="negation_fraction"):
+        BackboneConfig(negation_fraction=1.5)
 
 
 def test_scene_graph_head_weights_scale_one_attribute():

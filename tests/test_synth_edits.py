@@ -120,6 +120,24 @@ def test_a_wrong_instruction_is_rejected():
     assert not instruction_matches_edit("paint it a nice shade of green", scene, edit)
 
 
+def test_a_negated_removal_names_the_only_object_of_its_kind():
+    red_star, blue_star = _obj(0, 0, "star", "red"), _obj(1, 1, "star", "blue")
+    scene = Scene((red_star, blue_star))
+    edit = Edit("remove", (red_star,))
+    assert instruction_matches_edit("no more red star", scene, edit)
+    assert instruction_matches_edit("there should be no red star", scene, edit)
+    assert not instruction_matches_edit("no more blue star", scene, edit)
+    # two red stars: "no more red star" would remove both, not the one edited
+    two = Scene((red_star, _obj(2, 2, "star", "red"), blue_star))
+    assert not instruction_matches_edit("no more red star", two, Edit("remove", (red_star,)))
+    # asked for, removals are sometimes worded so, and every such instruction still parses back to its edit
+    texts = []
+    for scene, edit, rng in _sampled(300, seed=3, kinds=("remove",)):
+        texts.append(text := describe_edit(scene, edit, rng, negated_removals=True))
+        assert instruction_matches_edit(text, scene, edit), (text, edit)
+    assert any(t.startswith(("no more", "there should be no")) for t in texts)
+
+
 def test_training_and_benchmark_phrasings_are_disjoint():
     rng = random.Random(5)
     checked = 0

@@ -51,6 +51,15 @@ OBJECT_TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape}{pos} that is {size}",
     "a {size} {shape} in {colour}{pos}",
 )
+# Captions that say what a scene lacks ("..., and no red circle"): the world backbone's text tower learns
+# negation words from them, as a real CLIP learns "no" and "without" from alt-text. {kind} is a colour+shape
+# kind absent from the scene ("red circle").
+NEGATION_TEMPLATES: tuple[str, ...] = (
+    "{caption}, and no {kind}",
+    "{caption}, without any {kind}",
+    "{caption}; there is no {kind}",
+    "{caption}, with no {kind} in it",
+)
 POSITION_DROP_RATE = 0.15  # share of paraphrases that leave positions out (true but less specific captions)
 
 _SEPARATOR = re.compile(r"\s*;\s*|\s*,\s*(?:and\s+)?|\s+and\s+")
@@ -117,6 +126,18 @@ def caption_scene(scene: Scene, rng: random.Random) -> str:
     template = rng.choice(SCENE_TEMPLATES)
     bg = rng.choice(BACKGROUND_WORDS[scene.background])
     return template.format(objects=joined, bg=bg, count=_count_phrase(len(objects)))
+
+
+def negated_caption(caption: str, kind: tuple[str, str], rng: random.Random) -> str:
+    """``caption`` plus a clause saying the scene has no object of ``kind`` (colour, shape); the caller makes
+    sure none is there (:func:`absent_kinds`)."""
+    return rng.choice(NEGATION_TEMPLATES).format(caption=caption, kind=f"{kind[0]} {kind[1]}")
+
+
+def absent_kinds(scene: Scene) -> list[tuple[str, str]]:
+    """Every (colour, shape) kind no object of ``scene`` has, in a fixed order."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
 
 
 def subject_attribute_split(scene: Scene) -> tuple[str, str]:

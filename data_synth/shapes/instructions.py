@@ -116,6 +116,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "reduce the {colour} {plural} to {n}",
     ),
 }
+# Removals worded as negations, used when asked (``describe_edit(..., negated_removals=True)``); {things} is the
+# removed object's colour and shape, a kind the scene has one of. The parser always knows them.
+NEGATED_REMOVAL_TEMPLATES: tuple[str, ...] = ("there should be no {things}", "no more {things}")
 # Composite edits: (prefix, separator) around the two parts.
 CONNECTIVES: tuple[tuple[str, str], ...] = (
     ("", " and "),
@@ -180,18 +183,21 @@ EXTRA_ATTRIBUTE_PROBABILITY = 0.3  # referring expressions sometimes name more t
 def training_templates() -> list[str]:
     """Every training phrasing (single-edit templates, open ones, composite connectives), for disjointness checks."""
     singles = [t for templates in (*TEMPLATES.values(), *OPEN_TEMPLATES.values()) for t in templates]
+    singles += NEGATED_REMOVAL_TEMPLATES
     return singles + [f"{prefix}{{a}}{sep}{{b}}" for prefix, sep in CONNECTIVES]
 
 
-def describe_edit(scene: Scene, edit: AnyEdit, rng: random.Random) -> str:
-    """A training instruction for ``edit`` of ``scene``, its object(s) named unambiguously."""
+def describe_edit(scene: Scene, edit: AnyEdit, rng: random.Random, negated_removals: bool = False) -> str:
+    """A training instruction for ``edit`` of ``scene``, its object(s) named unambiguously (a removal sometimes
+    as a negation, with ``negated_removals``)."""
     if isinstance(edit, CompositeEdit):
-        first = describe_edit(scene, edit.first, rng)
-        second = describe_edit(apply_edit(scene, edit.first), edit.second, rng)
+        first = describe_edit(scene, edit.first, rng, negated_removals)
+        second = describe_edit(apply_edit(scene, edit.first), edit.second, rng, negated_removals)
         prefix, sep = rng.choice(CONNECTIVES)
         return f"{prefix}{first}{sep}{second}"
     key, slots = _slots(scene, edit, rng)
-    return rng.choice(TEMPLATES[key]).format(**slots)
+    templates = TEMPLATES[key] + (NEGATED_REMOVAL_TEMPLATES if negated_removals and key == "remove" else ())
+    return rng.choice(templates).format(**slots)
 
 
 def describe_open_edit(scene: Scene, edit: AnyOpenEdit, rng: random.Random) -> str:
@@ -283,6 +289,8 @@ def _slots(scene: Scene, edit: Edit, rng: random.Random) -> tuple[str, dict[str,
         slots["where"] = _where(edit.value, rng)
     elif kind == "resize":
         kind = f"resize:{edit.value}"
+    elif kind == "remove":
+        slots["things"] = _things(edit.objects[0].colour, edit.objects[0].shape, 1)
     return kind, slots
 
 
@@ -378,7 +386,9 @@ class Phrasing:
                 yield body[: m.start()], body[m.end() :]
 
 
-TRAINING_PHRASING = Phrasing({**TEMPLATES, **OPEN_TEMPLATES}, CONNECTIVES)
+TRAINING_PHRASING = Phrasing(
+    {**TEMPLATES, "remove": TEMPLATES["remove"] + NEGATED_REMOVAL_TEMPLATES, **OPEN_TEMPLATES}, CONNECTIVES
+)
 
 
 def parse_instruction(text: str) -> list[tuple[ParsedEdit, ...]]:
@@ -438,6 +448,10 @@ def parsed_matches(scene: Scene, parsed: ParsedEdit, edit: Edit) -> bool:
         return slots["n"] == NUMBER_WORDS[after] and (variant != "more")
     if kind == "swap":
         return {resolve(scene, slots["obj"]), resolve(scene, slots["obj2"])} == set(edit.objects)
+    if kind == "remove" and "things" in slots:  # "no more red stars": every object of that kind goes
+        colour, shape = slots["things"].split()
+        kind_objects = [o for o in scene.objects if o.colour == colour and shape in (o.shape, _plural(o.shape))]
+        return kind_objects == [edit.objects[0]]
     if resolve(scene, slots["obj"]) != edit.objects[0]:
         return False
     if kind == "resize":

@@ -51,6 +51,7 @@ class ShapesTripletConfig:
     min_objects: int = 1
     max_objects: int = MAX_OBJECTS
     open_probability: float = 0.0  # share of items with an open instruction (target: one right answer)
+    negated_removals: bool = False  # removals may also be worded as negations ("no more red stars")
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(ALL_KINDS)
@@ -68,6 +69,8 @@ class ShapesTripletConfig:
         data["kinds"] = list(self.kinds)
         if not self.open_probability:  # sets built before open edits existed keep their identity
             del data["open_probability"]
+        if not self.negated_removals:  # likewise for negated removals
+            del data["negated_removals"]
         return data
 
 
@@ -101,7 +104,7 @@ def make_triplet_record(seed: int, index: int, config: ShapesTripletConfig) -> t
         "id": f"{index:09d}",
         "source": "shapes",
         "reference_caption": caption_scene(reference, rng),
-        "instruction": describe_open_edit(reference, open_edit, rng) if is_open else describe_edit(reference, edit, rng),
+        "instruction": describe_open_edit(reference, open_edit, rng) if is_open else describe_edit(reference, edit, rng, config.negated_removals),
         "target_caption": caption_scene(target, rng),
         "edit": edit.to_dict(),  # an open instruction: the right answer this target realises
         "edit_label": open_edit.kind if is_open else edit.kind,  # "recolour", "composite:recolour+move", "recolour_any"

@@ -31,6 +31,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         kinds=tuple(args.kinds) if args.kinds else ShapesTripletConfig().kinds,
         allow_composite=not args.no_composite,
         open_probability=args.open_probability,
+        negated_removals=args.negated_removals,
     )
     manifest = build_shapes_triplets(
         args.out, args.n, seed=args.seed, config=config, shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite
@@ -188,6 +189,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of triplets with an open instruction ('give the circle another colour'); the target is one of "
         "its right answers, drawn at random (default %(default)s)",
     )
+    shapes.add_argument("--negated-removals", action="store_true",
+                        help="word some removals as negations ('no more red stars'; the world backbone needs negation captions to read them)")
     shapes.set_defaults(func=run_shapes, n=200_000)
 
     corpus = sub.add_parser(

@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone.add_argument("--scene-loss-weight", type=finite_float, help="weight of the scene-graph read-out loss (0: ClipLoss only)")
     backbone.add_argument("--shape-loss-weight", type=finite_float, help="weight of the shape term inside the scene-graph loss")
     backbone.add_argument("--single-fraction", type=finite_float, help="share of single-object scenes among the random ones")
+    backbone.add_argument("--negation-fraction", type=finite_float,
+                          help="share of captions that also name a kind of object the scene lacks (0: none)")
     backbone.add_argument("--time-budget", type=finite_float, help="seconds: stop early and compress the cosine schedule to fit")
     backbone.add_argument("--seed", type=int, help="training seed")
     backbone.add_argument("--threads", type=positive_int, help="torch threads (1 is faster on a machine shared with other jobs)")
@@ -156,6 +158,7 @@ def _backbone(args: argparse.Namespace) -> int:
             "scene_loss_weight": args.scene_loss_weight,
             "shape_loss_weight": args.shape_loss_weight,
             "single_fraction": args.single_fraction,
+            "negation_fraction": args.negation_fraction,
             "seed": args.seed,
             "threads": args.threads,
             "data_workers": args.data_workers,

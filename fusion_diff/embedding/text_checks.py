@@ -17,6 +17,20 @@ logger = logging.getLogger(__name__)
 _warned_contexts: set[int] = set()  # a job embeds many batches: the cut is reported once per context length
 
 
+def fits_context(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str], context: int) -> list[bool]:
+    """Per text, whether ``tokenizer`` keeps all of it within ``context`` tokens (start and end included)."""
+    texts = list(texts)
+    fits = [True] * len(texts)
+    # A byte-level BPE token covers at least one UTF-8 byte: only texts with more bytes than the context can be cut.
+    maybe_long = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) > context - 2]
+    if maybe_long:
+        longer = tokenizer([texts[i] for i in maybe_long], context_length=context + 1)
+        pad = tokenizer([""], context_length=context + 1)[0, -1]
+        for i, row in zip(maybe_long, longer):
+            fits[i] = bool(row[-1] == pad)
+    return fits
+
+
 def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
     """``tokenizer(texts)`` (an open_clip tokenizer), warning how many texts of the batch it cut to the context
     length: the first time in a process for each context length (a training run or an embedding job would
@@ -24,13 +38,7 @@ def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str
     texts = list(texts)
     tokens = tokenizer(texts)
     context = tokens.shape[1]
-    # A byte-level BPE token covers at least one UTF-8 byte: only texts with more bytes than the context can be cut.
-    maybe_long = [text for text in texts if len(text.encode("utf-8")) > context - 2]
-    cut = []
-    if maybe_long:
-        longer = tokenizer(maybe_long, context_length=context + 1)
-        pad = tokenizer([""], context_length=context + 1)[0, -1]
-        cut = [text for text, row in zip(maybe_long, longer) if row[-1] != pad]
+    cut = [text for text, fits in zip(texts, fits_context(tokenizer, texts, context)) if not fits]
     if cut and context not in _warned_contexts:
         _warned_contexts.add(context)
         example = cut[0] if len(cut[0]) <= 80 else cut[0][:77] + "..."
