@@ -7,7 +7,7 @@ import torch
 
 from data_synth.triplets.embed import CACHE_KINDS, embed_triplets
 from data_synth.triplets.format import iter_triplets
-from data_synth.triplets.shapes_builder import build_shapes_triplets
+from data_synth.triplets.shapes_builder import ShapesTripletConfig, build_shapes_triplets
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import CacheMismatchError, DataError
 
@@ -111,3 +111,29 @@ def test_issue18_instruction_token_cache_beside_the_pooled_one(triplet_dir, tmp_
     assert set(again) == set(CACHE_KINDS) and (tmp_path / "emb/instruction_tokens/manifest.json").is_file()
     with pytest.raises(CacheMismatchError, match="max_text_tokens: cache has 12, requested 8"):
         embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False, max_text_tokens=8)
+
+
+def test_removal_probe_script_reads_the_caches_and_tables_every_kind(tmp_path, tiny_openclip, monkeypatch, capsys):
+    """scripts/removal_probe.py on a toy set: the caches align with the records, the edited object's place is
+    one-hot (a composite's is empty), and the table has a row per split with a cell per kind present."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "triplets"
+    build_shapes_triplets(root, 40, seed=0, shard_size=20, config=ShapesTripletConfig(negated_removals=True), progress=False)
+    embed_triplets(root, tiny_openclip, tmp_path / "emb", batch_size=8, progress=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "removal_probe.py"
+    module = runpy.run_path(str(script))
+    tensors, labels = module["load"](str(root), str(tmp_path / "emb"))
+    assert len(labels) == 40 and tensors["where"].shape[0] == tensors["target_fused"].shape[0] == 40
+    single = torch.tensor([label != "composite" for label in labels])
+    assert (tensors["where"][single].sum(1) == 2).all() and (tensors["where"][~single].sum(1) == 0).all()
+    args = [str(script), str(root), str(tmp_path / "emb"), "--epochs", "1", "--oracle-kind", "--oracle-place", "--train-fraction", "0.5"]
+    monkeypatch.setattr(sys, "argv", args)
+    runpy.run_path(str(script), run_name="__main__")
+    table = capsys.readouterr().out
+    assert "| held-out (8) |" in table and "| training (8) |" in table and "trained on 20 triplets" in table
+    monkeypatch.setattr(sys, "argv", args[:3] + ["--train-fraction", "0.9"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(script), run_name="__main__")
