@@ -617,6 +617,14 @@ class Demo:
         )
 
 
+def pipeline_row_name(path: str | Path) -> str:
+    """The table row of another stage-2 pipeline scored beside the demo's: ``runs/demo/ablation-regression/stage2``
+    is "ablation: regression", ``runs/stage2-2880`` is "stage2-2880" (scripts' ``--also`` folders)."""
+    path = Path(path)
+    folder = path.parent if path.name == "stage2" else path
+    return folder.name.replace("ablation-", "ablation: ", 1) if folder.name.startswith("ablation-") else folder.name
+
+
 def run_demo(quick: bool = False, config_path: str | Path | None = None, overrides: list[str] | None = None,
              progress: bool = True) -> Path:  # fmt: skip
     """Load the demo config (strictly), check every option, run every step, and return the markdown table's path."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusion_diff.training.config import load_config, require
-from fusion_diff.utils.io import write_json_atomic
+from fusion_diff.utils.io import drop_when_off, write_json_atomic
 
 if TYPE_CHECKING:
     from fusion_diff.demo import DemoConfig
@@ -261,10 +261,8 @@ LATER_SETTINGS: dict[str, dict[str, Any]] = {"world": {"backbone_negation_fracti
 def config_digest(config: DemoConfig) -> str:
     """What a saved plan was made for: the whole demo config before scaling (another size or schedule, another plan)."""
     record = asdict(config)
-    for section, settings in LATER_SETTINGS.items():
-        for key, off in settings.items():
-            if record[section][key] == off:
-                del record[section][key]
+    for section, off in LATER_SETTINGS.items():
+        record[section] = drop_when_off(record[section], off)
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from fusion_diff.baselines import create_method
 from fusion_diff.baselines.registry import load_pipeline, method_factory
 from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
-from fusion_diff.demo import Demo, DemoConfig, default_config_path
+from fusion_diff.demo import Demo, DemoConfig, default_config_path, pipeline_row_name
 from fusion_diff.training.config import load_dataclass
 from fusion_diff.utils.io import atomic_path
 
@@ -36,9 +36,7 @@ def main() -> None:
     demo.adopt_saved_plan()
     demo.embedder = demo.build_backbone()
     pipelines = {"fusion-diff": demo.path("stage2")}
-    for path in map(Path, args.also):  # runs/demo/ablation-regression/stage2 -> "ablation: regression"
-        folder = path.parent if path.name == "stage2" else path
-        pipelines[folder.name.replace("ablation-", "ablation: ", 1)] = path
+    pipelines.update({pipeline_row_name(path): Path(path) for path in args.also})
     kinds = edit_kinds(demo.path("benchmark"), "val")
     for phrasing in ("benchmark", "training"):
         evaluator = demo.evaluator("val", phrasing=phrasing)

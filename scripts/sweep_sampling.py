@@ -27,7 +27,7 @@ from pathlib import Path
 from fusion_diff.baselines import create_method
 from fusion_diff.baselines.registry import load_pipeline, method_factory
 from fusion_diff.benchmarks.report import markdown_table, write_results
-from fusion_diff.demo import Demo, DemoConfig, default_config_path
+from fusion_diff.demo import Demo, DemoConfig, default_config_path, pipeline_row_name
 from fusion_diff.training.config import load_dataclass
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     results = [score(create_method("image-only"))]  # the bar to clear, on the same queries
     settings = {"fusion-diff[" + ",".join(f"{k}={v}" for k, v in s.items()) + "]": s for s in GRIDS[args.grid]}
     sweep = [score(fusion_diff(name, setting)) for name, setting in settings.items()]
-    ablations = {f"ablation: {Path(path).parent.name.removeprefix('ablation-')}": path for path in args.also}
+    ablations = {pipeline_row_name(path): path for path in args.also}
     results += sweep + [score(fusion_diff(name, demo.fusion_diff_options(), path)) for name, path in ablations.items()]
     best = max(sweep, key=lambda r: r.metrics[metric])
     fti4cir = Path(args.fti4cir) if args.fti4cir else demo.path("fti4cir")

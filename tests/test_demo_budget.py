@@ -168,3 +168,12 @@ def test_settings_added_later_keep_earlier_plans_and_get_their_own_backbone(demo
     assert negated.backbone_root().name == "shapes_backbone-negation-0.3"
     assert negated.backbone_config().negation_fraction == 0.3
     assert negated.backbone_config().identity() != Demo(config, config_dir, progress=False).backbone_config().identity()
+
+
+def test_pipelines_scored_beside_the_demo_get_readable_row_names():
+    from fusion_diff.demo import pipeline_row_name
+
+    assert pipeline_row_name("runs/demo/ablation-regression/stage2") == "ablation: regression"
+    assert pipeline_row_name("runs/demo/ablation-no-stage1/stage2") == "ablation: no-stage1"
+    assert pipeline_row_name("runs/stage2-2880") == "stage2-2880"
+    assert pipeline_row_name("runs/k3/stage2") == "k3"

@@ -159,6 +159,9 @@ def test_negated_captions_name_a_kind_the_scene_lacks_and_prefer_the_partners_ex
     assert with_negations(scenes, captions, partners, 0.0, rng, fits=lambda texts: [True] * len(texts)) == captions
     with pytest.raises(ValueError, match="negation_fraction"):
         BackboneConfig(negation_fraction=1.5)
+    # off, the setting is not part of a cache's identity (caches from before it stay valid); on, it is
+    assert "negation_fraction" not in BackboneConfig().identity()
+    assert BackboneConfig(negation_fraction=0.3).identity()["negation_fraction"] == 0.3
 
 
 def test_scene_graph_head_weights_scale_one_attribute():

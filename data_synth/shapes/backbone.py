@@ -73,7 +73,7 @@ from fusion_diff.embedding.openclip import OpenCLIPEmbedder, save_checkpoint
 from fusion_diff.embedding.registry import ensure_registered
 from fusion_diff.embedding.text_checks import fits_context, tokenize_checked
 from fusion_diff.errors import MissingFileError
-from fusion_diff.utils.io import artifact_manifest, read_json, write_json_atomic
+from fusion_diff.utils.io import artifact_manifest, drop_when_off, read_json, write_json_atomic
 from fusion_diff.utils.paths import cache_dir
 from fusion_diff.utils.runtime import adamw
 
@@ -130,9 +130,8 @@ class BackboneConfig:
     def identity(self) -> dict[str, Any]:
         """What determines the weights: everything but the torch threads and the loader workers."""
         ignored = {"data_workers", "threads"}
-        if not self.negation_fraction:  # the recipe before negation captions existed: earlier caches stay valid
-            ignored.add("negation_fraction")
-        return {k: v for k, v in asdict(self).items() if k not in ignored}
+        identity = {k: v for k, v in asdict(self).items() if k not in ignored}
+        return drop_when_off(identity, {"negation_fraction": 0.0})  # caches from before the setting stay valid
 
 
 # --------------------------------------------------------------------------- data

@@ -35,6 +35,7 @@ from data_synth.triplets.format import (
     encode_record,
 )
 from fusion_diff.errors import ConfigError
+from fusion_diff.utils.io import drop_when_off
 
 GENERATOR = "data_synth.triplets.shapes_builder"
 GENERATOR_VERSION = "1"
@@ -65,12 +66,8 @@ class ShapesTripletConfig:
             raise ConfigError(f"open_probability must be in [0, 1], got {self.open_probability}.")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = drop_when_off(asdict(self), {"open_probability": 0.0, "negated_removals": False})  # older sets stay valid
         data["kinds"] = list(self.kinds)
-        if not self.open_probability:  # sets built before open edits existed keep their identity
-            del data["open_probability"]
-        if not self.negated_removals:  # likewise for negated removals
-            del data["negated_removals"]
         return data
 
 

@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +108,9 @@ def artifact_manifest(kind: str, config: dict[str, Any] | None = None, seed: int
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def drop_when_off(record: dict[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` without the keys whose value is their off value in ``off``: settings added after artifacts were
+    first made (caches, plans, data sets) leave those artifacts' identity unchanged while they are off."""
+    return {key: value for key, value in record.items() if not (key in off and value == off[key])}
