@@ -203,3 +203,22 @@ def test_issue18_token_states_end_in_the_pooled_embedding(tiny_openclip, caplog)
         short = tiny_openclip.encode_text_tokens(texts, max_tokens=6)
     assert short.mask.sum(1).tolist() == [6, 5, 6] and "1 of 3 texts" in caplog.text
     torch.testing.assert_close(short.states[:2], tokens.states[:2, :6])  # causal attention: short texts unchanged
+
+
+def test_issue18_image_patch_states_are_the_towers_own_projected(tiny_openclip):
+    """Per-patch image states: one per patch in raster order, equal to the tower's own ``ln_post`` states times
+    its projection (the pooled embedding's path), independent of batching, and the tower left as it was."""
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "white")]
+    images[2].paste((0, 128, 0), (0, 0, 8, 8))  # one patch differs
+    states = tiny_openclip.encode_image_tokens(images, batch_size=2)
+    assert states.shape == (3, 16, 32) and states.dtype == torch.float32
+    torch.testing.assert_close(states, tiny_openclip.encode_image_tokens(images, batch_size=3), atol=1e-6, rtol=1e-5)
+    visual = tiny_openclip.model.visual
+    assert visual.output_tokens is False
+    with torch.no_grad():
+        pixels = torch.stack([tiny_openclip.preprocess(image) for image in images])
+        hidden = visual.ln_post(visual.transformer(visual._embeds(pixels)))
+        torch.testing.assert_close(states, hidden[:, 1:] @ visual.proj, atol=1e-5, rtol=1e-4)
+        pooled = F.normalize(hidden[:, 0] @ visual.proj, dim=-1)  # CLS pooling: the same path, another token
+    torch.testing.assert_close(pooled, tiny_openclip.embed_images(images), atol=1e-5, rtol=1e-4)
+    assert tiny_openclip.encode_image_tokens([]).shape == (0, 16, 32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data_synth.triplets.embed import CACHE_KINDS, embed_triplets
-from data_synth.triplets.format import iter_triplets
+from data_synth.triplets.format import decode, iter_samples, iter_triplets
 from data_synth.triplets.shapes_builder import ShapesTripletConfig, build_shapes_triplets
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import CacheMismatchError, DataError
@@ -134,6 +134,52 @@ def test_removal_probe_script_reads_the_caches_and_tables_every_kind(tmp_path, t
     runpy.run_path(str(script), run_name="__main__")
     table = capsys.readouterr().out
     assert "| held-out (8) |" in table and "| training (8) |" in table and "trained on 20 triplets" in table
-    monkeypatch.setattr(sys, "argv", args[:3] + ["--train-fraction", "0.9"])
-    with pytest.raises(SystemExit):
-        runpy.run_path(str(script), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", args[:5] + ["--reverse-rerank", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    table = capsys.readouterr().out
+    assert "| held-out, target in the forward top-3 |" in table and "| held-out, reverse score only |" in table
+    assert "| held-out, forward + 0 x reverse |" in table and "forward top-3 by cos" in table
+    for bad in (["--train-fraction", "0.9"], ["--reverse-rerank", "3", "--oracle-kind"]):
+        monkeypatch.setattr(sys, "argv", args[:3] + bad)
+        with pytest.raises(SystemExit):
+            runpy.run_path(str(script), run_name="__main__")
+
+
+def test_removal_probe_attention_reads_patches_and_tokens_of_the_caches_backbone(tmp_path, tiny_openclip, monkeypatch, capsys):
+    """The attention probe reads the reference images' patch states and the instructions' token states from the
+    backbone that made the caches, aligned with the cache rows; another backbone is refused, and the MLP-only
+    and attention-only flags are not mixed."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+
+    root, emb = tmp_path / "triplets", tmp_path / "emb"
+    build_shapes_triplets(root, 24, seed=1, shard_size=12, progress=False)
+    embed_triplets(root, tiny_openclip, emb, batch_size=8, progress=False)
+    monkeypatch.setattr("data_synth.shapes.backbone.load_world_embedder", lambda *args, **kwargs: tiny_openclip)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "removal_probe.py"
+    module = runpy.run_path(str(script))
+    ids = EmbeddingCache.read(emb / "target_fused").ids
+    states = module["backbone_states"](str(root), str(emb), ids, True, 12, None)
+    triplets = {t.id: t for t in (decode(s) for s in iter_samples(root))}
+    k = 5
+    torch.testing.assert_close(states["patches"][k], tiny_openclip.encode_image_tokens([triplets[ids[k]].reference_image])[0])
+    assert states["tokens"].shape[:2] == states["token_mask"].shape == (24, 12)
+    torch.testing.assert_close(states["tokens"][k], tiny_openclip.encode_text_tokens([triplets[ids[k]].instruction], 12).states[0])
+
+    args = [str(script), str(root), str(emb), "--attention", "--reference-patches", "--instruction-tokens", "12", "--epochs", "1"]
+    monkeypatch.setattr(sys, "argv", args)
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "2-block transformer probe" in out and "reference patch states" in out and "token states (<= 12)" in out
+    for bad in (args[:3] + ["--reference-patches"], args[:4] + ["--oracle-kind"]):
+        monkeypatch.setattr(sys, "argv", bad)
+        with pytest.raises(SystemExit):
+            runpy.run_path(str(script), run_name="__main__")
+    manifest = json.loads((emb / "manifest.json").read_text())
+    manifest["embedder"]["pretrained"] = "sha256:0000"
+    (emb / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheMismatchError, match="--backbone-cache"):
+        module["backbone_states"](str(root), str(emb), ids, True, 0, None)

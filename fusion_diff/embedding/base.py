@@ -123,6 +123,13 @@ class JointEmbedder(ABC):
             f"{type(self).__name__} does not expose token-level text states; use pooled text (max_text_tokens: 0)."
         )
 
+    def encode_image_tokens(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
+        """The image tower's per-patch states before pooling, in the joint space's coordinates: ``[N, P, D]``
+        float32 (``P`` patches in raster order). For a reference control that sees *where* things are, which
+        one pooled vector hides. Backends that cannot expose their patch states say so.
+        """
+        raise ConfigError(f"{type(self).__name__} does not expose per-patch image states; use pooled image embeddings.")
+
     @property
     def supports_late_fusion(self) -> bool:
         """True when ``f(I, T)`` can be computed from cached ``f(I)`` and ``f(T)`` (see ``fuse``)."""

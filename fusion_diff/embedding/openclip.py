@@ -225,6 +225,33 @@ class OpenCLIPEmbedder(JointEmbedder):
         mask = torch.arange(length, device=x.device)[None] <= end[:, None]
         return x.float() * mask[..., None], mask, int(long.sum())
 
+    @torch.inference_mode()
+    def _encode_image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """open_clip's own ``output_tokens`` path (patch states after ``ln_post``), then the tower's projection,
+        as the pooled embedding gets it."""
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens") or getattr(visual, "proj", None) is None:
+            raise ConfigError(
+                f"encode_image_tokens supports open_clip ViT image towers with a projection; {self.model_name} has "
+                "another image tower. Use pooled image embeddings."
+            )
+        pixels = torch.stack([self.preprocess(as_rgb(image)) for image in images]).to(self.device, self._dtype)
+        before, visual.output_tokens = visual.output_tokens, True
+        try:
+            _, tokens = visual(pixels)
+        finally:
+            visual.output_tokens = before
+        return tokens @ visual.proj
+
+    def encode_image_tokens(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        chunks = [self._encode_image_tokens(images[i : i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
+        if not chunks:
+            grid = self.model.visual.grid_size
+            return torch.empty(0, grid[0] * grid[1], self.dim)
+        return torch.cat(chunks)
+
     def encode_text_tokens(self, texts: Sequence[str], max_tokens: int, batch_size: int = 256) -> TextTokens:
         return tokens_in_batches(self._encode_text_tokens, texts, max_tokens, batch_size, f"open_clip {self.model_name}")
 
