@@ -346,3 +346,11 @@ def test_mix_toward_reference_is_anchored_in_the_gallerys_space():
         assert method.protocol()["mix_anchor"] == ("f(I_ref)" if gallery == "image" else "control")
     with pytest.raises(ConfigError, match="mix_reference"):
         FusionDiffMethod(pipe, mix_reference=-0.1)
+
+
+def test_issue18_embedders_without_patch_or_token_states_say_so():
+    """A backend that keeps its per-patch image or per-token text states to itself refuses, naming the way out."""
+    with pytest.raises(ConfigError, match="per-patch image states; use pooled image embeddings"):
+        FakeEmbedder().encode_image_tokens(["a.png"])
+    with pytest.raises(ConfigError, match="token-level text states; use pooled text"):
+        FakeEmbedder().encode_text_tokens(["remove the red circle"], 8)
