@@ -250,6 +250,17 @@ class Demo:
             stage2 = self.train_stage("stage2", self.stage2_inputs(stage1), validation)
         return stage1, stage2
 
+    @classmethod
+    def finished(cls, demo_dir: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Demo:
+        """A finished demo in ``demo_dir`` for scripts that score its models: the config it ran with (``config_path``,
+        default ``configs/demo.yaml``, plus its ``overrides``), its saved schedule, and its world backbone loaded."""
+        config_path = Path(config_path) if config_path else default_config_path(quick=False)
+        config = load_dataclass(DemoConfig, config_path, [*overrides, f"out_dir={demo_dir}"])
+        demo = cls(config, config_path.parent, progress=False)
+        demo.adopt_saved_plan()
+        demo.embedder = demo.build_backbone()
+        return demo
+
     def adopt_saved_plan(self) -> Plan:
         """Take the schedule the demo in ``out_dir`` was trained with (its ``demo_budget.json``): for scripts
         that evaluate a finished demo's models, so that their protocol lines name the schedule they come from."""

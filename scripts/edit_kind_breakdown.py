@@ -17,8 +17,7 @@ from pathlib import Path
 from fusion_diff.baselines import create_method
 from fusion_diff.baselines.registry import load_pipeline, method_factory
 from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
-from fusion_diff.demo import Demo, DemoConfig, default_config_path, pipeline_row_name
-from fusion_diff.training.config import load_dataclass
+from fusion_diff.demo import Demo, pipeline_row_name
 from fusion_diff.utils.io import atomic_path
 
 
@@ -30,11 +29,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="demo config overrides used for that run (section.key=value)")
     args = parser.parse_args()
 
-    config_path = Path(args.config) if args.config else default_config_path(quick=False)
-    config = load_dataclass(DemoConfig, config_path, [*args.overrides, f"out_dir={args.demo_dir}"])
-    demo = Demo(config, config_path.parent, progress=False)
-    demo.adopt_saved_plan()
-    demo.embedder = demo.build_backbone()
+    demo = Demo.finished(args.demo_dir, args.config, args.overrides)
     pipelines = {"fusion-diff": demo.path("stage2")}
     pipelines.update({pipeline_row_name(path): Path(path) for path in args.also})
     kinds = edit_kinds(demo.path("benchmark"), "val")

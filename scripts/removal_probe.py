@@ -22,7 +22,7 @@ default ``$FUSION_DIFF_CACHE``); a backbone of another identity is refused.
 fused`` (for a removal that is adding the object back: composing, which the forward probe does well), and
 re-ranks each query's forward top-K candidates by ``forward score + w * cos(reverse(candidate, instruction),
 reference)`` (analysis by synthesis: which candidate, edited back, gives the reference?), for several ``w``.
-(Its gain here did not carry over to the benchmark's near misses: README, "Removals: where they fail".)
+(Its gain here does not carry over to the benchmark's near misses: ``scripts/reverse_rerank_check.py``.)
 
 No benchmark data is read: this measures what the training signal allows, not a method.
 """

@@ -27,8 +27,7 @@ from pathlib import Path
 from fusion_diff.baselines import create_method
 from fusion_diff.baselines.registry import load_pipeline, method_factory
 from fusion_diff.benchmarks.report import markdown_table, write_results
-from fusion_diff.demo import Demo, DemoConfig, default_config_path, pipeline_row_name
-from fusion_diff.training.config import load_dataclass
+from fusion_diff.demo import Demo, pipeline_row_name
 
 
 def _setting(
@@ -99,11 +98,7 @@ def main() -> None:
     if args.fti4cir and not (Path(args.fti4cir) / "config.json").is_file():
         parser.error(f"--fti4cir {args.fti4cir}: no FTI4CIR checkpoint there (config.json missing)")
 
-    config_path = Path(args.config) if args.config else default_config_path(quick=False)
-    config = load_dataclass(DemoConfig, config_path, [*args.overrides, f"out_dir={args.demo_dir}"])
-    demo = Demo(config, config_path.parent, progress=False)
-    demo.adopt_saved_plan()
-    demo.embedder = demo.build_backbone()
+    demo = Demo.finished(args.demo_dir, args.config, args.overrides)
     metric = METRIC[args.benchmark]
     if args.benchmark == "shapes-open":
         demo.build_open_benchmark("val", args.open_val_queries)
@@ -119,7 +114,7 @@ def main() -> None:
 
     def fusion_diff(name, setting, path=None):
         return method_factory("fusion-diff")(
-            pipeline=load_pipeline(path) if path else pipeline, seed=config.seed, name=name,
+            pipeline=load_pipeline(path) if path else pipeline, seed=demo.config.seed, name=name,
             control_mode=args.control_mode, **setting,
         )  # fmt: skip
 

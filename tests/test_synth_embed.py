@@ -139,6 +139,13 @@ def test_removal_probe_script_reads_the_caches_and_tables_every_kind(tmp_path, t
     table = capsys.readouterr().out
     assert "| held-out, target in the forward top-3 |" in table and "| held-out, reverse score only |" in table
     assert "| held-out, forward + 0 x reverse |" in table and "forward top-3 by cos" in table
+    tensors, _ = module["load"](str(root), str(tmp_path / "emb"))
+    train, test = torch.arange(30), torch.arange(30, 40)
+    forward = torch.randn(10, tensors["target_fused"].shape[1])
+    rows = dict((name, hits) for name, _, hits in module["reverse_rerank"](forward, tensors, train, test, 4, 1))
+    own_first = module["recall_at_1"](forward, tensors["target_fused"][test])
+    assert torch.equal(rows["held-out, forward + 0 x reverse"], own_first)  # w = 0: the forward ranking's top 1
+    assert (rows["held-out, reverse score only"] <= rows["held-out, target in the forward top-4"]).all()
     for bad in (["--train-fraction", "0.9"], ["--reverse-rerank", "3", "--oracle-kind"]):
         monkeypatch.setattr(sys, "argv", args[:3] + bad)
         with pytest.raises(SystemExit):
