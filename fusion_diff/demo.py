@@ -403,6 +403,7 @@ class Demo:
                 progress=self.progress,
                 captioner=captioner,
                 max_text_tokens=self.max_text_tokens(),
+                near_misses=self.near_misses(),
             ),
         )
 
@@ -410,6 +411,11 @@ class Demo:
         """The stage-1 config's text condition (None: pooled); token-level text needs token caches embedded."""
         overrides = self.config.training.stage1_overrides
         return load_config(self.config_dir / self.config.training.stage1, overrides=overrides).model.max_text_tokens
+
+    def near_misses(self) -> int:
+        """The stage-2 config's near misses per triplet (``data.near_misses``): embedded with the triplets."""
+        overrides = self.config.training.stage2_overrides
+        return load_config(self.config_dir / self.config.training.stage2, overrides=overrides).data.near_misses
 
     def train_stage(
         self,

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fusion_diff.demo import CONFIG_DIR, run_demo
+from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,16 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
     config["budget"] = {"minutes": 20, "min_scale": 0.5}
     path.write_text(yaml.safe_dump(config))
     monkeypatch.setattr(budget, "probe_seconds", lambda threads: 100 * budget.REFERENCE_PROBE_SECONDS)
+    # stage 2 with near-miss negatives: the demo embeds as many per triplet as the stage-2 config reads
+    config["training"]["stage2_overrides"] += ["data.near_misses=2", "model.contrastive_weight=0.1"]
+    path.write_text(yaml.safe_dump(config))
     table = run_demo(config_path=path, progress=False)
+    embeddings = tmp_path / "demo" / "triplet_embeddings"
+    near_misses = EmbeddingCache.read(embeddings / "near_miss_fused")
+    assert len(near_misses) == 2 * len(EmbeddingCache.read(embeddings / "target_fused"))  # triplets halved: 48
+    assert near_misses.identity["near_misses"] == 2
+    stage2 = yaml.safe_load((tmp_path / "demo" / "stage2" / "training_config.yaml").read_text())
+    assert stage2["data"]["near_misses"] == 2
     rows = {row["method"] for row in json.loads(table.with_suffix(".json").read_text())}
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
     assert {"fusion-diff[image gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which

@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from data_synth.shapes.benchmark import GROUP_SIZE, QUERY_KINDS, BenchmarkConfig, load_meta, write_benchmark
+from data_synth.shapes.benchmark import (
+    FILLER_REASONS,
+    GROUP_SIZE,
+    QUERY_KINDS,
+    BenchmarkConfig,
+    load_meta,
+    write_benchmark,
+)
 from data_synth.shapes.benchmark_phrasings import benchmark_templates, describe_edit_benchmark
 from data_synth.shapes.captions import caption_matches, parse_caption
 from data_synth.shapes.edits import apply_edit, edit_from_dict, sample_edit
 from data_synth.shapes.instructions import matches_training_phrasing, training_templates
 from data_synth.shapes.scene import Scene, SceneObject, sample_scene
 from fusion_diff.benchmarks.report import EvalResult
-from fusion_diff.benchmarks.shapes import edit_kinds, kind_table, load_shapes, recall_at_1_by_kind
+from fusion_diff.benchmarks.shapes import (
+    COMPOSITE_NEAR_MISS,
+    OUTSIDE,
+    TARGET,
+    edit_kinds,
+    first_result_reasons,
+    first_result_table,
+    kind_table,
+    load_shapes,
+    recall_at_1_by_kind,
+)
 
 SPLITS = ("val", "test1")
 
@@ -121,3 +139,52 @@ def test_recall_at_1_by_kind_counts_each_query_under_its_edit_kind(bench):
     assert all(value == 0.0 for kind, value in by_kind.items() if kind != chosen)
     table = kind_table([result], data, kinds)
     assert f"| {chosen} | {sum(k == chosen for k in kinds.values())} | 100.0 |" in table
+
+
+def test_first_result_table_says_where_each_kind_lands(bench):
+    data = load_shapes(bench, "val")
+    reasons = first_result_reasons(bench, "val")
+    assert sorted(reasons) == sorted(str(q.query_id) for q in data.queries)
+    kind_of = {qid: kind for qid, (kind, _) in reasons.items()}
+    # every query's first result: one of its hard negatives where it has one, else an image outside its group
+    ranking, expected = {}, Counter()
+    for q in data.queries:
+        kind, negatives = reasons[str(q.query_id)]
+        outside = next(name for name in data.gallery if name not in q.group)
+        first = next(iter(negatives), outside)
+        ranking[q.query_id] = [first, q.positives[0]]
+        expected[kind, negatives.get(first, OUTSIDE)] += 1
+    result = EvalResult(method="probe", metrics={}, protocol={}, rankings={data.name: ranking})
+    table = first_result_table(result, data, reasons)
+    header = table.splitlines()[0].strip("| ").split(" | ")
+    assert header[:3] == ["edit kind", "queries", TARGET] and header[-1] == OUTSIDE
+    for line in table.splitlines()[2:]:
+        kind, total, *cells = line.strip("| ").split(" | ")
+        assert int(total) == sum(k == kind for k in kind_of.values())
+        shares = dict(zip(header[2:], map(float, cells)))
+        assert shares[TARGET] == 0.0 and abs(sum(shares.values()) - 100.0) < 0.5
+        for (k, where), n in expected.items():
+            if k == kind:
+                assert abs(shares[where] - 100.0 * n / int(total)) < 0.051
+    # a composite's near misses are one column; fillers keep their own reason
+    composite = [negs for kind, negs in reasons.values() if kind == "composite"]
+    assert composite and all(set(n.values()) <= {COMPOSITE_NEAR_MISS, *FILLER_REASONS} for n in composite)
+
+
+def test_removal_analysis_counts_first_results_that_still_show_the_object(bench):
+    """scripts/edit_kind_breakdown.py: a removal ranked with its own reference first (which shows the object) is
+    a wrong first result that holds the very object; one ranked with its target first is not wrong."""
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "edit_kind_breakdown.py"))
+    data = load_shapes(bench, "val")
+    kinds = edit_kinds(bench, "val")
+    removals = [q for q in data.queries if kinds[str(q.query_id)] == "remove"]
+    assert len(removals) >= 2
+    ranking = {q.query_id: [q.reference if k % 2 else q.positives[0]] for k, q in enumerate(removals)}
+    result = EvalResult(method="probe", metrics={}, protocol={}, rankings={data.name: ranking})
+    line = script["removed_object_kept"](result, data, bench)
+    wrong = len(removals) // 2
+    assert line == (
+        f"probe: of {wrong} wrong first results, 100.0% still hold the very object, 100.0% one of its shape and colour"
+    )

@@ -1,15 +1,20 @@
-"""Triplet embedding precompute: the four caches, resume after interruption, refusal of another backbone."""
+"""Triplet embedding precompute: the four caches, resume after interruption, refusal of another backbone, and the
+near-miss cache."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
 
+from data_synth.shapes.scene import Scene
 from data_synth.triplets.embed import CACHE_KINDS, embed_triplets
 from data_synth.triplets.format import decode, iter_samples, iter_triplets
-from data_synth.triplets.shapes_builder import ShapesTripletConfig, build_shapes_triplets
+from data_synth.triplets.shapes_builder import ShapesTripletConfig, build_shapes_triplets, near_misses_of
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import CacheMismatchError, DataError
+from fusion_diff.training.data import NEAR_MISS_CACHE, near_miss_ids
 
 N = 12
 
@@ -190,3 +195,27 @@ def test_removal_probe_attention_reads_patches_and_tokens_of_the_caches_backbone
     (emb / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheMismatchError, match="--backbone-cache"):
         module["backbone_states"](str(root), str(emb), ids, True, 0, None)
+
+
+def test_near_miss_cache_embeds_training_scenes_that_miss_each_edit(triplet_dir, tmp_path, tiny_openclip):
+    embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", batch_size=4, progress=False)
+    before = EmbeddingCache.read(tmp_path / "emb" / "target_fused").load()[1]
+    caches = embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", batch_size=4, progress=False, near_misses=2)
+    assert set(caches) == {*CACHE_KINDS, NEAR_MISS_CACHE} and caches[NEAR_MISS_CACHE].identity["near_misses"] == 2
+    assert torch.equal(caches["target_fused"].load()[1], before)  # the existing caches were resumed, not redone
+    triplets = list(iter_triplets(triplet_dir))
+    misses = [near_misses_of(t.record, 2) for t in triplets]
+    for t, own in zip(triplets, misses):
+        target = Scene.from_dict(t.record["target_scene"])
+        assert len({m.scene.key() for m in own}) == 2 and target.key() not in {m.scene.key() for m in own}
+        assert not any(m.scene.is_heldout() for m in own)  # training scenes only: no benchmark scene
+        assert [m.caption for m in near_misses_of(t.record, 2)] == [m.caption for m in own]  # a function of the record
+    assert Counter(m.why for own in misses for m in own)["wrong_object"] > 0
+    flat = [m for own in misses for m in own]
+    expected = tiny_openclip.embed_pairs([m.render(64) for m in flat], [m.caption for m in flat])
+    rows = caches[NEAR_MISS_CACHE].load(near_miss_ids([t.id for t in triplets], 2))[1]
+    torch.testing.assert_close(rows, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CacheMismatchError, match="near_misses"):
+        embed_triplets(triplet_dir, tiny_openclip, tmp_path / "emb", progress=False, near_misses=3)
+    with pytest.raises(DataError, match="scene graph"):
+        near_misses_of({"id": "corpus-1", "instruction": "make it red"}, 2)

@@ -18,11 +18,20 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from fusion_diff.embedding.cache import EmbeddingCache
-from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
+from fusion_diff.errors import CacheMismatchError, ConfigError, DataError, MissingFileError
+from fusion_diff.models.denoise import predicted_sample
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline
 from fusion_diff.training.adapter_task import AdapterTask
 from fusion_diff.training.config import config_from_dict
-from fusion_diff.training.data import PAIR_FIELDS, TRIPLET_FIELDS, PairEmbeddingDataset, write_random_caches
+from fusion_diff.training.data import (
+    NEAR_MISS_CACHE,
+    PAIR_FIELDS,
+    TRIPLET_FIELDS,
+    PairEmbeddingDataset,
+    near_miss_ids,
+    write_random_caches,
+)
+from fusion_diff.training.prior_task import DenoisedBatch
 from fusion_diff.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,3 +231,40 @@ def test_contrastive_term_is_logged_and_learns(data, stage1, tmp_path):
         history.append(terms)
     assert set(history[0]) == {"mse", "contrastive"}
     assert history[-1]["contrastive"] < 0.5 * history[0]["contrastive"]
+
+
+def test_near_misses_join_the_contrastive_term_as_each_rows_own_negatives(data, stage1, tmp_path):
+    """``data.near_misses``: read from ``near_miss_fused/`` aligned with the triplets; refused without the
+    contrastive term or without the cache; the loss is InfoNCE over the batch's targets plus the row's own misses."""
+    triplets = tmp_path / "triplets"
+    shutil.copytree(data / "triplets", triplets)
+    raw = adapter_raw(stage1, data, tmp_path / "s2", max_train_steps=1)
+    raw["data"].update(triplet_embeddings=str(triplets), near_misses=2, text_dropout=0.0, control_dropout=0.0)
+    with pytest.raises(ConfigError, match="contrastive_weight"):
+        AdapterTask(config_from_dict(raw))
+    raw["model"].update(contrastive_weight=1.0, contrastive_temperature=0.1)
+    with pytest.raises(MissingFileError, match="--near-misses 2"):
+        AdapterTask(config_from_dict(raw))
+    target_cache = EmbeddingCache.read(triplets / "target_fused")
+    identity = {**target_cache.identity, "role": NEAR_MISS_CACHE, "near_misses": 2}
+    misses = torch.nn.functional.normalize(torch.randn(2 * len(target_cache), DIM), dim=-1)
+    EmbeddingCache.open(triplets / NEAR_MISS_CACHE, identity).append(near_miss_ids(target_cache.ids, 2), misses)
+    task = AdapterTask(config_from_dict(raw))
+    batch = task.dataset.__getitems__([3, 0, 7, 5])
+    assert batch["near_miss"].shape == (4, 2, DIM)
+    torch.testing.assert_close(batch["near_miss"][0], misses[6:8])  # triplet 3's two rows
+    noisy, output = torch.randn(4, DIM), torch.randn(4, DIM)
+    denoised = DenoisedBatch(output=output, target=output, noisy=noisy, timesteps=torch.tensor([5, 50, 500, 900]))
+    rows = torch.tensor([True, False, True, True])
+    z0 = predicted_sample(task.scheduler, noisy, output, denoised.timesteps)
+    queries = torch.nn.functional.normalize(task.prior.destandardize(z0[rows]), dim=-1)
+    targets = torch.nn.functional.normalize(batch["target"], dim=-1)
+    own = torch.stack([queries[k] @ batch["near_miss"][r].T for k, r in enumerate([0, 2, 3])])
+    logits = torch.cat([queries @ targets.T, own], 1) / 0.1
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 3]))
+    loss = task.contrastive_loss(denoised, batch["target"], rows, batch["near_miss"])
+    torch.testing.assert_close(loss, expected)
+    assert loss > task.contrastive_loss(denoised, batch["target"], rows)  # more negatives, a larger loss
+    raw["data"]["near_misses"] = 3
+    with pytest.raises(CacheMismatchError, match="holds 2 per triplet"):
+        AdapterTask(config_from_dict(raw))

@@ -43,6 +43,7 @@ GROUP_SIZE = 6
 QUERY_KINDS: tuple[str, ...] = (*BENCHMARK_KINDS, "composite")
 _ATTRIBUTE_VALUES = {"colour": tuple(COLOURS), "size": SIZES, "shape": SHAPES}
 _MAX_TRIES = 400
+FILLER_REASONS = ("neighbour", "random")  # group members that are not near misses of the edit itself
 MIN_REFERENCE_OBJECTS = 2  # richer scenes: more near-miss negatives, and every edit kind applies
 
 
@@ -140,16 +141,22 @@ def hard_negatives(
     rng: random.Random,
     n: int = GROUP_SIZE - 2,
     is_right: Callable[[Scene], bool] | None = None,
+    heldout: bool = True,
 ) -> list[tuple[Scene, str]]:
-    """``n`` distinct held-out scenes that miss ``edit`` narrowly, spread over the reasons; then one-edit
-    neighbours of the reference or target ("neighbour"), then random held-out scenes ("random").
+    """``n`` distinct scenes of the held-out (benchmark) or, with ``heldout=False``, the training split that miss
+    ``edit`` narrowly, spread over the reasons; then one-edit neighbours of the reference or target
+    ("neighbour"), then random scenes of the split ("random").
 
     ``is_right``: for an open instruction (``edit`` one of its realisations), the scenes that also answer it,
     never taken as negatives."""
     seen = {reference.key(), target.key()}
 
     def usable(scene: Scene) -> bool:
-        return scene.is_heldout() and scene.key() not in seen and not (is_right is not None and is_right(scene))
+        return (
+            scene.is_heldout() == heldout
+            and scene.key() not in seen
+            and not (is_right is not None and is_right(scene))
+        )
 
     by_reason: dict[str, list[Scene]] = {}
     for candidate, why in _negative_edits(reference, edit):
@@ -178,7 +185,7 @@ def hard_negatives(
             seen.add(scene.key())
             chosen.append((scene, "neighbour"))
     while len(chosen) < n:
-        scene = sample_scene_in_split(rng, heldout=True)
+        scene = sample_scene_in_split(rng, heldout=heldout)
         if usable(scene):
             seen.add(scene.key())
             chosen.append((scene, "random"))

@@ -9,6 +9,8 @@ share the triplet ids::
     target_fused/       f(I_tgt, T_tgt)   the denoising target z0
     instruction_tokens/ the instruction's token states and mask (only with ``max_text_tokens``: the
                         token-level text condition)
+    near_miss_fused/    f(I, T) of ``near_misses`` scenes per triplet that narrowly miss its edit, rows
+                        ``<id>#<j>`` (only with ``near_misses``, shapes-world triplets: stage 2's explicit negatives)
 
 With a ``captioner``, the two fused caches use the captioner's captions instead of the triplets' own
 (``T_ref``, ``T_tgt``): at test time references and gallery items are captioned, never annotated, so
@@ -33,11 +35,13 @@ import torch
 from tqdm.auto import tqdm
 
 from data_synth.triplets.format import SHARD_DIR, decode, load_manifest, read_shard
+from data_synth.triplets.shapes_builder import near_misses_of
 from fusion_diff.captioning.base import Captioner
 from fusion_diff.captioning.modes import embed_in_mode
 from fusion_diff.embedding.base import JointEmbedder, TextTokens
 from fusion_diff.embedding.cache import EmbeddingCache
 from fusion_diff.errors import DataError
+from fusion_diff.training.data import NEAR_MISS_CACHE, near_miss_ids
 from fusion_diff.utils.io import artifact_manifest, write_json_atomic
 from fusion_diff.utils.sharding import Processes
 
@@ -66,10 +70,12 @@ def open_triplet_caches(
     triplets: dict[str, Any],
     captioner: Captioner | None = None,
     max_text_tokens: int | None = None,
+    near_misses: int = 0,
     **open_options: Any,
 ) -> dict[str, EmbeddingCache]:
-    """The four caches for ``embedder`` (five with ``max_text_tokens``: the instructions' token states);
-    CacheMismatchError if one was made by another backbone, set, captioner or token length.
+    """The four caches for ``embedder`` (plus the instructions' token states with ``max_text_tokens``, the near
+    misses' fused embeddings with ``near_misses``); CacheMismatchError if one was made by another backbone, set,
+    captioner, token length or number of near misses.
 
     ``open_options`` go to ``EmbeddingCache.open`` (``repair``, ``expect_unlisted``).
     """
@@ -78,9 +84,11 @@ def open_triplet_caches(
     def identity(name: str, kind: str) -> dict[str, Any]:
         captions = {"captions": caption_source(captioner)} if kind == "fused" else {}
         tokens = {"max_text_tokens": max_text_tokens} if name == TOKEN_CACHE else {}
-        return {**base, "kind": kind, "role": name, "triplets": triplets, **captions, **tokens}
+        misses = {"near_misses": near_misses} if name == NEAR_MISS_CACHE else {}
+        return {**base, "kind": kind, "role": name, "triplets": triplets, **captions, **tokens, **misses}
 
-    kinds = {**CACHE_KINDS, TOKEN_CACHE: "text"} if max_text_tokens else CACHE_KINDS
+    kinds = {**CACHE_KINDS, **({TOKEN_CACHE: "text"} if max_text_tokens else {})}
+    kinds.update({NEAR_MISS_CACHE: "fused"} if near_misses else {})
     return {
         name: EmbeddingCache.open(Path(out_dir) / name, identity(name, kind), **open_options)
         for name, kind in kinds.items()
@@ -96,11 +104,14 @@ def embed_triplets(
     captioner: Captioner | None = None,
     processes: Processes | None = None,
     max_text_tokens: int | None = None,
+    near_misses: int = 0,
 ) -> dict[str, EmbeddingCache]:
     """Embed every triplet of ``triplet_dir`` into the four caches under ``out_dir`` (resumable, sharded by process).
 
     ``captioner``: caption references and targets with it for the fused caches (see the module docstring).
     ``max_text_tokens``: also the instructions' token states (``instruction_tokens/``), for a token-level prior.
+    ``near_misses``: also that many rendered near misses per triplet (``near_miss_fused/``, captioned like the
+    targets), for stage 2's contrastive term (``data.near_misses``).
     """
     triplet_dir = Path(triplet_dir)
     manifest = load_manifest(triplet_dir)
@@ -108,7 +119,9 @@ def embed_triplets(
     processes = processes or Processes.current()
     with processes.exclusive(out_dir, "triplet embedding job"):
         with processes.main_first():  # the main process repairs and lists what a crashed run left first
-            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, max_text_tokens, repair=True)
+            caches = open_triplet_caches(
+                out_dir, embedder, triplets, captioner, max_text_tokens, near_misses, repair=True
+            )
         base = {name: cache.next_shard_number() for name, cache in caches.items()}
         processes.wait()  # nobody writes a shard before every process has read the folders
         units = processes.take(range(len(manifest["shards"])))
@@ -120,16 +133,21 @@ def embed_triplets(
                 path = triplet_dir / SHARD_DIR / shard["name"]
                 samples = list(read_shard(path, shard["sha256"]))
                 ids = [sample.key for sample in samples]
-                todo = {name: set(cache.missing(ids)) for name, cache in caches.items()}
+                todo = {name: _missing(cache, name, ids, near_misses) for name, cache in caches.items()}
                 wanted = [s for s in samples if any(s.key in missing for missing in todo.values())]
                 if wanted:
                     numbers = {name: base[name] + k for name in caches}
                     chunk = [decode(s) for s in wanted]
-                    _embed_chunk(embedder, caches, numbers, todo, chunk, batch_size, path, captioner, max_text_tokens)
+                    _embed_chunk(
+                        embedder, caches, numbers, todo, chunk, batch_size, path, captioner, max_text_tokens,
+                        near_misses,
+                    )  # fmt: skip
                 bar.update(len(samples))
         processes.wait()
         if processes.is_main:
-            caches = open_triplet_caches(out_dir, embedder, triplets, captioner, max_text_tokens, expect_unlisted=True)
+            caches = open_triplet_caches(
+                out_dir, embedder, triplets, captioner, max_text_tokens, near_misses, expect_unlisted=True
+            )
             for cache in caches.values():
                 cache.compact()  # one shard per cache: training memory-maps it without a copy
             write_json_atomic(
@@ -144,7 +162,14 @@ def embed_triplets(
                 ),
             )
         processes.wait()
-        return open_triplet_caches(out_dir, embedder, triplets, captioner, max_text_tokens)
+        return open_triplet_caches(out_dir, embedder, triplets, captioner, max_text_tokens, near_misses)
+
+
+def _missing(cache: EmbeddingCache, name: str, ids: list[str], near_misses: int) -> set[str]:
+    """The triplet ids whose rows ``cache`` lacks (a triplet's near misses are written together, in one shard)."""
+    if name != NEAR_MISS_CACHE:
+        return set(cache.missing(ids))
+    return {row.split("#")[0] for row in cache.missing(near_miss_ids(ids, near_misses))}
 
 
 def _embed_chunk(
@@ -157,6 +182,7 @@ def _embed_chunk(
     shard: Path,
     captioner: Captioner | None,
     max_text_tokens: int | None = None,
+    near_misses: int = 0,
 ) -> None:
     """Embed one shard's triplets into the caches that lack them (each cache gets its own subset), as cache
     shards ``numbers[name]``."""
@@ -175,18 +201,30 @@ def _embed_chunk(
     def texts(which: str, idx: list[int]) -> torch.Tensor:
         return embedder.embed_texts([getattr(triplets[i], which) for i in idx], batch_size=batch_size)
 
-    def fused(image: str, text: str, idx: list[int], image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def fused_of(
+        ids: list[str], pictures: list, captions: list[str], role: str, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """f(I, T): T the captioner's caption of I (as at test time), else the given caption."""
         if captioner is not None:
-            ids = [f"{triplets[i].id}/{image}" for i in idx]
-            pictures = [getattr(triplets[i], image) for i in idx]
             return embed_in_mode(
-                embedder, "fused", ids, pictures, captioner, image_embeds=image_embeds, batch_size=batch_size, role=image
+                embedder, "fused", ids, pictures, captioner, image_embeds=image_embeds, batch_size=batch_size, role=role
             ).embeddings
         if embedder.supports_late_fusion:
-            return embedder.fuse(images(image, idx) if image_embeds is None else image_embeds, texts(text, idx))
-        return embedder.embed_pairs(
-            [getattr(triplets[i], image) for i in idx], [getattr(triplets[i], text) for i in idx], batch_size=batch_size
-        )
+            if image_embeds is None:
+                image_embeds = embedder.embed_images(pictures, batch_size=batch_size)
+            return embedder.fuse(image_embeds, embedder.embed_texts(captions, batch_size=batch_size))
+        return embedder.embed_pairs(pictures, captions, batch_size=batch_size)
+
+    def fused(image: str, text: str, idx: list[int], image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        ids = [f"{triplets[i].id}/{image}" for i in idx]
+        pictures = [getattr(triplets[i], image) for i in idx]
+        return fused_of(ids, pictures, [getattr(triplets[i], text) for i in idx], image, image_embeds)
+
+    def near_miss_fused(idx: list[int]) -> torch.Tensor:
+        size = triplets[idx[0]].reference_image.size[0]  # type: ignore[union-attr]
+        misses = [m for i in idx for m in near_misses_of(triplets[i].record, near_misses)]
+        ids = near_miss_ids([triplets[i].id for i in idx], near_misses)
+        return fused_of(ids, [m.render(size) for m in misses], [m.caption for m in misses], "near miss")
 
     ref_image_rows, ref_fused_rows = rows("reference_image"), rows("reference_fused")
     ref_union = sorted(set(ref_image_rows) | set(ref_fused_rows))
@@ -204,10 +242,13 @@ def _embed_chunk(
         TOKEN_CACHE: lambda idx: embedder.encode_text_tokens(
             [triplets[i].instruction for i in idx], max_text_tokens, batch_size=batch_size
         ),
+        NEAR_MISS_CACHE: near_miss_fused,
     }
     for name in caches:
         idx = rows(name)
         if idx:
             out = outputs[name](idx)
             parts = (out.states, out.mask) if isinstance(out, TextTokens) else (out,)
-            caches[name].write_shard(numbers[name], [triplets[i].id for i in idx], *parts)
+            ids = [triplets[i].id for i in idx]
+            row_ids = near_miss_ids(ids, near_misses) if name == NEAR_MISS_CACHE else ids
+            caches[name].write_shard(numbers[name], row_ids, *parts)

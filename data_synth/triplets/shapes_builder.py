@@ -8,6 +8,10 @@ seed whatever the number of workers, and lets a build resume shard by shard.
 With ``open_probability`` > 0 a share of the items carries an *open* instruction ("give the circle
 another colour", ``open_edits.py``) whose target is one of its right answers, drawn at random: stage 2
 then sees that such an instruction has a distribution of targets, as the open-edit benchmark scores.
+
+``near_misses_of(record, n)`` gives, for one triplet, ``n`` training scenes that miss its edit narrowly (the
+benchmark's kinds of hard negative: the right edit on another object, another value, another edit): the
+explicit negatives that stage 2's contrastive term can read (``embed_triplets(..., near_misses=n)``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from PIL import Image
+
+from data_synth.shapes.benchmark import hard_negatives
 from data_synth.shapes.captions import caption_scene
-from data_synth.shapes.edits import ALL_KINDS, COMPOSITE_PROBABILITY, apply_edit, sample_edit
+from data_synth.shapes.edits import ALL_KINDS, COMPOSITE_PROBABILITY, apply_edit, edit_from_dict, sample_edit
 from data_synth.shapes.instructions import describe_edit, describe_open_edit
-from data_synth.shapes.open_edits import OPEN_KINDS, sample_open_edit
+from data_synth.shapes.open_edits import OPEN_KINDS, open_edit_from_dict, sample_open_edit, satisfies
 from data_synth.shapes.render import render
 from data_synth.shapes.scene import MAX_OBJECTS, Scene, sample_scene_in_split
 from data_synth.triplets.format import (
@@ -34,7 +41,7 @@ from data_synth.triplets.format import (
     encode_png,
     encode_record,
 )
-from fusion_diff.errors import ConfigError
+from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.utils.io import drop_when_off
 
 GENERATOR = "data_synth.triplets.shapes_builder"
@@ -112,6 +119,37 @@ def make_triplet_record(seed: int, index: int, config: ShapesTripletConfig) -> t
     if is_open:
         record["open_edit"] = open_edit.to_dict()
     return record, reference, target
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    """A training scene that narrowly misses a triplet's edit, with what the embedding job needs to show it."""
+
+    scene: Scene
+    why: str  # as the benchmark names it: wrong_object, wrong_value, wrong_edit (or a neighbour / random filler)
+    caption: str  # its annotation caption (used only when no captioner captions the image)
+    render_seed: int
+
+    def render(self, image_size: int) -> Image.Image:
+        return render(self.scene, image_size, self.render_seed)
+
+
+def near_misses_of(record: dict[str, Any], n: int) -> list[NearMiss]:
+    """``n`` distinct training scenes that narrowly miss the triplet's edit of its reference (never the target,
+    nor another right answer of an open instruction); a function of the record alone, so a resumed job renders
+    the same images."""
+    if "reference_scene" not in record or "edit" not in record:
+        raise DataError(
+            f"triplet {record.get('id')} has no scene graph (reference_scene, edit): near misses are made from the "
+            "shapes world's edits only. Leave near_misses at 0 for this triplet set."
+        )
+    reference, target = Scene.from_dict(record["reference_scene"]), Scene.from_dict(record["target_scene"])
+    rng = random.Random(f"shapes-near-miss/{record['id']}/{record['render_seeds'][0]}")
+    is_right = None
+    if "open_edit" in record:
+        is_right = functools.partial(satisfies, reference, open_edit_from_dict(record["open_edit"]))
+    misses = hard_negatives(reference, edit_from_dict(record["edit"]), target, rng, n, is_right, heldout=False)
+    return [NearMiss(scene, why, caption_scene(scene, rng), rng.getrandbits(63)) for scene, why in misses]
 
 
 def make_shapes_shard(items: range, seed: int, config: ShapesTripletConfig) -> ShardResult:

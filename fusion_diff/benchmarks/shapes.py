@@ -119,6 +119,49 @@ def kind_table(results: Sequence[EvalResult], unit: BenchmarkData, kinds: dict[s
     return "\n".join(lines) + "\n"
 
 
+TARGET, OUTSIDE = "target", "outside its group"
+COMPOSITE_NEAR_MISS = "part or variant of the composite"
+
+
+def first_result_reasons(root: str | Path, split: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """{query id: (edit kind, {hard negative's image name: why it is one})} from the benchmark's meta folder;
+    a two-edit query's negatives other than group fillers are one reason (:data:`COMPOSITE_NEAR_MISS`)."""
+    from data_synth.shapes.benchmark import FILLER_REASONS, load_meta
+
+    out = {}
+    for m in load_meta(annotation_dir(Path(root)), cirr_split(split)):
+        composite = ":" in m["kind"]
+        reasons = {
+            n["name"]: COMPOSITE_NEAR_MISS if composite and n["reason"] not in FILLER_REASONS else n["reason"]
+            for n in m["negatives"]
+        }
+        out[str(m["pairid"])] = ("composite" if composite else m["kind"], reasons)
+    return out
+
+
+def first_result_table(result: EvalResult, unit: BenchmarkData, reasons: dict[str, tuple[str, dict[str, str]]]) -> str:
+    """Where each query's first result lands, per edit kind (% of its queries): the target, one of its group's
+    hard negatives (by why it is one: the right edit on the wrong object, the wrong value, the wrong edit; a
+    neighbour or random filler), or an image outside the group. Tells a kind that confuses near misses from
+    one that is lost."""
+    ranking = result.rankings[unit.name]
+    counts: dict[str, Counter[str]] = {}
+    for query in unit.queries:
+        if not ranking.get(query.query_id):
+            continue
+        kind, negatives = reasons[str(query.query_id)]
+        first = ranking[query.query_id][0]
+        where = TARGET if first in query.positives else negatives.get(first, OUTSIDE)
+        counts.setdefault(kind, Counter())[where] += 1
+    columns = [TARGET, *sorted({w for c in counts.values() for w in c} - {TARGET, OUTSIDE}), OUTSIDE]
+    lines = [f"| edit kind | queries | {' | '.join(columns)} |", "|---|---|" + "---|" * len(columns)]
+    for kind in sorted(counts, key=lambda k: (-sum(counts[k].values()), k)):
+        total = sum(counts[kind].values())
+        cells = [f"{100.0 * counts[kind][c] / total:.1f}" for c in columns]
+        lines.append(f"| {kind} | {total} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 SPEC = BenchmarkSpec(
     "shapes", TITLES["shapes"],
     load=lambda root, split, phrasing="benchmark", **common: [load_shapes(root, split, phrasing=phrasing, **common)],

@@ -134,6 +134,7 @@ def run_embed(args: argparse.Namespace) -> int:
         captioner=captioner,
         processes=processes,
         max_text_tokens=args.max_text_tokens or None,
+        near_misses=args.near_misses,
     )
     sizes = ", ".join(f"{name} {len(cache)}" for name, cache in caches.items())
     if processes.is_main:
@@ -268,6 +269,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--max-text-tokens", type=non_negative_int, default=0,
                        help="also the instructions' token states up to N tokens (instruction_tokens/), for a prior "
                             "trained with model.max_text_tokens=N; 0: pooled only")
+    embed.add_argument("--near-misses", type=non_negative_int, default=0,
+                       help="also N rendered scenes per triplet that narrowly miss its edit (near_miss_fused/, "
+                            "shapes-world triplets), the negatives of stage 2's data.near_misses; 0: none")
     embed.add_argument("--device", default="cpu", help="torch device of the embedder and the captioner (cpu, cuda)")
     embed.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="precision of the embedder and the captioner"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_diff.embedding.base import EmbedderIdentity
-from fusion_diff.errors import CacheMismatchError
+from fusion_diff.errors import CacheMismatchError, ConfigError
 from fusion_diff.models.control_adapter import ControlAdapter
 from fusion_diff.models.denoise import predict, predicted_sample
 from fusion_diff.models.prior import FusionPrior
@@ -51,7 +51,9 @@ class AdapterModelConfig:
     so that what the adapter learns is what retrieval rewards, not only the mean of the target
     distribution. The diffusion MSE stays the main term. Measured on the shapes world (weight 1,
     temperature 0.05, 800 steps, val R@1 with the demo's query settings): 17.4 vs 19.8 without it
-    (fused gallery 12.6 vs 14.0, though R@50 82.0 vs 77.8); so it is off by default.
+    (fused gallery 12.6 vs 14.0, though R@50 82.0 vs 77.8); so it is off by default. With ``data.near_misses``
+    each row's own near misses (scenes that narrowly miss its edit) join the batch's targets as negatives
+    (README, "Removals: where they fail", 6.: no gain either).
     """
 
     prior_path: str  # a stage-1 output folder (prior/ and scheduler/)
@@ -79,10 +81,14 @@ class AdapterDataConfig:
     control_source: Literal["fused", "image"] = "fused"  # f(I_ref, T_ref) or f(I_ref)
     text_dropout: float = 0.1
     control_dropout: float = 0.1
+    # > 0: that many near misses per triplet (near_miss_fused/, embed_triplets' near_misses) join the contrastive
+    # term as each row's own explicit negatives; needs model.contrastive_weight > 0
+    near_misses: int = 0
 
     def __post_init__(self) -> None:
         require(0 <= self.text_dropout < 1, "text_dropout", "must be in [0, 1)")
         require(0 <= self.control_dropout < 1, "control_dropout", "must be in [0, 1)")
+        require(self.near_misses >= 0, "near_misses", "must be >= 0")
 
 
 class AdapterTask:
@@ -100,9 +106,15 @@ class AdapterTask:
         self.regression_loss = model_cfg.regression_loss
         self.prior, self.scheduler = load_stage1(model_cfg.prior_path)
         self._check_text_condition(model_cfg)
+        if self.data_cfg.near_misses and not self.contrastive_weight:
+            raise ConfigError(
+                f"data.near_misses={self.data_cfg.near_misses} feeds the contrastive term, which is off "
+                "(model.contrastive_weight=0). Set model.contrastive_weight > 0 (e.g. 0.1) or data.near_misses=0."
+            )
         self.dataset = TripletEmbeddingDataset(
-            self.data_cfg.triplet_embeddings, self.data_cfg.control_source, self.prior.text_tokens
-        )
+            self.data_cfg.triplet_embeddings, self.data_cfg.control_source, self.prior.text_tokens,
+            self.data_cfg.near_misses,
+        )  # fmt: skip
         check_text_condition(
             self.prior.text_tokens,
             self.dataset.text_tokens(),
@@ -163,20 +175,32 @@ class AdapterTask:
         main = objective_loss(self.prior, denoised, self.regression_loss)
         if not self.contrastive_weight:
             return main, {}
-        contrastive = self.contrastive_loss(denoised, batch["target"], ~(drop_text | drop_control))
+        contrastive = self.contrastive_loss(
+            denoised, batch["target"], ~(drop_text | drop_control), batch.get("near_miss")
+        )
         main_name = (
             "cosine" if self.prior.config.objective == "regression" and self.regression_loss == "cosine" else "mse"
         )
         return main + self.contrastive_weight * contrastive, {main_name: main.item(), "contrastive": contrastive.item()}
 
-    def contrastive_loss(self, denoised: DenoisedBatch, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """InfoNCE of the fully conditioned ``rows``' z0 estimates against every target of the batch."""
+    def contrastive_loss(
+        self,
+        denoised: DenoisedBatch,
+        targets: torch.Tensor,
+        rows: torch.Tensor,
+        near_misses: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """InfoNCE of the fully conditioned ``rows``' z0 estimates against every target of the batch and, with
+        ``near_misses [B, M, d]``, each row's own near misses (the scenes its instruction must not retrieve)."""
         if not rows.any():  # every row dropped a condition (tiny batches): nothing to contrast
             return denoised.output.new_zeros(())
         z0 = predicted_sample(self.scheduler, denoised.noisy, denoised.output, denoised.timesteps)
         queries = F.normalize(self.prior.destandardize(z0[rows]).float(), dim=-1)
-        logits = queries @ F.normalize(targets.float(), dim=-1).T / self.contrastive_temperature
-        return F.cross_entropy(logits, rows.nonzero().squeeze(1))
+        logits = queries @ F.normalize(targets.float(), dim=-1).T
+        if near_misses is not None:
+            own = F.normalize(near_misses[rows].float(), dim=-1)
+            logits = torch.cat([logits, torch.einsum("rd,rmd->rm", queries, own)], dim=1)
+        return F.cross_entropy(logits / self.contrastive_temperature, rows.nonzero().squeeze(1))
 
     def validate(self, trainable: nn.Module) -> dict[str, float]:
         if self.validation_fn is None:

@@ -25,6 +25,12 @@ Batch = dict[str, torch.Tensor]
 # The token-level cache beside each pooled text cache (written when the embedding job gets max_text_tokens).
 TOKEN_CACHES = {"text": "text_tokens", "instruction_text": "instruction_tokens"}
 MASK_SUFFIX = "_mask"  # the field holding a token-level field's mask: "text" -> "text_mask"
+NEAR_MISS_CACHE = "near_miss_fused"  # beside the triplet caches (data_synth.triplets.embed writes it)
+
+
+def near_miss_ids(triplet_ids: Sequence[str], near_misses: int) -> list[str]:
+    """The near-miss cache's row ids of ``triplet_ids``: ``<id>#0 .. <id>#<n-1>`` each, in order."""
+    return [f"{i}#{j}" for i in triplet_ids for j in range(near_misses)]
 
 
 def describe_text_condition(max_text_tokens: int | None) -> str:
@@ -164,10 +170,16 @@ class TripletEmbeddingDataset(CachedEmbeddingDataset):
     ``triplet_dir`` is what ``embed_triplets`` writes: caches ``reference_fused/``, ``reference_image/``,
     ``instruction_text/``, ``target_fused/`` (and ``instruction_tokens/``, read with ``max_text_tokens``).
     ``control_source`` picks the fused reference ``f(I_ref, T_ref)`` or the image-only ``f(I_ref)``.
+    ``near_misses`` > 0 adds ``near_miss [N, near_misses, d]``: the first that many rows per triplet of
+    ``near_miss_fused/`` (scenes that narrowly miss the edit), the contrastive term's explicit negatives.
     """
 
     def __init__(
-        self, triplet_dir: str | os.PathLike, control_source: str = "fused", max_text_tokens: int | None = None
+        self,
+        triplet_dir: str | os.PathLike,
+        control_source: str = "fused",
+        max_text_tokens: int | None = None,
+        near_misses: int = 0,
     ):
         if control_source not in ("fused", "image"):
             raise ValueError(f"control_source must be 'fused' or 'image', got {control_source!r}.")
@@ -180,6 +192,27 @@ class TripletEmbeddingDataset(CachedEmbeddingDataset):
                 "control": triplet_dir / f"reference_{control_source}",
             }
         )
+        if near_misses:
+            self.tensors["near_miss"] = self._near_misses(triplet_dir / NEAR_MISS_CACHE, near_misses)
+
+    def _near_misses(self, root: Path, n: int) -> torch.Tensor:
+        """``[N, n, d]`` near-miss rows aligned with the triplets; a cache with fewer per triplet, or made by
+        another backbone, is refused with the command that makes the right one."""
+        fix = f"Re-embed the triplets with near_misses >= {n} (fusion-diff embed-triplets --near-misses {n})."
+        if not (root / "manifest.json").is_file():
+            raise MissingFileError(f"data.near_misses={n} but there is no near-miss cache at {root}. {fix}")
+        cache = EmbeddingCache.read(root)
+        have = int(cache.identity.get("near_misses", 0))
+        differ = EmbedderIdentity.space_differences(cache.identity, self.identities["target"])
+        if have < n or differ:
+            why = f"it holds {have} per triplet" if have < n else f"it was embedded by another backbone ({differ})"
+            raise CacheMismatchError(f"data.near_misses={n} but the near-miss cache {root} cannot serve: {why}. {fix}")
+        self.identities["near_miss"] = cache.identity
+        ids = near_miss_ids(self.ids, n)
+        missing = cache.missing(ids)
+        if missing:
+            raise DataError(f"The near-miss cache {root} lacks {len(missing)} rows (e.g. {missing[:3]}). {fix}")
+        return cache.load(ids)[1].view(len(self.ids), n, -1)
 
 
 PAIR_FIELDS = ("image", "text", "fused")
