@@ -1,6 +1,7 @@
 """Why removals fail (issue 18): can a small network map a triplet's cached inputs to its target, per edit kind?
 
     python scripts/removal_probe.py runs/demo/triplets runs/demo/triplet_embeddings [--oracle-kind] [--oracle-place] [--epochs 20]
+    python scripts/removal_probe.py runs/demo/triplets runs/demo/triplet_embeddings --residual
     python scripts/removal_probe.py runs/demo/triplets runs/demo/triplet_embeddings --attention [--reference-patches] [--instruction-tokens 24]
     python scripts/removal_probe.py runs/demo/triplets runs/demo/triplet_embeddings --reverse-rerank 50
 
@@ -10,7 +11,10 @@ MLP (1,024 hidden, cosine loss) from ``[reference fused, pooled instruction text
 embedding, and prints R@1 per edit kind: each query's prediction against every held-out target (and, to tell
 underfitting from overfitting, against 7,200 of its own training targets). ``--oracle-kind`` also feeds the
 edit kind as a one-hot, i.e. what a text condition that names the operation perfectly would give;
-``--oracle-place`` the edited object's cell and size (what "remove the red circle" does not say).
+``--oracle-place`` the edited object's cell and size (what "remove the red circle" does not say). ``--residual``
+makes the MLP predict the edit instead of the target, ``reference + mean + std x mlp(...)`` with the statistics of
+``target - reference`` on the training triplets: the whole width of the network goes to the (small) change a
+removal makes, none to copying the reference.
 
 ``--attention`` swaps the MLP for a small transformer (2 blocks of the prior's kind) that reads the same inputs as
 tokens and can also read what one pooled vector hides: ``--reference-patches`` adds the reference image's
@@ -225,6 +229,8 @@ def main() -> None:
     parser.add_argument("embeddings", help="its stage-2 embedding caches (the demo's triplet_embeddings/)")
     parser.add_argument("--oracle-kind", action="store_true", help="also give the network the edit kind (one-hot)")
     parser.add_argument("--oracle-place", action="store_true", help="also give it the edited object's cell and size (one-hot)")
+    parser.add_argument("--residual", action="store_true",
+                        help="MLP probe: predict target - reference (standardised), added to the reference")
     parser.add_argument("--train-fraction", type=float, default=0.8,
                         help="share of the triplets trained on (<= 0.8; the last 20%% are always the held-out ones)")
     parser.add_argument("--attention", action="store_true", help="a 2-block transformer probe instead of the MLP")
@@ -243,8 +249,8 @@ def main() -> None:
         parser.error(f"--train-fraction must be in (0, 0.8], got {args.train_fraction}")
     if not args.attention and (args.reference_patches or args.instruction_tokens):
         parser.error("--reference-patches and --instruction-tokens feed the attention probe; add --attention")
-    if args.attention and (args.oracle_kind or args.oracle_place or args.reverse_rerank):
-        parser.error("--oracle-kind, --oracle-place and --reverse-rerank go with the MLP probe; drop --attention")
+    if args.attention and (args.oracle_kind or args.oracle_place or args.reverse_rerank or args.residual):
+        parser.error("--oracle-kind, --oracle-place, --residual and --reverse-rerank go with the MLP probe; drop --attention")
     if args.reverse_rerank and (args.oracle_kind or args.oracle_place):
         parser.error("--reverse-rerank compares the plain MLP both ways; drop --oracle-kind / --oracle-place")
     epochs = args.epochs or (6 if args.attention else 20)
@@ -283,8 +289,13 @@ def main() -> None:
         if args.oracle_place:
             inputs = torch.cat([inputs, 3.0 * tensors["where"]], 1)
         net = mlp(inputs.shape[1], target.shape[1])
+        reference = tensors["reference_fused"]
+        change = target[train] - reference[train]
+        shift, scale = change.mean(0), change.std(0)
 
         def predict(rows: torch.Tensor) -> torch.Tensor:
+            if args.residual:
+                return reference[rows] + shift + scale * net(inputs[rows])
             return net(inputs[rows])
 
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
@@ -306,7 +317,7 @@ def main() -> None:
     else:
         feed = "reference fused + pooled instruction text" + (" + edit kind (oracle one-hot)" if args.oracle_kind else "")
         feed += " + edited object's cell and size (oracle one-hot)" if args.oracle_place else ""
-        probe = "2-layer MLP probe"
+        probe = "2-layer MLP probe" + (" of the change (residual: reference + standardised output)" if args.residual else "")
     print(
         f"\nR@1 (%) of a {probe} ({feed} -> target fused; cosine loss, {epochs} epochs, seed {args.seed}, "
         f"trained on {len(train)} triplets), "

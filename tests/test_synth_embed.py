@@ -144,6 +144,10 @@ def test_removal_probe_script_reads_the_caches_and_tables_every_kind(tmp_path, t
     table = capsys.readouterr().out
     assert "| held-out, target in the forward top-3 |" in table and "| held-out, reverse score only |" in table
     assert "| held-out, forward + 0 x reverse |" in table and "forward top-3 by cos" in table
+    monkeypatch.setattr(sys, "argv", args[:5] + ["--residual"])
+    runpy.run_path(str(script), run_name="__main__")
+    table = capsys.readouterr().out
+    assert "| held-out (8) |" in table and "MLP probe of the change (residual" in table
     tensors, _ = module["load"](str(root), str(tmp_path / "emb"))
     train, test = torch.arange(30), torch.arange(30, 40)
     forward = torch.randn(10, tensors["target_fused"].shape[1])
@@ -151,7 +155,7 @@ def test_removal_probe_script_reads_the_caches_and_tables_every_kind(tmp_path, t
     own_first = module["recall_at_1"](forward, tensors["target_fused"][test])
     assert torch.equal(rows["held-out, forward + 0 x reverse"], own_first)  # w = 0: the forward ranking's top 1
     assert (rows["held-out, reverse score only"] <= rows["held-out, target in the forward top-4"]).all()
-    for bad in (["--train-fraction", "0.9"], ["--reverse-rerank", "3", "--oracle-kind"]):
+    for bad in (["--train-fraction", "0.9"], ["--reverse-rerank", "3", "--oracle-kind"], ["--attention", "--residual"]):
         monkeypatch.setattr(sys, "argv", args[:3] + bad)
         with pytest.raises(SystemExit):
             runpy.run_path(str(script), run_name="__main__")
