@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 import torch
 
 from fusion_diff.demo_budget import (
-    PLAN_FILE, REFERENCE_COSTS, BudgetSection, Plan, apply_plan, plan_as_record, plan_demo, saved_plan,
+    PLAN_FILE, REFERENCE_COSTS, BudgetSection, Plan, apply_plan, plan_as_record, plan_demo, replan_after_backbone,
+    saved_plan,
 )
 from fusion_diff.errors import CacheMismatchError, ConfigError, MissingFileError
 from fusion_diff.training.config import did_you_mean, load_config, load_dataclass, require
@@ -226,9 +227,18 @@ class Demo:
         }
         self.planned = [name for name in REFERENCE_COSTS if runs.get(name, True)]
         todo = [name for name in self.planned if name != "world backbone" or not self.backbone_cached()]
+        unscaled = self.config
         self.config, self.plan = plan_demo(self.config, self.config_dir, todo, self.out)
         with self.step("world backbone"):
             self.embedder = self.build_backbone()
+        if "world backbone" in todo:  # trained now: its time tells this machine's speed better than the probe
+            rest = [name for name in todo if name != "world backbone"]
+            plan = replan_after_backbone(
+                self.out, unscaled, self.config_dir, self.plan, self.timings["world backbone"], rest
+            )
+            if plan is not None:
+                print(f"    the backbone ran slower than the probe read: re-planned, {plan.describe()}", flush=True)
+                self.config, self.plan = apply_plan(unscaled, plan), plan
         with self.step("benchmark"):
             self.build_benchmark()
             if self.config.world.open_test_queries:

@@ -22,6 +22,7 @@ from fusion_diff.demo_budget import (
     plan_as_record,
     plan_demo,
     plan_for,
+    replan_after_backbone,
 )
 from fusion_diff.training.config import load_config, load_dataclass
 
@@ -177,3 +178,29 @@ def test_pipelines_scored_beside_the_demo_get_readable_row_names():
     assert pipeline_row_name("runs/demo/ablation-no-stage1/stage2") == "ablation: no-stage1"
     assert pipeline_row_name("runs/stage2-2880") == "stage2-2880"
     assert pipeline_row_name("runs/k3/stage2") == "k3"
+
+
+def test_a_backbone_slower_than_the_probe_read_replans_the_rest(demo, tmp_path, monkeypatch):
+    """The probe's few steps read 1.27x; the backbone then took 1.53x its reference time (as on a noisy 2-core
+    Xeon): the steps left shrink to what is left of the budget, the new plan is saved for reruns and says why.
+    A backbone as fast as the probe read, or faster, leaves the plan alone."""
+    import fusion_diff.demo_budget as budget
+
+    config, config_dir = demo
+    monkeypatch.setattr(budget, "probe_seconds", lambda threads: 1.27 * REFERENCE_PROBE_SECONDS)
+    _, plan = plan_demo(config, config_dir, STEPS, tmp_path)
+    backbone_reference = estimate_seconds(1.0, ["world backbone"])
+    for as_read in (1.0, 1.27):
+        kept = replan_after_backbone(tmp_path, config, config_dir, plan, as_read * backbone_reference, AFTER_BACKBONE)
+        assert kept is None
+    backbone_s = 1.53 * backbone_reference
+    new = replan_after_backbone(tmp_path, config, config_dir, plan, backbone_s, AFTER_BACKBONE)
+    assert new is not None and config.budget.min_scale <= new.scale < plan.scale and new.speed == 1.53
+    assert new.planned_s <= new.budget_s  # backbone as measured + the rest at the backbone's speed fits
+    assert new.planned_s == round(backbone_s + estimate_seconds(1.53, AFTER_BACKBONE, new.scale))
+    assert apply_plan(config, new).data.triplets == round(config.data.triplets * new.scale)
+    assert "as its backbone's" in new.describe() and f"x{new.scale:.2f}" in new.describe()
+    again, kept = plan_demo(config, config_dir, AFTER_BACKBONE, tmp_path)  # a rerun: the backbone is cached now
+    assert kept == new and again == apply_plan(config, new)
+    record = json.loads((tmp_path / PLAN_FILE).read_text())
+    assert record["probe_seconds_per_step"] == 1.27 * REFERENCE_PROBE_SECONDS  # what the probe read stays on record
