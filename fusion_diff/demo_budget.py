@@ -80,9 +80,13 @@ class BudgetSection:
     minutes: float | None = 20.0
     min_scale: float = 0.25  # never train shorter than this share of the reference schedule
     backbone_min_scale: float = 1.0  # the world backbone's floor (scaled only once the rest is at min_scale)
+    # A fixed schedule instead of measuring: every length but the backbone's at this scale, whatever the machine
+    # (to compare with a run made elsewhere at its plan); null: measured and fitted to ``minutes``.
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         require(self.minutes is None or self.minutes > 0, "minutes", "must be > 0 or null")
+        require(self.scale is None or 0 < self.scale <= 1, "scale", "must be in (0, 1] or null")
         require(0 < self.min_scale <= 1, "min_scale", "must be in (0, 1]")
         require(0 < self.backbone_min_scale <= 1, "backbone_min_scale", "must be in (0, 1]")
 
@@ -105,6 +109,11 @@ class Plan:
         if self.scale >= 1.0 and self.backbone_scale >= 1.0:
             return "reference schedule (configs/demo.yaml)"
         lengths = ", ".join(f"{k} {v}" for k, v in (self.schedules or {}).items() if k.endswith(SHOWN))
+        if self.speed is None:
+            return (
+                f"scaled x{self.scale:.2f} (backbone x{self.backbone_scale:.2f}) as fixed by budget.scale ({lengths}); "
+                "not the reference numbers (fusion-diff demo --no-budget)"
+            )
         measured = f", as its backbone's {self.backbone_s:.0f} s showed" if self.backbone_s is not None else ""
         return (
             f"scaled x{self.scale:.2f} (backbone x{self.backbone_scale:.2f}) to a {self.budget_s / 60:.0f}-min budget on a machine {self.speed:.1f}x slower "
@@ -257,7 +266,11 @@ def probe_seconds(threads: int, steps: int = 3) -> float:
 
 
 # Settings added after plans were first saved: left out of the digest at their off value, so earlier plans stay valid.
-LATER_SETTINGS: dict[str, dict[str, Any]] = {"world": {"backbone_negation_fraction": 0.0}, "data": {"negated_removals": False}}
+LATER_SETTINGS: dict[str, dict[str, Any]] = {
+    "world": {"backbone_negation_fraction": 0.0},
+    "data": {"negated_removals": False},
+    "budget": {"scale": None},
+}
 
 
 def config_digest(config: DemoConfig) -> str:
@@ -292,7 +305,7 @@ def save_plan(out: Path, config: DemoConfig, plan: Plan, probe_s: float | None) 
 def announce(plan: Plan, probe_s: float | None) -> str:
     """What the demo prints about its schedule before the first step."""
     if plan.speed is None:
-        return "    schedule: reference (no budget)"
+        return f"    schedule: {plan.describe()}" if plan.schedules else "    schedule: reference (no budget)"
     measured = (
         f"probe: {probe_s:.2f} s per backbone training step vs {REFERENCE_PROBE_SECONDS} s derived for the "
         "reference CPU"
@@ -316,6 +329,9 @@ def plan_demo(config: DemoConfig, config_dir: Path, steps: list[str], out: Path)
     budget = config.budget
     if budget.minutes is None:
         plan, probe = Plan(), None
+    elif budget.scale is not None:  # fixed, not measured; saved like a measured plan, for the scripts that read it
+        plan, probe = Plan(scale=budget.scale, schedules=scaled_schedules(config, config_dir, budget.scale)), None
+        save_plan(out, config, plan, None)
     else:
         plan, probe = saved_plan(out, config), None
         if plan is None:

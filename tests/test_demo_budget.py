@@ -160,7 +160,7 @@ def test_settings_added_later_keep_earlier_plans_and_get_their_own_backbone(demo
 
     config, config_dir = demo
     earlier = asdict(config)
-    del earlier["world"]["backbone_negation_fraction"], earlier["data"]["negated_removals"]
+    del earlier["world"]["backbone_negation_fraction"], earlier["data"]["negated_removals"], earlier["budget"]["scale"]
     assert config_digest(config) == hashlib.sha256(json.dumps(earlier, sort_keys=True, default=str).encode()).hexdigest()
     negation = replace(config, world=replace(config.world, backbone_negation_fraction=0.3))
     assert config_digest(negation) != config_digest(config)
@@ -195,7 +195,7 @@ def test_a_backbone_slower_than_the_probe_read_replans_the_rest(demo, tmp_path, 
         assert kept is None
     backbone_s = 1.53 * backbone_reference
     new = replan_after_backbone(tmp_path, config, config_dir, plan, backbone_s, AFTER_BACKBONE)
-    assert new is not None and config.budget.min_scale <= new.scale < plan.scale and new.speed == 1.53
+    assert plan.scale == 0.7 and new is not None and new.scale == 0.4 and new.speed == 1.53  # README's figures
     assert new.planned_s <= new.budget_s  # backbone as measured + the rest at the backbone's speed fits
     assert new.planned_s == round(backbone_s + estimate_seconds(1.53, AFTER_BACKBONE, new.scale))
     assert apply_plan(config, new).data.triplets == round(config.data.triplets * new.scale)
@@ -204,3 +204,22 @@ def test_a_backbone_slower_than_the_probe_read_replans_the_rest(demo, tmp_path, 
     assert kept == new and again == apply_plan(config, new)
     record = json.loads((tmp_path / PLAN_FILE).read_text())
     assert record["probe_seconds_per_step"] == 1.27 * REFERENCE_PROBE_SECONDS  # what the probe read stays on record
+
+
+def test_a_fixed_scale_skips_the_probe_and_says_so(demo, tmp_path, monkeypatch, capsys):
+    """``budget.scale`` runs every length at that scale without measuring (a run made elsewhere, compared at its
+    plan); the protocol line says where the scale came from (a config without it keeps its saved plans:
+    the settings-added-later test)."""
+    import fusion_diff.demo_budget as budget
+    from fusion_diff.demo_budget import saved_plan, scaled_schedules
+
+    config, config_dir = demo
+    monkeypatch.setattr(budget, "probe_seconds", lambda threads: pytest.fail("a fixed scale measures nothing"))
+    fixed = load_dataclass(DemoConfig, config_dir / "demo.yaml", ["budget.scale=0.9"])
+    scaled, plan = plan_demo(fixed, config_dir, STEPS, tmp_path)
+    assert plan.scale == 0.9 and plan.schedules == scaled_schedules(fixed, config_dir, 0.9)
+    assert scaled.data.triplets == 36000 and saved_plan(tmp_path, fixed) == plan  # what Demo.finished adopts
+    assert "as fixed by budget.scale" in plan.describe() and "as fixed by budget.scale" in capsys.readouterr().out
+    assert replan_after_backbone(tmp_path, fixed, config_dir, plan, 1e6, AFTER_BACKBONE) is None  # never re-planned
+    with pytest.raises(Exception, match="scale"):
+        load_dataclass(DemoConfig, config_dir / "demo.yaml", ["budget.scale=1.5"])

@@ -264,7 +264,6 @@ def test_near_misses_join_the_contrastive_term_as_each_rows_own_negatives(data, 
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 3]))
     loss = task.contrastive_loss(denoised, batch["target"], rows, batch["near_miss"])
     torch.testing.assert_close(loss, expected)
-    assert loss > task.contrastive_loss(denoised, batch["target"], rows)  # more negatives, a larger loss
     raw["data"]["near_misses"] = 3
     with pytest.raises(CacheMismatchError, match="holds 2 per triplet"):
         AdapterTask(config_from_dict(raw))

@@ -169,7 +169,7 @@ def _missing(cache: EmbeddingCache, name: str, ids: list[str], near_misses: int)
     """The triplet ids whose rows ``cache`` lacks (a triplet's near misses are written together, in one shard)."""
     if name != NEAR_MISS_CACHE:
         return set(cache.missing(ids))
-    return {row.split("#")[0] for row in cache.missing(near_miss_ids(ids, near_misses))}
+    return {row.rpartition("#")[0] for row in cache.missing(near_miss_ids(ids, near_misses))}
 
 
 def _embed_chunk(
