@@ -103,9 +103,13 @@ class TrainingSection:
     # The world's BLIP (a generative captioner with real-world errors): > 0 trains it for this many steps and
     # adds every method again with it as the captioner ("<row> [world BLIP]"); 0: not trained (it costs minutes).
     blip_captioner_steps: int = 0
+    # The world's caption editor (a small T5 on the triplets' captions and instructions): > 0 trains it for this many
+    # steps and adds the rows "edited-caption" and "fusion-diff + edited caption"; 0: not trained (it costs minutes).
+    caption_editor_steps: int = 0
 
     def __post_init__(self) -> None:
         require(self.blip_captioner_steps >= 0, "blip_captioner_steps", "must be >= 0")
+        require(self.caption_editor_steps >= 0, "caption_editor_steps", "must be >= 0")
 
 
 @dataclass
@@ -130,9 +134,13 @@ class EvaluationSection:
     )
     training_phrasing: bool = True  # also Fusion-Diff on the test edits in the training phrasing
     plot_queries: int = 12
+    # The weight of the edited caption in Fusion-Diff's query, when the caption editor is trained (val-selected by
+    # scripts/edited_caption_eval.py: the largest of 0.5-3, i.e. toward the edited caption alone).
+    edited_caption_weight: float = 3.0
 
     def __post_init__(self) -> None:
         require("fusion-diff" in self.methods, "methods", "must include fusion-diff")
+        require(self.edited_caption_weight > 0, "edited_caption_weight", "must be > 0")
 
 
 @dataclass
@@ -223,6 +231,7 @@ class Demo:
         runs = {
             "scene captioner": self.config.evaluation.captioner.get("type") == "scene",
             "world BLIP": self.config.training.blip_captioner_steps > 0,
+            "caption editor": self.config.training.caption_editor_steps > 0,
             "FTI4CIR": bool(self.config.training.fti4cir and "fti4cir" in self.config.evaluation.methods),
         }
         self.planned = [name for name in REFERENCE_COSTS if runs.get(name, True)]
@@ -253,6 +262,9 @@ class Demo:
                 self.build_blip_captioner()
         with self.step("triplets + embeddings"):
             self.build_triplets()
+        if runs["caption editor"]:
+            with self.step("caption editor"):
+                self.build_caption_editor()
         with self.step("stage 1: prior"):
             stage1 = self.train_stage("stage1", self.stage1_inputs())
         with self.step("stage 2: Control-Adapter"):
@@ -388,6 +400,15 @@ class Demo:
             self.path("pairs"), self.path("blip"), steps, self.config.seed, progress=self.progress,
             backbone=self.backbone_root(),
         )  # fmt: skip
+
+    def build_caption_editor(self) -> None:
+        """The world's caption editor, on the triplet set's captions and instructions (training scenes only)."""
+        from data_synth.shapes.caption_editor import build_world_caption_editor
+
+        steps = self.config.training.caption_editor_steps
+        build_world_caption_editor(
+            self.path("triplets"), self.path("caption_editor"), steps, self.config.seed, progress=self.progress
+        )
 
     def build_triplets(self) -> None:
         from data_synth.triplets.embed import embed_triplets
@@ -574,6 +595,22 @@ class Demo:
                 options["data"] = unit
             result = evaluator.evaluate(create_method(name, **options))
             results.append(replace(result, method=result.method + suffix))
+        if self.config.training.caption_editor_steps and checkpoints["fusion-diff"] is not None:
+            editor = str(self.path("caption_editor"))
+            weight = self.config.evaluation.edited_caption_weight
+            rows = {
+                "edited-caption": {"caption_editor": editor},
+                "fusion-diff": {
+                    **self.fusion_diff_options(),
+                    "pipeline": str(checkpoints["fusion-diff"]),
+                    "name": "fusion-diff + edited caption",
+                    "caption_editor": editor,
+                    "edited_caption_weight": weight,
+                },
+            }
+            for name, options in rows.items():
+                result = evaluator.evaluate(create_method(name, **options))
+                results.append(replace(result, method=result.method + suffix))
         return results
 
     def blip_captioner(self):

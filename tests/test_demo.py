@@ -36,6 +36,7 @@ def toy_demo_config(tmp_path: Path) -> tuple[dict, Path]:
     training["fti4cir_overrides"] = tiny + ["validation.every_n_steps=0", "data.max_images=64"]
     training["scene_captioner_steps"] = 2
     training["blip_captioner_steps"] = 2  # the realistic captioner's rows, through the generative path
+    training["caption_editor_steps"] = 2  # the caption editor's rows
     config["evaluation"]["plot_queries"] = 4
     config["budget"] = {"minutes": None}  # the reference schedule, whatever this machine's speed
     path = tmp_path / "demo.yaml"
@@ -65,6 +66,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
     assert {"image-only", "fusion-diff", "fti4cir", "oracle-target-fused", "fusion-diff@training-phrasing"} <= rows
     assert {"fusion-diff[image gallery]", "fti4cir+mix"} <= rows  # variant rows: another name, `method:` says which
     assert {"fusion-diff [world BLIP]", "fti4cir+mix [world BLIP]", "image-only [world BLIP]"} <= rows
+    assert {"edited-caption", "fusion-diff + edited caption", "fusion-diff + edited caption [world BLIP]"} <= rows
     assert "[world BLIP]" in table.read_text() and "captioner generative(" in table.read_text()  # protocol lines
     open_rows = json.loads((tmp_path / "demo" / "results" / "shapes-open-test.json").read_text())
     assert {r["method"] for r in open_rows} >= {"image-only", "fusion-diff", "fti4cir+mix", "fusion-diff [world BLIP]"}

@@ -26,7 +26,7 @@ from fusion_diff.demo_budget import (
 )
 from fusion_diff.training.config import load_config, load_dataclass
 
-STEPS = [s for s in REFERENCE_COSTS if s != "world BLIP"]  # the default demo trains no world BLIP
+STEPS = [s for s in REFERENCE_COSTS if s not in ("world BLIP", "caption editor")]  # the default demo trains neither
 AFTER_BACKBONE = [s for s in STEPS if s != "world backbone"]  # the reference backbone is cached
 
 
@@ -150,7 +150,7 @@ def test_scripts_adopt_the_plan_a_finished_demo_was_trained_with(demo, tmp_path,
 
 
 def test_settings_added_later_keep_earlier_plans_and_get_their_own_backbone(demo):
-    """A plan saved before the negation settings existed stays valid while they are off; turned on, they
+    """A plan saved before the negation (and caption-editor) settings existed stays valid while they are off; turned on, they
     change the plan's config and train a backbone in a folder of its own (the shared one is never replaced)."""
     import hashlib
     from dataclasses import asdict
@@ -161,6 +161,7 @@ def test_settings_added_later_keep_earlier_plans_and_get_their_own_backbone(demo
     config, config_dir = demo
     earlier = asdict(config)
     del earlier["world"]["backbone_negation_fraction"], earlier["data"]["negated_removals"], earlier["budget"]["scale"]
+    del earlier["training"]["caption_editor_steps"], earlier["evaluation"]["edited_caption_weight"]
     assert config_digest(config) == hashlib.sha256(json.dumps(earlier, sort_keys=True, default=str).encode()).hexdigest()
     negation = replace(config, world=replace(config.world, backbone_negation_fraction=0.3))
     assert config_digest(negation) != config_digest(config)

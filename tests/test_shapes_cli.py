@@ -40,3 +40,15 @@ def test_backbone_command_is_registered_with_library_defaults():
     world.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["world", "backbone", "--steps", "5"])
     assert args.steps == 5 and args.lr is None and args.func.__name__ == "_backbone"
+
+
+def test_cli_trains_the_caption_editor_on_a_triplet_set(tmp_path, capsys):
+    from data_synth.triplets.shapes_builder import build_shapes_triplets
+    from fusion_diff.captioning.editor import CaptionEditor
+
+    triplets, out = tmp_path / "triplets", tmp_path / "editor"
+    build_shapes_triplets(triplets, 4, seed=0, shard_size=4, progress=False)
+    assert run_world_cli(["caption-editor", "--triplets", str(triplets), "--out", str(out), "--steps", "2"]) == 0
+    assert f"edited-caption.caption_editor={out}" in capsys.readouterr().out
+    (edited,) = CaptionEditor.from_pretrained(out).edit(["a large red star at the center on a white background"], ["remove the star"])
+    assert isinstance(edited, str)  # two steps learn no edit; the folder loads and generates

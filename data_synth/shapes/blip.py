@@ -179,17 +179,36 @@ def vision_from_backbone(model, backbone: dict[str, torch.Tensor], pixel_values:
     model.vision_model.load_state_dict(state, strict=True)
 
 
-def caption_labels(processor, captions: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` ``[N, L]`` of ``captions`` (padded to the longest); refuses captions
-    longer than ``max_length`` tokens instead of cutting them (a cut caption teaches a wrong one)."""
-    tokens = processor.tokenizer(list(captions), padding="longest", return_tensors="pt")
+def padded_tokens(tokenizer, texts: Sequence[str], max_length: int, what: str, fix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[N, L]`` of ``texts`` (padded to the longest); refuses texts longer
+    than ``max_length`` tokens instead of cutting them (a cut caption teaches a wrong one), naming ``fix``."""
+    tokens = tokenizer(list(texts), padding="longest", return_tensors="pt")
     longest = tokens.input_ids.shape[1]
     if longest > max_length:
         raise ConfigError(
-            f"The longest training caption has {longest} tokens, more than the model's max_length {max_length}. "
-            "Raise BlipWorldConfig.max_length."
+            f"The longest {what} has {longest} tokens, more than the model's max_length {max_length}. Raise {fix}."
         )
     return tokens.input_ids, tokens.attention_mask
+
+
+def caption_labels(processor, captions: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BLIP decoder's padded caption tokens (``padded_tokens``)."""
+    return padded_tokens(processor.tokenizer, captions, max_length, "training caption", "BlipWorldConfig.max_length")
+
+
+def one_cycle(model: torch.nn.Module, learning_rate: float, steps: int):
+    """AdamW (weight decay 0.01) with a one-cycle schedule (10% warm-up): the world's small models' optimiser."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.1)
+
+
+def descend(model: torch.nn.Module, loss: torch.Tensor, optimizer, schedule) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
 
 
 def train_blip(
@@ -229,8 +248,7 @@ def train_blip(
     if vision_init is not None:
         vision_from_backbone(model, vision_init, normalise_pixels(pixels[:256], processor))
     model.generation_config.max_new_tokens = model_config.max_length - 1  # a whole caption after [BOS]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.1)
+    optimizer, schedule = one_cycle(model, learning_rate, steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(range(steps), desc="training world BLIP", disable=not progress)
@@ -245,11 +263,7 @@ def train_blip(
             attention_mask=mask,
             labels=ids.masked_fill(mask == 0, -100),
         )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        descend(model, out.loss, optimizer, schedule)
         if losses is not None:
             losses.append(out.loss.item())
         bar.set_postfix(loss=f"{out.loss.item():.3f}")

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.cache import EmbeddingCache, embed_with_cache
 from fusion_diff.errors import CacheMismatchError, DataError, MissingFileError
 from fusion_diff.utils.checks import require_counts
-from fusion_diff.utils.io import artifact_manifest, atomic_path, read_json, write_json_atomic
+from fusion_diff.utils.io import artifact_manifest, atomic_path, build_cached_folder, read_json, write_json_atomic
 
 PAIRS_FILE = "pairs.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -236,7 +234,6 @@ def build_from_pair_set(
     pair set with the same config is reused, any other is replaced. ``write`` works in a temporary folder
     renamed into place, so an interrupted run leaves nothing half-written.
     """
-    out = Path(out_dir)
     pairs_manifest = Path(pair_dir) / MANIFEST_FILE
     if not pairs_manifest.is_file():
         raise MissingFileError(
@@ -244,18 +241,10 @@ def build_from_pair_set(
             "Write one with `fusion-diff world pairs --out DIR`."
         )
     pair_set = {k: v for k, v in read_json(pairs_manifest, "pair set manifest").items() if k != "created"}
-    config = {**config, "pair_set": pair_set}
-    manifest = out / MANIFEST_FILE
-    if manifest.is_file() and read_json(manifest, f"{kind} manifest").get("config") == config:
-        return out
-    records = read_pair_set(pair_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(records, tmp)
-        write_json_atomic(tmp / MANIFEST_FILE, artifact_manifest(kind, config, seed, pairs=len(records)))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def fill(folder: Path) -> dict[str, Any]:
+        records = read_pair_set(pair_dir)
+        write(records, folder)
+        return {"pairs": len(records)}
+
+    return build_cached_folder(out_dir, kind, {**config, "pair_set": pair_set}, seed, fill)

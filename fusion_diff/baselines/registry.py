@@ -30,6 +30,10 @@ METHODS = Registry(
         "image-only": ("fusion_diff.baselines.simple:ImageOnly", "the reference image embedding f(I_ref)"),
         "text-only": ("fusion_diff.baselines.simple:TextOnly", "the modification text embedding f(T_mod)"),
         "sum": ("fusion_diff.baselines.simple:SumFusion", "normalize(w f(I_ref) + (1-w) f(T_mod))"),
+        "edited-caption": (
+            "fusion_diff.baselines.simple:EditedCaption",
+            "f(edited caption): the reference's caption edited by a seq2seq caption editor",
+        ),
         "emb2emb": (
             "fusion_diff.pipelines.method:Emb2EmbMethod",
             "the prior alone: noise f(I_ref, T_ref), denoise with the text",

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fusion_diff.captioning.editor import CaptionEditor, edited_caption_embeddings, load_caption_editor
 from fusion_diff.errors import ConfigError
 from fusion_diff.retrieval.method import GalleryMode, QueryContext
 
@@ -72,4 +73,29 @@ class SumFusion(Baseline):
         w = self.image_weight
         return F.normalize(
             w * context.reference_image_embeds.float() + (1 - w) * context.modification_text_embeds.float(), dim=-1
+        )
+
+
+class EditedCaption(Baseline):
+    """Query = ``f(edit(T_ref, T_mod))``: the reference's captioner caption, edited by a caption editor as the
+    instruction says, embedded as text (the text-centric route of CIReVL / LDRE, in the joint space)."""
+
+    name = "edited-caption"
+
+    def __init__(self, caption_editor: str | CaptionEditor, gallery_mode: GalleryMode = "fused", batch_size: int = 256):
+        super().__init__(gallery_mode)
+        self.editor = load_caption_editor(caption_editor)
+        self.batch_size = batch_size
+
+    def settings(self) -> dict[str, Any]:
+        return {"caption_editor": self.editor.identity}
+
+    def query_embeddings(self, context: QueryContext) -> torch.Tensor:
+        return edited_caption_embeddings(
+            self.editor,
+            context.reference_captions,
+            context.modification_texts,
+            context.embedder,
+            self.name,
+            self.batch_size,
         )

@@ -85,7 +85,7 @@ class GenerativeCaptioner(Captioner):
         if num_candidates > 1:
             self.generation["num_return_sequences"] = num_candidates
             self.generation["num_beams"] = max(int(self.generation.get("num_beams", 1)), num_candidates)
-        self._weights = _folder_weights_digest(Path(self.model_id))
+        self._weights = folder_weights_digest(Path(self.model_id))
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -130,7 +130,7 @@ class GenerativeCaptioner(Captioner):
         return out
 
 
-def _folder_weights_digest(folder: Path) -> str | None:
+def folder_weights_digest(folder: Path) -> str | None:
     """A hash of a local checkpoint's weight files, so that captions cached for a folder are not reused after
     it is retrained in place; None for a hub id (its id names the weights)."""
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []

@@ -109,11 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "captions, per-attribute accuracy) is set by --steps. Cached: the same pair set and settings reuse DIR.",
     )
     blip.add_argument("--pairs", type=Path, required=True, help="a finished pair set (`fusion-diff world pairs`)")
-    blip.add_argument("--out", type=Path, required=True, help="output folder")
-    blip.add_argument("--steps", type=positive_int, default=None, help="training steps (default: data_synth.shapes.blip.DEFAULT_STEPS)")
-    blip.add_argument("--batch-size", type=positive_int, default=64, help="pairs per step (default %(default)s)")
-    blip.add_argument("--lr", type=finite_float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
-    blip.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    _model_training_arguments(blip, "data_synth.shapes.blip", "pairs", 1e-3)
     blip.add_argument("--backbone", type=Path, default=None, help="world backbone cache folder (default: the cache's)")
     blip.add_argument("--from-scratch", action="store_true", help="image encoder from random weights, not the backbone")
     blip.add_argument(
@@ -124,6 +120,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "default %(default)s)",
     )
     blip.set_defaults(func=_blip_captioner)
+
+    editor = commands.add_parser(
+        "caption-editor",
+        help="train the world's caption editor (a small T5) on a shapes triplet set",
+        description="Train a small transformers T5 to edit captions as instructions say, on the (reference caption, "
+        "instruction, target caption) rows of a shapes triplet set (training scenes and phrasings; captions in the "
+        "canonical form the scene captioner writes), and save it with save_pretrained. Use it like any seq2seq "
+        "editor: `--method edited-caption --set edited-caption.caption_editor=DIR`, or in Fusion-Diff's query "
+        "(`--set fusion-diff.caption_editor=DIR --set fusion-diff.edited_caption_weight=W`). Cached: the same "
+        "triplet set and settings reuse DIR.",
+    )
+    editor.add_argument("--triplets", type=Path, required=True, help="a shapes triplet set (`fusion-diff synth shapes`)")
+    _model_training_arguments(editor, "data_synth.shapes.caption_editor", "rows", 2e-3)
+    editor.set_defaults(func=_caption_editor)
+
+
+def _model_training_arguments(parser: argparse.ArgumentParser, module: str, items: str, lr: float) -> None:
+    """--out, --steps, --batch-size, --lr, --seed of a command that trains one of the world's transformers models."""
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--steps", type=positive_int, default=None, help=f"training steps (default: {module}.DEFAULT_STEPS)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help=f"{items} per step (default %(default)s)")
+    parser.add_argument("--lr", type=finite_float, default=lr, help="peak AdamW learning rate (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+
+
+def _caption_editor(args: argparse.Namespace) -> int:
+    from data_synth.shapes.caption_editor import DEFAULT_STEPS, build_world_caption_editor
+
+    out = build_world_caption_editor(
+        args.triplets, args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed, batch_size=args.batch_size,
+        learning_rate=args.lr,
+    )  # fmt: skip
+    print(f"world caption editor: {out} (use it: --method edited-caption --set edited-caption.caption_editor={out})")
+    return 0
 
 
 def _benchmark_arguments(parser: argparse.ArgumentParser, root: str, val: int, test: int) -> None:

@@ -7,10 +7,14 @@ its image embedding. ``protocol()`` names every setting that moves the numbers.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
+from fusion_diff.captioning.editor import CaptionEditor, edited_caption_embeddings, load_caption_editor
 from fusion_diff.errors import ConfigError, DataError
 from fusion_diff.pipelines.fusion_diff import FusionDiffPipeline, FusionDiffPipelineOutput
 from fusion_diff.retrieval.method import (
@@ -127,6 +131,10 @@ class FusionDiffMethod(_SamplingMethod):
     ``sample_reduction``: ``mean`` averages the ``num_samples`` samples into one query; ``max`` / ``lse`` keep
     them apart and score each gallery item by its best / soft-best sample (``SampleScoring``), so that
     several plausible targets can all rank high.
+
+    ``caption_editor`` + ``edited_caption_weight`` w: the query becomes ``normalize(q + w f(edited caption))``, the
+    reference's captioner caption edited as the instruction says (``fusion_diff.captioning.editor``): what the
+    target's caption should say, which a removal needs and the sampled embedding keeps wrong (issue 18).
     """
 
     def __init__(
@@ -148,8 +156,20 @@ class FusionDiffMethod(_SamplingMethod):
         shared_noise: bool = False,
         sample_reduction: SampleReduction = "mean",
         sample_temperature: float = 0.05,
+        caption_editor: str | os.PathLike | CaptionEditor | None = None,
+        edited_caption_weight: float = 0.0,
     ):
         self.sample_scoring = SampleScoring(sample_reduction, sample_temperature)
+        if not (math.isfinite(edited_caption_weight) and edited_caption_weight >= 0):
+            raise ConfigError(f"edited_caption_weight={edited_caption_weight} must be a finite number >= 0.")
+        if (caption_editor is None) != (edited_caption_weight == 0):
+            raise ConfigError(
+                "fusion-diff: caption_editor and edited_caption_weight go together: give both (a caption editor folder "
+                "and a weight > 0, e.g. `--set fusion-diff.caption_editor=DIR --set fusion-diff.edited_caption_weight=1`) "
+                "or neither."
+            )
+        self.caption_editor = None if caption_editor is None else load_caption_editor(caption_editor)
+        self.edited_caption_weight = edited_caption_weight
         if pipeline.adapter is None:
             raise ConfigError(
                 "FusionDiffMethod needs a pipeline with a Control-Adapter; for the prior alone use Emb2EmbMethod."
@@ -191,6 +211,8 @@ class FusionDiffMethod(_SamplingMethod):
             "negative_text": self.negative_text,
             "shared_noise": self.shared_noise,
             **self.sample_scoring.describe(),
+            "caption_editor": self.caption_editor.identity if self.caption_editor else None,
+            "edited_caption_weight": self.edited_caption_weight,
         }
 
     def sample(self, context: QueryContext, return_trajectory: bool = False) -> FusionDiffPipelineOutput:
@@ -226,7 +248,14 @@ class FusionDiffMethod(_SamplingMethod):
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
         """``[Q, d]``, or every sample ``[Q, num_samples, d]`` when ``sample_reduction`` keeps them apart."""
         output = self.sample(context)
-        return self.mix(output.samples if self.sample_scoring.per_sample else output.embeddings, context)
+        queries = self.mix(output.samples if self.sample_scoring.per_sample else output.embeddings, context)
+        if self.caption_editor is None:
+            return queries
+        edited = edited_caption_embeddings(
+            self.caption_editor, context.reference_captions, context.modification_texts, context.embedder, self.name
+        ).to(queries.device, queries.dtype)
+        edited = edited.unsqueeze(1) if queries.ndim == 3 else edited
+        return F.normalize(queries + self.edited_caption_weight * edited, dim=-1)
 
 
 class Emb2EmbMethod(_SamplingMethod):

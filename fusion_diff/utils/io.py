@@ -7,8 +7,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,28 @@ def artifact_manifest(kind: str, config: dict[str, Any] | None = None, seed: int
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def build_cached_folder(
+    out_dir: str | os.PathLike, kind: str, config: dict[str, Any], seed: int, write: Callable[[Path], dict[str, Any]]
+) -> Path:
+    """A folder made by ``write(folder)``, cached by ``config``: a folder whose manifest holds the same ``config``
+    is reused, any other replaced. ``write`` fills a temporary folder (renamed into place only when it returns,
+    so an interrupted run leaves nothing half-written) and returns extra manifest fields (counts)."""
+    out = Path(out_dir)
+    manifest = out / "manifest.json"
+    if manifest.is_file() and read_json(manifest, f"{kind} manifest").get("config") == config:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        extra = write(tmp)
+        write_json_atomic(tmp / "manifest.json", artifact_manifest(kind, config, seed, **extra))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def drop_when_off(record: dict[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,94 @@
+"""Caption editing in the query (issue 18): the world caption editor, trained on a finished demo's triplets; the
+edited caption as a query of its own (``edited-caption``) and as a term of Fusion-Diff's query
+(``edited_caption_weight``), its weight chosen on **val**, then scored once on test.
+
+    python scripts/edited_caption_eval.py --demo-dir runs/demo [--steps N] [--weights 0.5 1 2] \
+        [--also runs/demo/ablation-regression/stage2] [--config configs/demo.yaml] [section.key=value ...]
+
+The editor (``fusion-diff world caption-editor``) goes to ``<demo-dir>/caption_editor`` (cached). Every row uses
+the demo's captioner for references and gallery and the demo's Fusion-Diff settings; ``--also`` pipelines get the
+weight chosen for Fusion-Diff. Besides R@1 per edit kind it prints how often the edited caption equals the
+captioner's caption of the target (an analysis of the editor, read after the fact; no method sees the target).
+Tables go to ``<demo-dir>/results/edited-caption-{val,test}.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_synth.shapes.caption_editor import DEFAULT_STEPS, build_world_caption_editor
+from fusion_diff.baselines import create_method
+from fusion_diff.baselines.registry import load_pipeline, method_factory
+from fusion_diff.benchmarks.evaluate import modification_texts
+from fusion_diff.benchmarks.report import markdown_table, write_results
+from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
+from fusion_diff.captioning.editor import CaptionEditor
+from fusion_diff.demo import Demo, pipeline_row_name
+from fusion_diff.utils.io import atomic_path
+
+
+def exact_edits(editor: CaptionEditor, evaluator, kinds: dict[str, str]) -> str:
+    """Per edit kind, the share of queries whose edited caption is the captioner's caption of the target."""
+    unit = evaluator.units[0]
+    queries = list(unit.queries)
+    texts, _ = modification_texts(queries, unit.benchmark, evaluator.fiq_order, evaluator.circo_shared_concept)
+    references = [c[0] for c in evaluator.captions(unit, [q.reference for q in queries])]
+    targets = [c[0] for c in evaluator.captions(unit, [q.positives[0] for q in queries])]
+    hits: dict[str, list[bool]] = {}
+    for query, edited, target in zip(queries, editor.edit(references, texts), targets):
+        hits.setdefault(kinds[query.query_id], []).append(edited == target)
+    every = [hit for kind_hits in hits.values() for hit in kind_hits]
+    cells = [f"{kind} {100 * sum(h) / len(h):.1f}" for kind, h in sorted(hits.items())]
+    return f"edited caption = the captioner's caption of the target: {', '.join(cells)}; all {100 * sum(every) / len(every):.1f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo-dir", required=True, help="a finished `fusion-diff demo` output folder")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="caption editor training steps (default %(default)s)")
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0], help="edited-caption weights tried on val")
+    parser.add_argument("--also", nargs="+", default=[], metavar="PIPELINE", help="other pipelines (ablations) to score")
+    parser.add_argument("--config", default=None, help="the demo config that made it (default: configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="demo config overrides used for that run (section.key=value)")
+    args = parser.parse_args()
+
+    demo = Demo.finished(args.demo_dir, args.config, args.overrides)
+    editor_dir = build_world_caption_editor(demo.path("triplets"), demo.path("caption_editor"), steps=args.steps)
+    editor = CaptionEditor.from_pretrained(editor_dir)
+    pipelines = {"fusion-diff": demo.path("stage2"), **{pipeline_row_name(p): Path(p) for p in args.also}}
+    options = demo.fusion_diff_options()
+
+    def rows(evaluator, weights: list[float]) -> list:
+        results = [demo.scored(evaluator, create_method("image-only"))]
+        results.append(demo.scored(evaluator, create_method("edited-caption", caption_editor=editor)))
+        for name, path in pipelines.items():
+            pipeline = load_pipeline(path)
+            for weight in [0.0, *weights]:
+                extra = {"caption_editor": editor, "edited_caption_weight": weight} if weight else {}
+                row = f"{name} + {weight:g} x edited caption" if weight else name
+                method = method_factory("fusion-diff")(pipeline=pipeline, name=row, **options, **extra)
+                results.append(demo.scored(evaluator, method))
+        return results
+
+    def report(split: str, results: list, note: str) -> None:
+        kinds = edit_kinds(demo.path("benchmark"), split)
+        table = f"Caption editing in the query, {split} split ({note})\n\n{markdown_table(results)}\n"
+        table += f"\nR@1 per edit kind\n\n{kind_table(results, evaluators[split].units[0], kinds)}\n"
+        table += f"\n{exact_edits(editor, evaluators[split], kinds)}\n"
+        print(table, flush=True)
+        write_results(results, demo.path("results"), f"edited-caption-{split}")
+        with atomic_path(demo.path("results") / f"edited-caption-{split}.md") as tmp:
+            tmp.write_text(table, encoding="utf-8")
+
+    evaluators = {split: demo.evaluator(split) for split in ("val", "test")}
+    val = rows(evaluators["val"], args.weights)
+    fusion_rows = [r for r in val if r.method.startswith("fusion-diff + ")]
+    best = max(fusion_rows, key=lambda r: r.metrics["R@1"])
+    weight = float(best.method.split(" + ")[1].split(" x ")[0])
+    report("val", val, f"weights {args.weights}; best for Fusion-Diff: {weight:g}")
+    report("test", rows(evaluators["test"], [weight]), f"weight {weight:g}, chosen on val")
+
+
+if __name__ == "__main__":
+    main()
