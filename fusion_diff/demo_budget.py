@@ -64,7 +64,7 @@ REFERENCE_COSTS: dict[str, StepCost] = {
     "scene captioner": StepCost(5, 84),  # 800 steps
     "world BLIP": StepCost(600, 0),  # only with training.blip_captioner_steps (not scaled): ~0.5 s/step x 1,200
     "triplets + embeddings": StepCost(6, 130),  # 40k triplets: rendering, captioning 80k images, embedding
-    "caption editor": StepCost(870, 0),  # only with training.caption_editor_steps (not scaled): ~0.145 s/step x 6,000
+    "caption editor": StepCost(870, 0),  # only with training.caption_editor_steps (not scaled): 6,000 x ~0.145 s (Xeon)
     "stage 1: prior": StepCost(10, 74),  # 500 steps
     "stage 2: Control-Adapter": StepCost(25, 202),  # 1,600 steps; two val scorings
     "FTI4CIR": StepCost(6, 60),  # 300 steps; image features of the pair set

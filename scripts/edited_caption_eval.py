@@ -2,7 +2,7 @@
 edited caption as a query of its own (``edited-caption``) and as a term of Fusion-Diff's query
 (``edited_caption_weight``), its weight chosen on **val**, then scored once on test.
 
-    python scripts/edited_caption_eval.py --demo-dir runs/demo [--steps N] [--weights 0.5 1 2] \
+    python scripts/edited_caption_eval.py --demo-dir runs/demo [--steps N] [--weights 0.5 1 2] [--num-beams 1] \
         [--also runs/demo/ablation-regression/stage2] [--config configs/demo.yaml] [section.key=value ...]
 
 The editor (``fusion-diff world caption-editor``) goes to ``<demo-dir>/caption_editor`` (cached). Every row uses
@@ -24,6 +24,7 @@ from fusion_diff.benchmarks.evaluate import modification_texts
 from fusion_diff.benchmarks.report import markdown_table, write_results
 from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
 from fusion_diff.captioning.editor import CaptionEditor
+from fusion_diff.cli.arguments import finite_float, positive_int
 from fusion_diff.demo import Demo, pipeline_row_name
 from fusion_diff.utils.io import atomic_path
 
@@ -46,18 +47,27 @@ def exact_edits(editor: CaptionEditor, evaluator, kinds: dict[str, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-dir", required=True, help="a finished `fusion-diff demo` output folder")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="caption editor training steps (default %(default)s)")
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0], help="edited-caption weights tried on val")
+    parser.add_argument("--steps", type=positive_int, default=None, help="caption editor training steps (default: the demo's "
+                        f"training.caption_editor_steps, else {DEFAULT_STEPS})")  # fmt: skip
+    parser.add_argument("--weights", type=finite_float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0], help="edited-caption weights tried on val")
+    parser.add_argument("--num-beams", type=positive_int, default=None, help="the editor's beam width (default: CaptionEditor's)")
     parser.add_argument("--also", nargs="+", default=[], metavar="PIPELINE", help="other pipelines (ablations) to score")
     parser.add_argument("--config", default=None, help="the demo config that made it (default: configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides used for that run (section.key=value)")
     args = parser.parse_args()
+    if any(w <= 0 for w in args.weights):
+        parser.error(f"--weights must be > 0 (the plain row is always scored), got {args.weights}")
 
     demo = Demo.finished(args.demo_dir, args.config, args.overrides)
-    editor_dir = build_world_caption_editor(demo.path("triplets"), demo.path("caption_editor"), steps=args.steps)
-    editor = CaptionEditor.from_pretrained(editor_dir)
+    steps = args.steps or demo.config.training.caption_editor_steps or DEFAULT_STEPS
+    editor_dir = build_world_caption_editor(  # the demo's own editor when it trained one (same steps and seed)
+        demo.path("triplets"), demo.path("caption_editor"), steps=steps, seed=demo.config.seed
+    )
+    editor = CaptionEditor.from_pretrained(editor_dir, generation={"num_beams": args.num_beams} if args.num_beams else None)
     pipelines = {"fusion-diff": demo.path("stage2"), **{pipeline_row_name(p): Path(p) for p in args.also}}
     options = demo.fusion_diff_options()
+
+    chosen: dict[str, float] = {}  # Fusion-Diff row -> its edited-caption weight
 
     def rows(evaluator, weights: list[float]) -> list:
         results = [demo.scored(evaluator, create_method("image-only"))]
@@ -67,6 +77,7 @@ def main() -> None:
             for weight in [0.0, *weights]:
                 extra = {"caption_editor": editor, "edited_caption_weight": weight} if weight else {}
                 row = f"{name} + {weight:g} x edited caption" if weight else name
+                chosen[row] = weight
                 method = method_factory("fusion-diff")(pipeline=pipeline, name=row, **options, **extra)
                 results.append(demo.scored(evaluator, method))
         return results
@@ -85,7 +96,7 @@ def main() -> None:
     val = rows(evaluators["val"], args.weights)
     fusion_rows = [r for r in val if r.method.startswith("fusion-diff + ")]
     best = max(fusion_rows, key=lambda r: r.metrics["R@1"])
-    weight = float(best.method.split(" + ")[1].split(" x ")[0])
+    weight = chosen[best.method]
     report("val", val, f"weights {args.weights}; best for Fusion-Diff: {weight:g}")
     report("test", rows(evaluators["test"], [weight]), f"weight {weight:g}, chosen on val")
 

@@ -81,6 +81,9 @@ def test_editor_rows_are_the_triplets_canonical_captions_and_the_folder_is_cache
     assert (again / "manifest.json").read_text() == manifest  # reused, not retrained
     other = build_world_caption_editor(triplets, out, steps=3, batch_size=4, model_config=small, progress=False)
     assert json.loads((other / "manifest.json").read_text())["config"]["steps"] == 3  # other settings: replaced
+    with pytest.raises(ConfigError, match="not empty and was not written as a shapes_caption_editor folder"):
+        build_world_caption_editor(triplets, triplets, steps=2, model_config=small, progress=False)  # never deleted
+    assert editor_rows(triplets)
 
 
 def test_word_dropout_reaches_the_instruction_words_only():
@@ -96,7 +99,7 @@ def test_word_dropout_reaches_the_instruction_words_only():
 
 
 def test_a_caption_too_long_for_the_editor_is_refused_not_cut():
-    with pytest.raises(ConfigError, match="max_length"):
+    with pytest.raises(ConfigError, match="longest prompt .* Raise CaptionEditorWorldConfig.max_length"):
         train_caption_editor(ROWS, steps=1, model_config=CaptionEditorWorldConfig(width=64, layers=1, max_length=8))
 
 
@@ -109,6 +112,8 @@ def test_edited_caption_method_embeds_the_edited_caption(tiny_editor):
     assert method.protocol()["caption_editor"] == tiny_editor.identity and method.gallery_mode == "fused"
     with pytest.raises(DataError, match="configure a captioner"):
         method.query_embeddings(context(embedder, fused=False))
+    with pytest.raises(ConfigError, match="edited-caption.caption_editor=DIR"):
+        create_method("edited-caption")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "max"])
@@ -124,6 +129,7 @@ def test_fusion_diff_adds_the_weighted_edited_caption_to_its_query(tiny_editor, 
     torch.testing.assert_close(method.query_embeddings(ctx), F.normalize(plain + 0.7 * edited, dim=-1))
     assert method.protocol()["edited_caption_weight"] == 0.7
     assert method.protocol()["caption_editor"] == tiny_editor.identity
+    assert "caption_editor" not in FusionDiffMethod(pipe, **settings).protocol()  # off: protocols as before
     with pytest.raises(ConfigError, match="go together"):
         FusionDiffMethod(pipe, caption_editor=tiny_editor)
     with pytest.raises(ConfigError, match="go together"):

@@ -126,7 +126,6 @@ def train_caption_editor(
     target, target_mask = padded_tokens(tokenizer, [r.edited for r in rows], model_config.max_length, "edited caption", fix)
     in_instruction = instruction_positions(tokenizer, rows, source_mask)
     model = T5ForConditionalGeneration(model_config.t5_config(tokenizer))
-    model.generation_config.max_new_tokens = model_config.max_length - 1
     optimizer, schedule = one_cycle(model, learning_rate, steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()

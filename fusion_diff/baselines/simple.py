@@ -82,8 +82,15 @@ class EditedCaption(Baseline):
 
     name = "edited-caption"
 
-    def __init__(self, caption_editor: str | CaptionEditor, gallery_mode: GalleryMode = "fused", batch_size: int = 256):
+    def __init__(
+        self, caption_editor: str | CaptionEditor | None = None, gallery_mode: GalleryMode = "fused", batch_size: int = 256
+    ):
         super().__init__(gallery_mode)
+        if caption_editor is None:
+            raise ConfigError(
+                "edited-caption needs a caption editor: `--set edited-caption.caption_editor=DIR` (a folder from "
+                "`fusion-diff world caption-editor`, or a seq2seq model id such as google/flan-t5-large)."
+            )
         self.editor = load_caption_editor(caption_editor)
         self.batch_size = batch_size
 

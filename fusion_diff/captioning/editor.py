@@ -24,7 +24,7 @@ from fusion_diff.utils.io import read_json, write_json_atomic
 
 EDITOR_CONFIG = "caption_editor.json"  # the prompt a checkpoint was trained with, saved beside its weights
 DEFAULT_PROMPT = "Edit the image caption as the instruction says.\nCaption: {caption}\nInstruction: {instruction}"
-DEFAULT_GENERATION: dict[str, Any] = {"max_new_tokens": 64, "num_beams": 1}
+DEFAULT_GENERATION: dict[str, Any] = {"max_new_tokens": 64, "num_beams": 3}  # beams: val R@1 45.2 -> 45.8 (world editor)
 
 
 class CaptionEditor:

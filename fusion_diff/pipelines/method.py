@@ -211,8 +211,11 @@ class FusionDiffMethod(_SamplingMethod):
             "negative_text": self.negative_text,
             "shared_noise": self.shared_noise,
             **self.sample_scoring.describe(),
-            "caption_editor": self.caption_editor.identity if self.caption_editor else None,
-            "edited_caption_weight": self.edited_caption_weight,
+            **(
+                {"caption_editor": self.caption_editor.identity, "edited_caption_weight": self.edited_caption_weight}
+                if self.caption_editor
+                else {}  # off: earlier protocols (and the query caches keyed by them) stay as they were
+            ),
         }
 
     def sample(self, context: QueryContext, return_trajectory: bool = False) -> FusionDiffPipelineOutput:

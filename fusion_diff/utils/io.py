@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fusion_diff.errors import DataError, MissingFileError
+from fusion_diff.errors import ConfigError, DataError, MissingFileError
 
 
 @contextlib.contextmanager
@@ -115,12 +115,19 @@ def build_cached_folder(
     out_dir: str | os.PathLike, kind: str, config: dict[str, Any], seed: int, write: Callable[[Path], dict[str, Any]]
 ) -> Path:
     """A folder made by ``write(folder)``, cached by ``config``: a folder whose manifest holds the same ``config``
-    is reused, any other replaced. ``write`` fills a temporary folder (renamed into place only when it returns,
-    so an interrupted run leaves nothing half-written) and returns extra manifest fields (counts)."""
+    is reused, one of another config replaced; any other non-empty folder is refused (never deleted). ``write``
+    fills a temporary folder (renamed into place only when it returns, so an interrupted run leaves nothing
+    half-written) and returns extra manifest fields (counts)."""
     out = Path(out_dir)
     manifest = out / "manifest.json"
-    if manifest.is_file() and read_json(manifest, f"{kind} manifest").get("config") == config:
+    earlier = read_json(manifest, f"{kind} manifest") if manifest.is_file() else None
+    if earlier is not None and earlier.get("kind") == kind and earlier.get("config") == config:
         return out
+    if out.is_dir() and any(out.iterdir()) and (earlier is None or earlier.get("kind") != kind):
+        raise ConfigError(
+            f"{out} is not empty and was not written as a {kind} folder; it would be replaced. Choose another output "
+            "folder (or remove this one yourself)."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
