@@ -106,10 +106,12 @@ class TrainingSection:
     # The world's caption editor (a small T5 on the triplets' captions and instructions): > 0 trains it for this many
     # steps and adds the rows "edited-caption" and "fusion-diff + edited caption"; 0: not trained (it costs minutes).
     caption_editor_steps: int = 0
+    caption_editor_rows: int = 0  # > the triplet set's size: its rows topped up by its generator (captions only)
 
     def __post_init__(self) -> None:
         require(self.blip_captioner_steps >= 0, "blip_captioner_steps", "must be >= 0")
         require(self.caption_editor_steps >= 0, "caption_editor_steps", "must be >= 0")
+        require(self.caption_editor_rows >= 0, "caption_editor_rows", "must be >= 0")
 
 
 @dataclass
@@ -405,10 +407,11 @@ class Demo:
         """The world's caption editor, on the triplet set's captions and instructions (training scenes only)."""
         from data_synth.shapes.caption_editor import build_world_caption_editor
 
-        steps = self.config.training.caption_editor_steps
+        training = self.config.training
         build_world_caption_editor(
-            self.path("triplets"), self.path("caption_editor"), steps, self.config.seed, progress=self.progress
-        )
+            self.path("triplets"), self.path("caption_editor"), training.caption_editor_steps, self.config.seed,
+            progress=self.progress, rows=training.caption_editor_rows,
+        )  # fmt: skip
 
     def build_triplets(self) -> None:
         from data_synth.triplets.embed import embed_triplets

@@ -271,7 +271,7 @@ LATER_SETTINGS: dict[str, dict[str, Any]] = {
     "world": {"backbone_negation_fraction": 0.0},
     "data": {"negated_removals": False},
     "budget": {"scale": None},
-    "training": {"caption_editor_steps": 0},
+    "training": {"caption_editor_steps": 0, "caption_editor_rows": 0},
     "evaluation": {"edited_caption_weight": 3.0},  # EvaluationSection's default (never off: the editor's weight)
 }
 

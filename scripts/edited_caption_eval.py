@@ -2,7 +2,7 @@
 edited caption as a query of its own (``edited-caption``) and as a term of Fusion-Diff's query
 (``edited_caption_weight``), its weight chosen on **val**, then scored once on test.
 
-    python scripts/edited_caption_eval.py --demo-dir runs/demo [--steps N] [--weights 0.5 1 2] [--num-beams 1] \
+    python scripts/edited_caption_eval.py --demo-dir runs/demo [--steps N] [--rows N] [--weights 0.5 1 2] [--num-beams 1] \
         [--also runs/demo/ablation-regression/stage2] [--config configs/demo.yaml] [section.key=value ...]
 
 The editor (``fusion-diff world caption-editor``) goes to ``<demo-dir>/caption_editor`` (cached). Every row uses
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data_synth.shapes.benchmark_phrasings import phrasing_of
 from data_synth.shapes.caption_editor import DEFAULT_STEPS, build_world_caption_editor
 from fusion_diff.baselines import create_method
 from fusion_diff.baselines.registry import load_pipeline, method_factory
@@ -24,24 +25,33 @@ from fusion_diff.benchmarks.evaluate import modification_texts
 from fusion_diff.benchmarks.report import markdown_table, write_results
 from fusion_diff.benchmarks.shapes import edit_kinds, kind_table
 from fusion_diff.captioning.editor import CaptionEditor
-from fusion_diff.cli.arguments import finite_float, positive_int
+from fusion_diff.cli.arguments import finite_float, non_negative_int, positive_int
 from fusion_diff.demo import Demo, pipeline_row_name
 from fusion_diff.utils.io import atomic_path
 
 
 def exact_edits(editor: CaptionEditor, evaluator, kinds: dict[str, str]) -> str:
-    """Per edit kind, the share of queries whose edited caption is the captioner's caption of the target."""
+    """How often the edited caption is the captioner's caption of the target: per edit kind, and per benchmark
+    phrasing of the single edits (which wordings the editor reads)."""
     unit = evaluator.units[0]
     queries = list(unit.queries)
     texts, _ = modification_texts(queries, unit.benchmark, evaluator.fiq_order, evaluator.circo_shared_concept)
     references = [c[0] for c in evaluator.captions(unit, [q.reference for q in queries])]
     targets = [c[0] for c in evaluator.captions(unit, [q.positives[0] for q in queries])]
-    hits: dict[str, list[bool]] = {}
-    for query, edited, target in zip(queries, editor.edit(references, texts), targets):
-        hits.setdefault(kinds[query.query_id], []).append(edited == target)
-    every = [hit for kind_hits in hits.values() for hit in kind_hits]
-    cells = [f"{kind} {100 * sum(h) / len(h):.1f}" for kind, h in sorted(hits.items())]
-    return f"edited caption = the captioner's caption of the target: {', '.join(cells)}; all {100 * sum(every) / len(every):.1f}%"
+    by_kind: dict[str, list[bool]] = {}
+    by_phrasing: dict[tuple[str, str], list[bool]] = {}
+    for query, text, edited, target in zip(queries, texts, editor.edit(references, texts), targets):
+        kind = kinds[query.query_id]
+        by_kind.setdefault(kind, []).append(edited == target)
+        phrasing = phrasing_of(text, kind)
+        if phrasing is not None:
+            by_phrasing.setdefault((kind, phrasing), []).append(edited == target)
+    every = [hit for kind_hits in by_kind.values() for hit in kind_hits]
+    cells = [f"{kind} {100 * sum(h) / len(h):.1f}" for kind, h in sorted(by_kind.items())]
+    lines = [f"edited caption = the captioner's caption of the target: {', '.join(cells)}; all {100 * sum(every) / len(every):.1f}%"]
+    lines += ["", "| kind | benchmark phrasing | queries | exact % |", "|---|---|---|---|"]
+    lines += [f"| {k} | {p} | {len(h)} | {100 * sum(h) / len(h):.1f} |" for (k, p), h in sorted(by_phrasing.items())]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -49,6 +59,8 @@ def main() -> None:
     parser.add_argument("--demo-dir", required=True, help="a finished `fusion-diff demo` output folder")
     parser.add_argument("--steps", type=positive_int, default=None, help="caption editor training steps (default: the demo's "
                         f"training.caption_editor_steps, else {DEFAULT_STEPS})")  # fmt: skip
+    parser.add_argument("--rows", type=non_negative_int, default=None, help="caption editor training rows, the triplet "
+                        "set's own topped up by its generator (default: the demo's training.caption_editor_rows)")  # fmt: skip
     parser.add_argument("--weights", type=finite_float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0], help="edited-caption weights tried on val")
     parser.add_argument("--num-beams", type=positive_int, default=None, help="the editor's beam width (default: CaptionEditor's)")
     parser.add_argument("--also", nargs="+", default=[], metavar="PIPELINE", help="other pipelines (ablations) to score")
@@ -60,8 +72,9 @@ def main() -> None:
 
     demo = Demo.finished(args.demo_dir, args.config, args.overrides)
     steps = args.steps or demo.config.training.caption_editor_steps or DEFAULT_STEPS
-    editor_dir = build_world_caption_editor(  # the demo's own editor when it trained one (same steps and seed)
-        demo.path("triplets"), demo.path("caption_editor"), steps=steps, seed=demo.config.seed
+    rows = demo.config.training.caption_editor_rows if args.rows is None else args.rows
+    editor_dir = build_world_caption_editor(  # the demo's own editor when it trained one (same steps, rows and seed)
+        demo.path("triplets"), demo.path("caption_editor"), steps=steps, seed=demo.config.seed, rows=rows
     )
     editor = CaptionEditor.from_pretrained(editor_dir, generation={"num_beams": args.num_beams} if args.num_beams else None)
     pipelines = {"fusion-diff": demo.path("stage2"), **{pipeline_row_name(p): Path(p) for p in args.also}}

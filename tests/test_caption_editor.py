@@ -73,17 +73,24 @@ def test_editor_rows_are_the_triplets_canonical_captions_and_the_folder_is_cache
         assert row.caption == canonical_caption(Scene.from_dict(triplet.record["reference_scene"]))
         assert row.edited == canonical_caption(Scene.from_dict(triplet.record["target_scene"]))
         assert row.instruction == triplet.instruction
-    small = CaptionEditorWorldConfig(width=64, layers=1)
-    out = build_world_caption_editor(triplets, tmp_path / "editor", steps=2, batch_size=4, model_config=small, progress=False)
+    small = dict(batch_size=4, model_config=CaptionEditorWorldConfig(width=64, layers=1), progress=False, rows=0)
+    out = build_world_caption_editor(triplets, tmp_path / "editor", steps=2, **small)
     manifest = (out / "manifest.json").read_text()
-    assert json.loads(manifest)["rows"] == 6
-    again = build_world_caption_editor(triplets, out, steps=2, batch_size=4, model_config=small, progress=False)
+    assert json.loads(manifest)["rows"] == 6 and "rows" not in json.loads(manifest)["config"]  # earlier folders stay valid
+    again = build_world_caption_editor(triplets, out, steps=2, **small)
     assert (again / "manifest.json").read_text() == manifest  # reused, not retrained
-    other = build_world_caption_editor(triplets, out, steps=3, batch_size=4, model_config=small, progress=False)
+    other = build_world_caption_editor(triplets, out, steps=3, **small)
     assert json.loads((other / "manifest.json").read_text())["config"]["steps"] == 3  # other settings: replaced
     with pytest.raises(ConfigError, match="not empty and was not written as a shapes_caption_editor folder"):
-        build_world_caption_editor(triplets, triplets, steps=2, model_config=small, progress=False)  # never deleted
+        build_world_caption_editor(triplets, triplets, steps=2, **small)  # never deleted
     assert editor_rows(triplets)
+
+
+def test_editor_rows_are_topped_up_by_the_items_the_sets_generator_makes_next(tmp_path):
+    build_shapes_triplets(tmp_path / "four", 4, seed=3, shard_size=4, progress=False)
+    build_shapes_triplets(tmp_path / "seven", 7, seed=3, shard_size=7, progress=False)
+    assert editor_rows(tmp_path / "four", total=7) == editor_rows(tmp_path / "seven")  # captions only, nothing rendered
+    assert editor_rows(tmp_path / "four", total=2) == editor_rows(tmp_path / "four")  # never fewer than its own
 
 
 def test_word_dropout_reaches_the_instruction_words_only():

@@ -162,6 +162,7 @@ def test_settings_added_later_keep_earlier_plans_and_get_their_own_backbone(demo
     earlier = asdict(config)
     del earlier["world"]["backbone_negation_fraction"], earlier["data"]["negated_removals"], earlier["budget"]["scale"]
     del earlier["training"]["caption_editor_steps"], earlier["evaluation"]["edited_caption_weight"]
+    del earlier["training"]["caption_editor_rows"]
     assert config_digest(config) == hashlib.sha256(json.dumps(earlier, sort_keys=True, default=str).encode()).hexdigest()
     negation = replace(config, world=replace(config.world, backbone_negation_fraction=0.3))
     assert config_digest(negation) != config_digest(config)

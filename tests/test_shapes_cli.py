@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from data_synth.shapes.captions import parse_caption
 from data_synth.shapes.pairs import read_pair_set
@@ -48,7 +49,8 @@ def test_cli_trains_the_caption_editor_on_a_triplet_set(tmp_path, capsys):
 
     triplets, out = tmp_path / "triplets", tmp_path / "editor"
     build_shapes_triplets(triplets, 4, seed=0, shard_size=4, progress=False)
-    assert run_world_cli(["caption-editor", "--triplets", str(triplets), "--out", str(out), "--steps", "2"]) == 0
+    assert run_world_cli(["caption-editor", "--triplets", str(triplets), "--out", str(out), "--steps", "2", "--rows", "6"]) == 0
     assert f"edited-caption.caption_editor={out}" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 6  # 4 of the set's own, 2 of its generator's
     (edited,) = CaptionEditor.from_pretrained(out).edit(["a large red star at the center on a white background"], ["remove the star"])
     assert isinstance(edited, str)  # two steps learn no edit; the folder loads and generates

@@ -10,6 +10,7 @@ the world's, so the gap measured is one of phrasing, not of unknown words.
 from __future__ import annotations
 
 import random
+import re
 
 from data_synth.shapes.captions import SIZE_WORDS, definite_words
 from data_synth.shapes.edits import AnyEdit, CompositeEdit, Edit, apply_edit
@@ -89,6 +90,17 @@ def benchmark_templates() -> list[str]:
     """Every benchmark phrasing, for disjointness checks against the training templates."""
     singles = [t for templates in (*TEMPLATES.values(), *OPEN_TEMPLATES.values()) for t in templates]
     return singles + [f"{{a}}{joiner}{{b}}" for joiner in JOINERS]
+
+
+def phrasing_of(instruction: str, kind: str) -> str | None:
+    """The template that worded a single edit of ``kind`` ("remove", "resize", ...), for analyses by phrasing;
+    None for a composite or another kind's wording."""
+    for key, templates in TEMPLATES.items():
+        if key.split(":")[0] == kind:
+            for template in templates:
+                if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), instruction):
+                    return template
+    return None
 
 
 def refer(scene: Scene, obj: SceneObject, rng: random.Random) -> str:

@@ -133,6 +133,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     editor.add_argument("--triplets", type=Path, required=True, help="a shapes triplet set (`fusion-diff synth shapes`)")
     _model_training_arguments(editor, "data_synth.shapes.caption_editor", "rows", 2e-3)
+    editor.add_argument(
+        "--rows",
+        type=non_negative_int,
+        default=0,
+        help="rows to train on: the set's own, topped up to this many by further items of its generator (captions "
+        "only, nothing rendered; default %(default)s: the set's own rows alone)",
+    )
     editor.set_defaults(func=_caption_editor)
 
 
@@ -150,7 +157,7 @@ def _caption_editor(args: argparse.Namespace) -> int:
 
     out = build_world_caption_editor(
         args.triplets, args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed, batch_size=args.batch_size,
-        learning_rate=args.lr,
+        learning_rate=args.lr, rows=args.rows,
     )  # fmt: skip
     print(f"world caption editor: {out} (use it: --method edited-caption --set edited-caption.caption_editor={out})")
     return 0
