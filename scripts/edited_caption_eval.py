@@ -2,8 +2,8 @@
 edited caption as a query of its own (``edited-caption``) and as a term of Fusion-Diff's query
 (``edited_caption_weight``), its weight chosen on **val**, then scored once on test.
 
-    python scripts/edited_caption_eval.py --demo-dir runs/demo [--steps N] [--rows N] [--weights 0.5 1 2] [--num-beams 1] \
-        [--also runs/demo/ablation-regression/stage2] [--config configs/demo.yaml] [section.key=value ...]
+    python scripts/edited_caption_eval.py --demo-dir runs/demo [--steps N] [--rows N] [--editor-seed N] [--num-beams 1] \
+        [--weights 0.5 1 2] [--also runs/demo/ablation-regression/stage2] [--config configs/demo.yaml] [key=value ...]
 
 The editor (``fusion-diff world caption-editor``) goes to ``<demo-dir>/caption_editor`` (cached). Every row uses
 the demo's captioner for references and gallery and the demo's Fusion-Diff settings; ``--also`` pipelines get the
@@ -61,6 +61,8 @@ def main() -> None:
                         f"training.caption_editor_steps, else {DEFAULT_STEPS})")  # fmt: skip
     parser.add_argument("--rows", type=non_negative_int, default=None, help="caption editor training rows, the triplet "
                         "set's own topped up by its generator (default: the demo's training.caption_editor_rows)")  # fmt: skip
+    parser.add_argument("--editor-seed", type=int, default=None, help="caption editor training seed (default: the demo's "
+                        "seed): another draw of the same recipe, to see how much editor trainings differ")  # fmt: skip
     parser.add_argument("--weights", type=finite_float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0], help="edited-caption weights tried on val")
     parser.add_argument("--num-beams", type=positive_int, default=None, help="the editor's beam width (default: CaptionEditor's)")
     parser.add_argument("--also", nargs="+", default=[], metavar="PIPELINE", help="other pipelines (ablations) to score")
@@ -73,8 +75,9 @@ def main() -> None:
     demo = Demo.finished(args.demo_dir, args.config, args.overrides)
     steps = args.steps or demo.config.training.caption_editor_steps or DEFAULT_STEPS
     rows = demo.config.training.caption_editor_rows if args.rows is None else args.rows
+    seed = demo.config.seed if args.editor_seed is None else args.editor_seed
     editor_dir = build_world_caption_editor(  # the demo's own editor when it trained one (same steps, rows and seed)
-        demo.path("triplets"), demo.path("caption_editor"), steps=steps, seed=demo.config.seed, rows=rows
+        demo.path("triplets"), demo.path("caption_editor"), steps=steps, seed=seed, rows=rows
     )
     editor = CaptionEditor.from_pretrained(editor_dir, generation={"num_beams": args.num_beams} if args.num_beams else None)
     pipelines = {"fusion-diff": demo.path("stage2"), **{pipeline_row_name(p): Path(p) for p in args.also}}
