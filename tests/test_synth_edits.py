@@ -149,6 +149,22 @@ def test_training_and_benchmark_phrasings_are_disjoint():
     assert not set(training_templates()) & set(benchmark_phrasings.benchmark_templates())
 
 
+def test_a_benchmark_instruction_is_traced_back_to_its_template():
+    rng = random.Random(7)
+    seen = set()
+    for scene, edit, _ in _sampled(600, seed=7, kinds=benchmark_phrasings.BENCHMARK_KINDS):
+        text = benchmark_phrasings.describe_edit_benchmark(scene, edit, random.Random(rng.random()))
+        template = benchmark_phrasings.phrasing_of(text, edit.kind)
+        if isinstance(edit, CompositeEdit):  # two templates joined: no single wording, not even its first part's
+            assert template is None and benchmark_phrasings.phrasing_of(text, edit.first.kind) is None, text
+            continue
+        key = f"resize:{edit.value}" if edit.kind == "resize" else edit.kind
+        assert template in benchmark_phrasings.TEMPLATES[key], (text, template)
+        assert benchmark_phrasings.phrasing_of(text, "move" if edit.kind != "move" else "add") is None
+        seen.add(template)
+    assert "keep everything except {obj}" in seen and len(seen) > 25
+
+
 def test_open_phrasings_read_back_and_stay_disjoint():
     """Open instructions: the training and benchmark wordings each parse back to the open edit, and no
     benchmark wording (open or composite with a closed part) parses as any training phrasing."""

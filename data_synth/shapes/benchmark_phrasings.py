@@ -10,7 +10,6 @@ the world's, so the gap measured is one of phrasing, not of unknown words.
 from __future__ import annotations
 
 import random
-import re
 
 from data_synth.shapes.captions import SIZE_WORDS, definite_words
 from data_synth.shapes.edits import AnyEdit, CompositeEdit, Edit, apply_edit
@@ -92,17 +91,6 @@ def benchmark_templates() -> list[str]:
     return singles + [f"{{a}}{joiner}{{b}}" for joiner in JOINERS]
 
 
-def phrasing_of(instruction: str, kind: str) -> str | None:
-    """The template that worded a single edit of ``kind`` ("remove", "resize", ...), for analyses by phrasing;
-    None for a composite or another kind's wording."""
-    for key, templates in TEMPLATES.items():
-        if key.split(":")[0] == kind:
-            for template in templates:
-                if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), instruction):
-                    return template
-    return None
-
-
 def refer(scene: Scene, obj: SceneObject, rng: random.Random) -> str:
     """'the small red star' / 'the star at the top left': names ``obj`` unambiguously in ``scene``."""
     attrs = distinguishing_attributes(scene, obj)
@@ -155,3 +143,10 @@ def describe_open_edit_benchmark(scene: Scene, edit: AnyOpenEdit, rng: random.Ra
 
 BENCHMARK_PHRASING = Phrasing({**TEMPLATES, **OPEN_TEMPLATES}, [("", joiner) for joiner in JOINERS])
 """The benchmark's phrasing as a grammar: reads its instructions back (``instructions.open_instruction_matches``)."""
+
+
+def phrasing_of(instruction: str, kind: str) -> str | None:
+    """The benchmark template that worded a single edit of ``kind`` ("remove", "resize", ...), for analyses by
+    phrasing; None for a composite or another kind's wording."""
+    readings = BENCHMARK_PHRASING.templates_of(instruction)
+    return next((template for key, template in readings if key.split(":")[0] == kind), None)

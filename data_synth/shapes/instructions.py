@@ -357,15 +357,19 @@ class Phrasing:
 
     def __init__(self, templates: dict[str, Sequence[str]], connectives: Sequence[tuple[str, str]]) -> None:
         self.connectives = tuple(connectives)
-        self._regexes = [(key, compile_template(t)) for key, group in templates.items() for t in group]
+        self._regexes = [(key, t, compile_template(t)) for key, group in templates.items() for t in group]
 
     def parse_single(self, text: str) -> list[ParsedEdit]:
         """All template readings of a single-edit instruction."""
         return [
             ParsedEdit(key, tuple(sorted(m.groupdict().items())))
-            for key, regex in self._regexes
+            for key, _, regex in self._regexes
             if (m := regex.fullmatch(text)) is not None
         ]
+
+    def templates_of(self, text: str) -> list[tuple[str, str]]:
+        """(key, template) of every template that reads ``text`` as a single edit: which wording a text uses."""
+        return [(key, template) for key, template, regex in self._regexes if regex.fullmatch(text)]
 
     def parse(self, text: str) -> list[tuple[ParsedEdit, ...]]:
         """All readings of ``text`` as one phrasing or two joined by a connective."""
