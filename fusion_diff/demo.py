@@ -81,9 +81,11 @@ class DataSection:
     # or "annotation" (the triplets' own scene-graph captions).
     triplet_captions: str = "captioner"
     negated_removals: bool = False  # removal instructions may also be worded as negations ("no more red stars")
+    open_probability: float = 0.0  # share of triplets with an open instruction ("give the circle another colour")
 
     def __post_init__(self) -> None:
         require(self.pairs > 0 and self.triplets > 0, "pairs", "and triplets must be > 0")
+        require(0.0 <= self.open_probability <= 1.0, "open_probability", "must be in [0, 1]")
         require(self.workers > 0, "workers", "must be > 0")
         require(self.triplet_captions in ("captioner", "annotation"), "triplet_captions", "must be captioner or annotation")
 
@@ -422,7 +424,7 @@ class Demo:
             self.path("triplets"),
             data.triplets,
             seed=self.config.seed,
-            config=ShapesTripletConfig(negated_removals=data.negated_removals),
+            config=ShapesTripletConfig(negated_removals=data.negated_removals, open_probability=data.open_probability),
             workers=data.workers,
             progress=self.progress,
         )

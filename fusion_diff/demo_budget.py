@@ -269,7 +269,7 @@ def probe_seconds(threads: int, steps: int = 3) -> float:
 # Settings added after plans were first saved: left out of the digest at their off value, so earlier plans stay valid.
 LATER_SETTINGS: dict[str, dict[str, Any]] = {
     "world": {"backbone_negation_fraction": 0.0},
-    "data": {"negated_removals": False},
+    "data": {"negated_removals": False, "open_probability": 0.0},
     "budget": {"scale": None},
     "training": {"caption_editor_steps": 0, "caption_editor_rows": 0},
     "evaluation": {"edited_caption_weight": 3.0},  # EvaluationSection's default (never off: the editor's weight)

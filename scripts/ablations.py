@@ -11,8 +11,8 @@ config, then trains the ablations on the same data, with the same training confi
 Then it prints two tables in the demo's format, each row with its protocol line:
 
 - *test split* (held-out phrasing, the demo's query settings and captioner): Fusion-Diff, the regression and
-  no-stage-1 ablations, and Fusion-Diff with multi-sample scoring (``sample_reduction`` max and lse over
-  the same samples the default averages);
+  no-stage-1 ablations, Fusion-Diff with multi-sample scoring (``sample_reduction`` max and lse over
+  the same samples the default averages), and with its first hits re-ranked by the diffusion loss (``RERANK``);
 - *val split*, the sampling ablation of the demo's stage 2: 1 / 10 / 25 steps with DDIM and DPM-Solver++,
   one sample vs averaged samples, and mean vs max vs log-sum-exp scoring;
 - when the demo builds its open-edit benchmark (``world.open_test_queries``), a third table on its test split
@@ -40,6 +40,9 @@ from fusion_diff.demo import Demo, DemoConfig, default_config_path
 from fusion_diff.training.config import load_dataclass
 
 MULTI_SAMPLE = {"max": {"sample_reduction": "max"}, "lse": {"sample_reduction": "lse", "sample_temperature": 0.05}}
+# The demo query's first 20 hits re-ranked by the diffusion loss (a likelihood the regressor cannot give), at the
+# weight chosen on val by `scripts/sweep_sampling.py --grid rerank` (R@1 and open-edit mAP@5 alike).
+RERANK = {"rerank_top_k": 20, "rerank_weight": 4.0}
 SAMPLING_STEPS = (1, 10, 25)
 SAMPLERS = ("ddim", "dpm++")
 AVERAGED_SAMPLES = 8
@@ -79,6 +82,7 @@ def test_rows(demo: Demo, stage2: Path, ablations: dict[str, Path], benchmark: s
     rows = [fusion_diff_row("fusion-diff", stage2, options)]
     rows += [fusion_diff_row(f"ablation: {name}", path, options) for name, path in ablations.items()]
     rows += [fusion_diff_row(f"fusion-diff[{r}]", stage2, {**options, **extra}) for r, extra in MULTI_SAMPLE.items()]
+    rows.append(fusion_diff_row("fusion-diff[rerank]", stage2, {**options, **RERANK}))
     return [evaluate(demo, evaluator, method) for method in rows]
 
 

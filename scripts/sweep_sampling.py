@@ -12,6 +12,8 @@ finished demo folder:
     python scripts/sweep_sampling.py --demo-dir runs/demo --grid multi-sample --benchmark shapes-open --test-best \
         --also runs/demo/ablation-regression/stage2          # the same on the open-edit benchmark (several right
                                                              # answers; a val split of its own is written first)
+    python scripts/sweep_sampling.py --demo-dir runs/demo --grid rerank --test-best \
+        --also runs/demo/ablation-regression/stage2          # the first hits re-ranked by the diffusion loss
     python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/k3   # another stage-2 run on the same data
     python scripts/sweep_sampling.py --demo-dir runs/demo --pipeline runs/img --control-mode image  # f(I_ref) control
     python scripts/sweep_sampling.py --demo-dir runs/demo --fti4cir runs/fti600  # another FTI4CIR checkpoint
@@ -72,7 +74,13 @@ MULTI_SAMPLE_GRID = [
     *[{**_setting(10, 16, 1.0, 1.0, 0.1), **r} for r in REDUCTIONS[:2]],  # weaker guidance: more diverse samples
     *[{**_setting(25, 8, 1.5, 2.0, 0.1), **r} for r in REDUCTIONS[:2]],
 ]
-GRIDS = {"query-settings": GRID, "multi-sample": MULTI_SAMPLE_GRID}
+# Re-ranking the demo query's first hits by the diffusion loss of each candidate (a likelihood a regressor has not):
+# how much weight the loss gets against the first-stage score, and how deep it looks.
+RERANK_GRID = [
+    *[{**_setting(1, 8, 1.5, 2.0, 0.1), "rerank_top_k": 20, "rerank_weight": w} for w in (1.0, 2.0, 4.0, 8.0)],
+    {**_setting(1, 8, 1.5, 2.0, 0.1), "rerank_top_k": 50, "rerank_weight": 4.0},
+]
+GRIDS = {"query-settings": GRID, "multi-sample": MULTI_SAMPLE_GRID, "rerank": RERANK_GRID}
 METRIC = {"shapes": "R@1", "shapes-open": "mAP@5"}
 FTI4CIR_MIX = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 

@@ -223,8 +223,10 @@ def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, 
     results = tmp_path / "demo" / "results"
     test_rows = {r["method"]: r for r in json.loads((results / "ablations-test.json").read_text())}
     assert set(test_rows) == {
-        "fusion-diff", "ablation: regression", "ablation: no-stage-1", "fusion-diff[max]", "fusion-diff[lse]"
+        "fusion-diff", "ablation: regression", "ablation: no-stage-1", "fusion-diff[max]", "fusion-diff[lse]",
+        "fusion-diff[rerank]",
     }  # fmt: skip
+    assert test_rows["fusion-diff[rerank]"]["protocol"]["method"]["rerank"].startswith("top 20 by z(score)")
     assert test_rows["ablation: regression"]["protocol"]["method"]["objective"] == "regression"
     assert test_rows["fusion-diff[max]"]["protocol"]["method"]["sample_reduction"] == "max"
     assert {r["protocol"]["schedule"] for r in test_rows.values()} == {"reference schedule (configs/demo.yaml)"}
@@ -253,3 +255,13 @@ def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, 
     assert [r["method"] for r in best][:2] == ["image-only", "fusion-diff (demo settings)"]
     assert best[2]["method"].endswith("(val-selected)") and best[3]["method"] == "ablation: regression"
     assert {r["protocol"]["split"] for r in best} == {"test"} and {r["protocol"]["benchmark"] for r in best} == {"shapes-open"}
+
+    # the re-ranking grid on the single-answer val split, then test once
+    argv = [str(sweep_script), "--demo-dir", str(tmp_path / "demo"), "--config", str(config), "--grid", "rerank",
+            "--test-best"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    grid = runpy.run_path(str(sweep_script), run_name="__main__")["RERANK_GRID"]
+    val_rows = json.loads((results / "shapes-val-rerank-sweep.json").read_text())
+    assert len(val_rows) == 1 + len(grid) and all("rerank" in r["protocol"]["method"] for r in val_rows[1:])
+    best = json.loads((results / "shapes-test-rerank-sweep-best.json").read_text())
+    assert best[2]["method"].endswith("(val-selected)") and "rerank" in best[2]["protocol"]["method"]

@@ -54,8 +54,12 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(budget, "probe_seconds", lambda threads: 100 * budget.REFERENCE_PROBE_SECONDS)
     # stage 2 with near-miss negatives: the demo embeds as many per triplet as the stage-2 config reads
     config["training"]["stage2_overrides"] += ["data.near_misses=2", "model.contrastive_weight=0.1"]
+    config["data"]["open_probability"] = 0.5  # open instructions among the triplets (one right answer each)
     path.write_text(yaml.safe_dump(config))
     table = run_demo(config_path=path, progress=False)
+    triplets = json.loads((tmp_path / "demo" / "triplets" / "manifest.json").read_text())
+    assert triplets["config"]["open_probability"] == 0.5
+    assert {"recolour_any", "add_anywhere"} & set(triplets["counts_per_edit_type"])
     embeddings = tmp_path / "demo" / "triplet_embeddings"
     near_misses = EmbeddingCache.read(embeddings / "near_miss_fused")
     assert len(near_misses) == 2 * len(EmbeddingCache.read(embeddings / "target_fused"))  # triplets halved: 48

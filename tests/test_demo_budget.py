@@ -162,10 +162,12 @@ def test_settings_added_later_keep_earlier_plans_and_get_their_own_backbone(demo
     earlier = asdict(config)
     del earlier["world"]["backbone_negation_fraction"], earlier["data"]["negated_removals"], earlier["budget"]["scale"]
     del earlier["training"]["caption_editor_steps"], earlier["evaluation"]["edited_caption_weight"]
-    del earlier["training"]["caption_editor_rows"]
+    del earlier["training"]["caption_editor_rows"], earlier["data"]["open_probability"]
     assert config_digest(config) == hashlib.sha256(json.dumps(earlier, sort_keys=True, default=str).encode()).hexdigest()
     negation = replace(config, world=replace(config.world, backbone_negation_fraction=0.3))
     assert config_digest(negation) != config_digest(config)
+    open_edits = replace(config, data=replace(config.data, open_probability=0.3))
+    assert config_digest(open_edits) != config_digest(config)
     assert Demo(config, config_dir, progress=False).backbone_root().name == "shapes_backbone"
     negated = Demo(negation, config_dir, progress=False)
     assert negated.backbone_root().name == "shapes_backbone-negation-0.3"

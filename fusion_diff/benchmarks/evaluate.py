@@ -23,7 +23,7 @@ method settings, FashionIQ caption joining, CIRCO ``shared_concept`` use, missin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,9 @@ from fusion_diff.captioning.retrieval import RetrievalCaptioner, text_id
 from fusion_diff.embedding.base import JointEmbedder
 from fusion_diff.embedding.job import embed_sharded
 from fusion_diff.errors import ConfigError, DataError
-from fusion_diff.retrieval.index import build_index
+from fusion_diff.retrieval.index import SearchResult, build_index
 from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method, sample_scoring
+from fusion_diff.retrieval.rerank import rerank_depth, rerank_hits
 from fusion_diff.utils.paths import cache_dir
 from fusion_diff.utils.sharding import Processes
 
@@ -239,11 +240,10 @@ class Evaluator:
             self._filling = Processes.single()
 
     # ------------------------------------------------------------------ queries
-    def query_embeddings(
+    def contexts(
         self, method: RetrievalMethod, unit: BenchmarkData, queries: list[CompositionQuery]
-    ) -> torch.Tensor:
-        """``[Q, d]`` unit-norm query embeddings of ``method`` (FashionIQ ``both``: mean of the two orders); ``[Q, N, d]``
-        for a multi-sample method (FashionIQ ``both``: the samples of both orders, ``2N``)."""
+    ) -> Iterator[tuple[slice, QueryContext]]:
+        """The ``QueryContext`` of each block of query rows (FashionIQ ``both``: forward rows, then reversed)."""
         texts, rows = modification_texts(queries, unit.benchmark, self.fiq_order, self.circo_shared_concept)
         text_embeds = self.text_embeddings(texts)
         table = self.image_table(unit)
@@ -251,7 +251,6 @@ class Evaluator:
         ref_images = table.lookup(references)
         ref_fused = self.fused(unit, references) if self.captioner is not None else None
         ref_captions = [c[0] for c in self.captions(unit, references)] if self.captioner is not None else None
-        out = []
         step = self.query_batch_size or len(rows)
         for start in tqdm(
             range(0, len(rows), step),
@@ -261,7 +260,7 @@ class Evaluator:
         ):
             chunk = rows[start : start + step]
             index = torch.tensor(chunk, dtype=torch.long)
-            context = QueryContext(
+            yield slice(start, start + len(chunk)), QueryContext(
                 embedder=self.embedder,
                 query_ids=[queries[i].query_id for i in chunk],
                 modification_texts=texts[start : start + len(chunk)],
@@ -272,9 +271,32 @@ class Evaluator:
                 reference_fused_embeds=ref_fused.index_select(0, index) if ref_fused is not None else None,
                 extra={IMAGE_TABLE: table, "benchmark": unit.name},
             )
-            out.append(run_method(method, context))
+
+    def rerank(
+        self, method: RetrievalMethod, unit: BenchmarkData, queries: list[CompositionQuery], found: SearchResult,
+        gallery_embeds: torch.Tensor,
+    ) -> SearchResult:  # fmt: skip
+        """``found`` with each query's first hits re-ranked by the method (``retrieval.rerank``), block by block."""
+        _, rows = modification_texts(queries, unit.benchmark, self.fiq_order, self.circo_shared_concept)
+        if len(rows) != len(queries):
+            raise ConfigError(
+                f"{method.name}: rerank_top_k re-ranks with one modification text per query, but FashionIQ's 'both' "
+                "caption order gives two; evaluate with fashioniq_caption_order 'forward' or 'reverse' (--fiq-caption-order)."
+            )
+        parts = [
+            rerank_hits(method, context, found.rows(block), gallery_embeds)
+            for block, context in self.contexts(method, unit, queries)
+        ]
+        return SearchResult.concat(parts)
+
+    def query_embeddings(
+        self, method: RetrievalMethod, unit: BenchmarkData, queries: list[CompositionQuery]
+    ) -> torch.Tensor:
+        """``[Q, d]`` unit-norm query embeddings of ``method`` (FashionIQ ``both``: mean of the two orders); ``[Q, N, d]``
+        for a multi-sample method (FashionIQ ``both``: the samples of both orders, ``2N``)."""
+        out = [run_method(method, context) for _, context in self.contexts(method, unit, queries)]
         embeds = torch.cat(out)
-        if len(rows) != len(queries):  # both FashionIQ orders
+        if embeds.shape[0] != len(queries):  # both FashionIQ orders
             first, second = embeds[: len(queries)], embeds[len(queries) :]
             if embeds.ndim == 3:  # multi-sample: every sample of either order scores the gallery
                 return torch.cat([first, second], dim=1)
@@ -326,10 +348,12 @@ class Evaluator:
         index = build_index(gallery_embeds, gallery, backend=self.index_backend)
         query_embeds = self.query_embeddings(method, unit, queries)
 
-        k_fetch = min(TOP_K + 1, len(gallery))  # one past the cut, so ties at the cut are seen
+        k_fetch = min(max(TOP_K + 1, rerank_depth(method)), len(gallery))  # one past the cut: ties at the cut are seen
         exclude = [[q.reference] for q in queries] if unit.exclude_reference else None
         scoring = sample_scoring(method)
         found = index.search(query_embeds, k=k_fetch, exclude=exclude, scoring=scoring)
+        if rerank_depth(method):
+            found = self.rerank(method, unit, queries, found, gallery_embeds)
         ranking = {q.query_id: ids[:TOP_K] for q, ids in zip(queries, found.ids)}
 
         subset_ranking: dict[str, list[str]] = {}

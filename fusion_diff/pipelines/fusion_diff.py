@@ -27,7 +27,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from fusion_diff.embedding.base import ImageInput, JointEmbedder, TextTokens, trim_tokens, upgrade_identity
 from fusion_diff.errors import ConfigError, DataError, MissingFileError
 from fusion_diff.models.control_adapter import ControlAdapter
-from fusion_diff.models.denoise import predict, regression_input, sampler_name, sampling_scheduler
+from fusion_diff.models.denoise import (
+    noise_scheduler, predict, regression_input, sampler_name, sampling_scheduler, training_target,
+)
 from fusion_diff.models.prior import FusionPrior
 from fusion_diff.retrieval.method import check_mix_weight, mix_toward_reference
 from fusion_diff.utils.checks import require_finite_settings
@@ -341,6 +343,62 @@ class FusionDiffPipeline(DiffusionPipeline):
             precision=precision,
         )
 
+    def denoising_error(
+        self,
+        candidates: torch.Tensor,
+        text_embeds: torch.Tensor,
+        control_embeds: torch.Tensor,
+        timesteps: Sequence[int] = (300, 600),
+        num_draws: int = 2,
+        control_guidance: float = 1.5,
+        text_guidance: float = 2.0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 8192,
+        conditioning_scale: float = 1.0,
+        text_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """How badly the guided model denoises each candidate target: ``[Q, K]``, lower = more likely.
+
+        Candidate ``k`` of query ``q`` (a unit gallery embedding, ``candidates [Q, K, d]``) is noised to each of
+        ``timesteps`` with ``num_draws`` noises and denoised under the query's text and control; the error is the
+        training loss of that prediction (its prediction type's target), averaged. This is the diffusion loss as a
+        likelihood estimate (a diffusion classifier): a score a regressor cannot give. A query's candidates share
+        every noise draw, so their errors differ by the candidates alone.
+        """
+        self.check_denoising_settings(timesteps, num_draws, batch_size, control_guidance, text_guidance)
+        d = self.prior.config.embedding_dim
+        candidates = torch.as_tensor(candidates)
+        if candidates.dim() != 3 or candidates.shape[-1] != d:
+            raise DataError(f"denoising_error: candidates have shape {tuple(candidates.shape)}, expected [Q, K, {d}].")
+        q, k = candidates.shape[:2]
+        text, mask = self._prepare_text(text_embeds, text_attention_mask, "text_embeds", q)
+        control = self._prepare(control_embeds, "control_embeds", d, q)
+        clean = self.prior.standardize(self._prepare(candidates.reshape(q * k, d), "candidates", d))
+        noise = randn_tensor((len(timesteps) * num_draws, q, d), generator=generator, device=self.device,
+                             dtype=self.prior.dtype)  # fmt: skip
+        noise = noise.repeat_interleave(k, dim=1)  # one draw per query, shared by its candidates
+        forward = noise_scheduler(self.prior)  # the training forward process, whichever sampler is set
+        per_query = max(1, batch_size // k)
+        errors = []
+        with torch.inference_mode():
+            for start in range(0, q, per_query):
+                rows = slice(start * k, min(q, start + per_query) * k)
+                query_rows = slice(start, start + per_query)
+                denoiser = GuidedDenoiser(
+                    self.prior, self.adapter, text[query_rows].repeat_interleave(k, 0),
+                    control[query_rows].repeat_interleave(k, 0), None, control_guidance, text_guidance,
+                    conditioning_scale, None if mask is None else mask[query_rows].repeat_interleave(k, 0),
+                )  # fmt: skip
+                error = torch.zeros(rows.stop - rows.start, device=self.device, dtype=clean.dtype)
+                for draw, t in enumerate(t for t in timesteps for _ in range(num_draws)):
+                    step = torch.full((error.shape[0],), t, device=self.device, dtype=torch.long)
+                    eps = noise[draw, rows]
+                    noisy = forward.add_noise(clean[rows], eps, step)
+                    target = training_target(forward, clean[rows], eps, step)
+                    error += (denoiser(noisy, step) - target).pow(2).mean(-1)
+                errors.append(error / noise.shape[0])
+        return torch.cat(errors).view(q, k).float().cpu()
+
     def __call__(
         self,
         reference_images: Sequence[ImageInput],
@@ -548,6 +606,30 @@ class FusionDiffPipeline(DiffusionPipeline):
             trajectory=None if trajectory is None else trajectory.float().cpu().clone(),
             samples=samples,
         )
+
+    def check_denoising_settings(
+        self,
+        timesteps: Sequence[int],
+        num_draws: int,
+        batch_size: int = 1,
+        control_guidance: float = 1.0,
+        text_guidance: float = 1.0,
+    ) -> None:
+        """Refuse what ``denoising_error`` cannot run with, before any work (methods call it when built)."""
+        if self.prior.config.objective == "regression":
+            raise ConfigError(
+                "denoising_error scores candidates by the diffusion loss, but this prior was trained as a direct "
+                "regressor (objective='regression'), which has no denoising path; use a diffusion prior."
+            )
+        if self.adapter is None:
+            raise ConfigError("denoising_error needs a pipeline with a Control-Adapter (the reference is its condition).")
+        limit = self.prior.config.num_train_timesteps
+        timesteps = list(timesteps)
+        if not timesteps or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < limit for t in timesteps):
+            raise ConfigError(f"denoising_error: timesteps {timesteps} must be integers in [0, {limit}).")
+        if not isinstance(num_draws, int) or num_draws < 1 or batch_size < 1:
+            raise ConfigError(f"denoising_error: num_draws={num_draws!r} and batch_size={batch_size!r} must be >= 1.")
+        require_finite_settings("denoising_error", control_guidance=control_guidance, text_guidance=text_guidance)
 
     def check_sampling_settings(
         self,

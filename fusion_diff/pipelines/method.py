@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,6 +25,7 @@ from fusion_diff.retrieval.method import (
     SampleScoring,
     mix_toward_reference,
 )
+from fusion_diff.retrieval.rerank import standardize_rows
 
 ControlMode = Literal["auto", "fused", "image"]
 CONTROL_MODES = ("auto", "fused", "image")
@@ -135,6 +137,11 @@ class FusionDiffMethod(_SamplingMethod):
     ``caption_editor`` + ``edited_caption_weight`` w: the query becomes ``normalize(q + w f(edited caption))``, the
     reference's captioner caption edited as the instruction says (``fusion_diff.captioning.editor``): what the
     target's caption should say, which a removal needs and the sampled embedding keeps wrong (issue 18).
+
+    ``rerank_top_k`` K > 0 re-ranks each query's first K hits by the diffusion loss of each candidate under the
+    query's conditions (``FusionDiffPipeline.denoising_error`` at ``rerank_timesteps``, ``rerank_draws`` noises
+    each): new score = z(first-stage score) - ``rerank_weight`` * z(error), z standardising over the K. The prior
+    then scores how likely each candidate is as the target, which a regressor cannot (``retrieval.rerank``).
     """
 
     def __init__(
@@ -158,8 +165,20 @@ class FusionDiffMethod(_SamplingMethod):
         sample_temperature: float = 0.05,
         caption_editor: str | os.PathLike | CaptionEditor | None = None,
         edited_caption_weight: float = 0.0,
+        rerank_top_k: int = 0,
+        rerank_weight: float = 4.0,
+        rerank_timesteps: Sequence[int] = (300, 600),
+        rerank_draws: int = 2,
     ):
         self.sample_scoring = SampleScoring(sample_reduction, sample_temperature)
+        if not isinstance(rerank_top_k, int) or rerank_top_k == 1 or rerank_top_k < 0:
+            raise ConfigError(f"rerank_top_k={rerank_top_k!r}: 0 (off) or the number of first hits to re-rank (>= 2).")
+        if not (math.isfinite(rerank_weight) and rerank_weight >= 0):
+            raise ConfigError(f"rerank_weight={rerank_weight} must be a finite number >= 0.")
+        if rerank_top_k:
+            pipeline.check_denoising_settings(rerank_timesteps, rerank_draws)
+        self.rerank_top_k, self.rerank_weight = rerank_top_k, rerank_weight
+        self.rerank_timesteps, self.rerank_draws = tuple(rerank_timesteps), rerank_draws
         if not (math.isfinite(edited_caption_weight) and edited_caption_weight >= 0):
             raise ConfigError(f"edited_caption_weight={edited_caption_weight} must be a finite number >= 0.")
         if (caption_editor is None) != (edited_caption_weight == 0):
@@ -216,6 +235,14 @@ class FusionDiffMethod(_SamplingMethod):
                 if self.caption_editor
                 else {}  # off: earlier protocols (and the query caches keyed by them) stay as they were
             ),
+            **(
+                {
+                    "rerank": f"top {self.rerank_top_k} by z(score) - {self.rerank_weight} z(diffusion loss at t="
+                    f"{list(self.rerank_timesteps)}, {self.rerank_draws} noises each)"
+                }
+                if self.rerank_top_k
+                else {}
+            ),
         }
 
     def sample(self, context: QueryContext, return_trajectory: bool = False) -> FusionDiffPipelineOutput:
@@ -247,6 +274,17 @@ class FusionDiffMethod(_SamplingMethod):
             shared_noise=self.shared_noise,
             return_samples=self.sample_scoring.per_sample,
         )
+
+    def rerank_scores(self, context: QueryContext, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """New scores ``[Q, K]`` of each query's first hits ``candidates [Q, K, d]`` (first-stage ``scores``)."""
+        self.bind(context)
+        text, text_mask = self.text_condition(context)
+        error = self.pipeline.denoising_error(
+            candidates, text, self.reference_embeds(context), self.rerank_timesteps, self.rerank_draws,
+            self.control_guidance, self.text_guidance, generator=self.generator(),
+            conditioning_scale=self.conditioning_scale, text_attention_mask=text_mask,
+        )  # fmt: skip
+        return standardize_rows(scores) - self.rerank_weight * standardize_rows(error)
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
         """``[Q, d]``, or every sample ``[Q, num_samples, d]`` when ``sample_reduction`` keeps them apart."""

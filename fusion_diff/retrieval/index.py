@@ -47,6 +47,23 @@ class SearchResult:
     ids: list[list[str]]
     items: list[list[dict]] | None = None
 
+    def rows(self, block: slice) -> SearchResult:
+        """The results of the queries in ``block``."""
+        return SearchResult(self.scores[block], self.indices[block], self.ids[block],
+                            None if self.items is None else self.items[block])  # fmt: skip
+
+    def top(self, k: int) -> SearchResult:
+        """The first ``k`` hits of every query."""
+        return SearchResult(self.scores[:, :k], self.indices[:, :k], [row[:k] for row in self.ids],
+                            None if self.items is None else [row[:k] for row in self.items])  # fmt: skip
+
+    @staticmethod
+    def concat(parts: Sequence[SearchResult]) -> SearchResult:
+        """Blocks of queries' results (as ``rows`` cut them) back into one, in order."""
+        items = None if any(p.items is None for p in parts) else [row for p in parts for row in p.items]
+        return SearchResult(torch.cat([p.scores for p in parts]), torch.cat([p.indices for p in parts]),
+                            [row for p in parts for row in p.ids], items)  # fmt: skip
+
 
 class _Index:
     """What every backend shares: ids, query checks, exclusion and candidate scoring."""

@@ -26,6 +26,7 @@ from fusion_diff.embedding.cache import CACHE_KIND, EmbeddingCache, embed_with_c
 from fusion_diff.errors import CacheMismatchError, ConfigError, DataError
 from fusion_diff.retrieval.index import SearchResult
 from fusion_diff.retrieval.method import QueryContext, RetrievalMethod, run_method, sample_scoring
+from fusion_diff.retrieval.rerank import index_embeddings, rerank_depth, rerank_hits
 from fusion_diff.retrieval.sources import TAR_MEMBER, GalleryItems, gallery_items
 from fusion_diff.retrieval.store import STAGING, IndexSettings, PersistentIndex, space_differences
 from fusion_diff.utils.checks import check_top_k
@@ -417,12 +418,15 @@ class ComposedRetriever:
             stop = start + QUERY_BLOCK
             context = self.query_context(references[start:stop], list(texts)[start:stop])
             queries = run_method(chosen, context)
+            depth = rerank_depth(chosen)  # a re-ranking method sees its first `depth` hits, whatever k is
             found = self.index.search(
                 queries,
-                k=k,
+                k=max(k, depth),
                 exclude=None if exclude is None else exclude[start:stop],
                 scoring=sample_scoring(chosen),
             )
+            if depth:
+                found = rerank_hits(chosen, context, found, index_embeddings(self.index)).top(k)
             hits += self.hits(found)
         return hits
 
