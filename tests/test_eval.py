@@ -230,6 +230,12 @@ def test_fashioniq_both_orders_are_averaged(tmp_path, tiny_openclip):
     )
     assert "single order" in forward.evaluate(TextOnly()).protocol["fashioniq_captions"]
 
+    class Reranking(TextOnly):  # re-ranks with one text per query: both orders give two
+        rerank_top_k = 3
+
+    with pytest.raises(ConfigError, match="--fiq-caption-order forward"):
+        both.evaluate(Reranking())
+
 
 def test_circo_shared_concept_is_an_option():
     query = CompositionQuery("0", "1", ("is held by a girl",), ("2",), shared_concept="a teddy bear")

@@ -277,12 +277,6 @@ class Evaluator:
         gallery_embeds: torch.Tensor,
     ) -> SearchResult:  # fmt: skip
         """``found`` with each query's first hits re-ranked by the method (``retrieval.rerank``), block by block."""
-        _, rows = modification_texts(queries, unit.benchmark, self.fiq_order, self.circo_shared_concept)
-        if len(rows) != len(queries):
-            raise ConfigError(
-                f"{method.name}: rerank_top_k re-ranks with one modification text per query, but FashionIQ's 'both' "
-                "caption order gives two; evaluate with fashioniq_caption_order 'forward' or 'reverse' (--fiq-caption-order)."
-            )
         parts = [
             rerank_hits(method, context, found.rows(block), gallery_embeds)
             for block, context in self.contexts(method, unit, queries)
@@ -330,6 +324,11 @@ class Evaluator:
         require_captioner(method.gallery_mode, self.captioner, role="gallery")
         if getattr(method, "control_mode", None) == "fused":  # a method that insists on f(I_ref, caption)
             require_captioner("fused", self.captioner, role="reference")
+        if rerank_depth(method) and self.benchmark == "fashioniq" and self.fiq_order == "both":
+            raise ConfigError(
+                f"{method.name}: rerank_top_k re-ranks with one modification text per query, but FashionIQ's 'both' "
+                "caption order gives two; evaluate with --fiq-caption-order forward (or reverse)."
+            )
 
     def _evaluate_unit(
         self, method: RetrievalMethod, unit: BenchmarkData

@@ -622,10 +622,10 @@ class FusionDiffPipeline(DiffusionPipeline):
                 "regressor (objective='regression'), which has no denoising path; use a diffusion prior."
             )
         if self.adapter is None:
-            raise ConfigError("denoising_error needs a pipeline with a Control-Adapter (the reference is its condition).")
+            raise ConfigError("denoising_error needs a pipeline with a Control-Adapter (the reference conditions it).")
         limit = self.prior.config.num_train_timesteps
         timesteps = list(timesteps)
-        if not timesteps or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < limit for t in timesteps):
+        if not timesteps or any(type(t) is not int or not 0 <= t < limit for t in timesteps):  # no bools
             raise ConfigError(f"denoising_error: timesteps {timesteps} must be integers in [0, {limit}).")
         if not isinstance(num_draws, int) or num_draws < 1 or batch_size < 1:
             raise ConfigError(f"denoising_error: num_draws={num_draws!r} and batch_size={batch_size!r} must be >= 1.")

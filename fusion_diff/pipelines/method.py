@@ -172,7 +172,7 @@ class FusionDiffMethod(_SamplingMethod):
     ):
         self.sample_scoring = SampleScoring(sample_reduction, sample_temperature)
         if not isinstance(rerank_top_k, int) or rerank_top_k == 1 or rerank_top_k < 0:
-            raise ConfigError(f"rerank_top_k={rerank_top_k!r}: 0 (off) or the number of first hits to re-rank (>= 2).")
+            raise ConfigError(f"rerank_top_k={rerank_top_k!r}: 0 (off) or how many first hits to re-rank, >= 2.")
         if not (math.isfinite(rerank_weight) and rerank_weight >= 0):
             raise ConfigError(f"rerank_weight={rerank_weight} must be a finite number >= 0.")
         if rerank_top_k:

@@ -38,7 +38,9 @@ def standardize_rows(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, (scores - mean) / spread.clamp(min=1e-6), scores)
 
 
-def rerank_hits(method: Any, context: QueryContext, found: SearchResult, embeddings: torch.Tensor | None) -> SearchResult:
+def rerank_hits(
+    method: Any, context: QueryContext, found: SearchResult, embeddings: torch.Tensor | None
+) -> SearchResult:
     """``found`` with each row's first ``rerank_depth(method)`` hits re-ordered by ``method.rerank_scores``.
 
     ``embeddings`` are the gallery rows ``found.indices`` point into. Positions keep their first-stage scores (so
