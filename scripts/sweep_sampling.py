@@ -77,6 +77,7 @@ MULTI_SAMPLE_GRID = [
 # Re-ranking the demo query's first hits by the diffusion loss of each candidate (a likelihood a regressor has not):
 # how much weight the loss gets against the first-stage score, and how deep it looks.
 RERANK_GRID = [
+    _setting(1, 8, 1.5, 2.0, 0.1),  # the demo's query, not re-ranked
     *[{**_setting(1, 8, 1.5, 2.0, 0.1), "rerank_top_k": 20, "rerank_weight": w} for w in (1.0, 2.0, 4.0, 8.0)],
     {**_setting(1, 8, 1.5, 2.0, 0.1), "rerank_top_k": 50, "rerank_weight": 4.0},
 ]

@@ -30,6 +30,11 @@ def test_denoising_error_is_the_training_loss_with_noise_shared_by_a_querys_cand
     assert torch.equal(error[:, 3], error[:, 1])  # same draws for every candidate of a query
     chunked = pipe.denoising_error(candidates, text, control, (100, 700), 2, generator=gen(), batch_size=5)
     assert torch.allclose(chunked, error, atol=1e-6)  # the noise is drawn up front: chunks do not change it
+    alone = pipe.denoising_error(candidates[:2], text[:2], control[:2], (100, 700), 2, generator=gen())
+    assert torch.allclose(alone, error[:2], atol=1e-6)  # drawn query by query: the other queries do not matter
+    negative = pipe.denoising_error(candidates, text, control, (100, 700), 2, generator=gen(),
+                                    negative_text_embeds=unit(3, 4))  # fmt: skip
+    assert not torch.allclose(negative, error)  # the negative text replaces the null text, as in sampling
 
     one = pipe.denoising_error(candidates[:1, :1], text[:1], control[:1], (500,), 1, 1.0, 1.0, generator=gen())
     noise = randn_tensor((1, 1, D), generator=gen())[0]
@@ -86,12 +91,15 @@ def test_rerank_moves_only_the_first_hits_and_keeps_each_positions_score():
         items=[[{"id": x} for x in "abcd"], [{"id": x} for x in "ef"]],
     )
     embeddings = torch.tensor([[0.1, 0], [0.3, 0], [0.2, 0], [0.9, 0], [0.0, 0], [1.0, 0]])
-    out = rerank_hits(ByFirstCoordinate(), None, found, embeddings)
+    out = rerank_hits(ByFirstCoordinate(), None, found, embeddings, position_scores=True)
     assert out.ids == [["b", "c", "a", "d"], ["f", "e"]]  # "d" is past the first 3: it stays 4th
     assert out.indices.tolist() == [[1, 2, 0, 3], [5, 4, -1, -1]]
     assert [[i["id"] for i in row] for row in out.items] == out.ids
-    assert torch.equal(out.scores, found.scores)
+    assert torch.equal(out.scores, found.scores)  # for metrics: each position keeps its score
     assert out.top(1).ids == [["b"], ["f"]]
+    served = rerank_hits(ByFirstCoordinate(), None, found, embeddings)  # each hit keeps its own score
+    assert served.ids == out.ids
+    assert torch.equal(served.scores, torch.tensor([[0.8, 0.7, 0.9, 0.6], [0.4, 0.5, -inf, -inf]]))
     with pytest.raises(ConfigError, match="Qdrant"):
         rerank_hits(ByFirstCoordinate(), None, found, None)
 

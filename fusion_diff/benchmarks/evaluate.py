@@ -278,7 +278,7 @@ class Evaluator:
     ) -> SearchResult:  # fmt: skip
         """``found`` with each query's first hits re-ranked by the method (``retrieval.rerank``), block by block."""
         parts = [
-            rerank_hits(method, context, found.rows(block), gallery_embeds)
+            rerank_hits(method, context, found.rows(block), gallery_embeds, position_scores=True)
             for block, context in self.contexts(method, unit, queries)
         ]
         return SearchResult.concat(parts)

@@ -356,6 +356,9 @@ class FusionDiffPipeline(DiffusionPipeline):
         batch_size: int = 8192,
         conditioning_scale: float = 1.0,
         text_attention_mask: torch.Tensor | None = None,
+        negative_text_embeds: torch.Tensor | None = None,
+        negative_text_attention_mask: torch.Tensor | None = None,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         """How badly the guided model denoises each candidate target: ``[Q, K]``, lower = more likely.
 
@@ -363,7 +366,9 @@ class FusionDiffPipeline(DiffusionPipeline):
         ``timesteps`` with ``num_draws`` noises and denoised under the query's text and control; the error is the
         training loss of that prediction (its prediction type's target), averaged. This is the diffusion loss as a
         likelihood estimate (a diffusion classifier): a score a regressor cannot give. A query's candidates share
-        every noise draw, so their errors differ by the candidates alone.
+        every noise draw, so their errors differ by the candidates alone; draws are made query by query, so a
+        query's errors do not depend on the other queries of the call. Text, negative text and ``precision`` as in
+        ``sample``.
         """
         self.check_denoising_settings(timesteps, num_draws, batch_size, control_guidance, text_guidance)
         d = self.prior.config.embedding_dim
@@ -373,10 +378,20 @@ class FusionDiffPipeline(DiffusionPipeline):
         q, k = candidates.shape[:2]
         text, mask = self._prepare_text(text_embeds, text_attention_mask, "text_embeds", q)
         control = self._prepare(control_embeds, "control_embeds", d, q)
+        negative, negative_mask = self._prepare_text(
+            negative_text_embeds, negative_text_attention_mask, "negative_text_embeds", q
+        )
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
+        autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision], enabled=PRECISIONS[precision] is not None)
         clean = self.prior.standardize(self._prepare(candidates.reshape(q * k, d), "candidates", d))
-        noise = randn_tensor((len(timesteps) * num_draws, q, d), generator=generator, device=self.device,
+        noise = randn_tensor((q, len(timesteps) * num_draws, d), generator=generator, device=self.device,
                              dtype=self.prior.dtype)  # fmt: skip
-        noise = noise.repeat_interleave(k, dim=1)  # one draw per query, shared by its candidates
+        noise = noise.transpose(0, 1).repeat_interleave(k, dim=1)  # one draw per query, shared by its candidates
+
+        def rows_of(x: torch.Tensor | None, query_rows: slice) -> torch.Tensor | None:
+            return None if x is None else x[query_rows].repeat_interleave(k, 0)
+
         forward = noise_scheduler(self.prior)  # the training forward process, whichever sampler is set
         per_query = max(1, batch_size // k)
         errors = []
@@ -385,9 +400,9 @@ class FusionDiffPipeline(DiffusionPipeline):
                 rows = slice(start * k, min(q, start + per_query) * k)
                 query_rows = slice(start, start + per_query)
                 denoiser = GuidedDenoiser(
-                    self.prior, self.adapter, text[query_rows].repeat_interleave(k, 0),
-                    control[query_rows].repeat_interleave(k, 0), None, control_guidance, text_guidance,
-                    conditioning_scale, None if mask is None else mask[query_rows].repeat_interleave(k, 0),
+                    self.prior, self.adapter, rows_of(text, query_rows), rows_of(control, query_rows),
+                    rows_of(negative, query_rows), control_guidance, text_guidance, conditioning_scale,
+                    rows_of(mask, query_rows), rows_of(negative_mask, query_rows),
                 )  # fmt: skip
                 error = torch.zeros(rows.stop - rows.start, device=self.device, dtype=clean.dtype)
                 for draw, t in enumerate(t for t in timesteps for _ in range(num_draws)):
@@ -395,7 +410,9 @@ class FusionDiffPipeline(DiffusionPipeline):
                     eps = noise[draw, rows]
                     noisy = forward.add_noise(clean[rows], eps, step)
                     target = training_target(forward, clean[rows], eps, step)
-                    error += (denoiser(noisy, step) - target).pow(2).mean(-1)
+                    with autocast:
+                        output = denoiser(noisy, step).to(clean.dtype)
+                    error += (output - target).pow(2).mean(-1)
                 errors.append(error / noise.shape[0])
         return torch.cat(errors).view(q, k).float().cpu()
 

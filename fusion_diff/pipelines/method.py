@@ -250,12 +250,7 @@ class FusionDiffMethod(_SamplingMethod):
         also z after every step (the web page draws that walk)."""
         self.bind(context)
         text, text_mask = self.text_condition(context)
-        negative, negative_mask = None, None
-        if self.negative_text:
-            negative, negative_mask = self.text_condition(context, [self.negative_text])
-            rows = len(context.query_ids)
-            negative = negative.expand(rows, *negative.shape[1:])
-            negative_mask = None if negative_mask is None else negative_mask.expand(rows, -1)
+        negative, negative_mask = self.negative_condition(context)
         return self.pipeline.sample(
             text,
             control_embeds=self.reference_embeds(context),
@@ -279,12 +274,25 @@ class FusionDiffMethod(_SamplingMethod):
         """New scores ``[Q, K]`` of each query's first hits ``candidates [Q, K, d]`` (first-stage ``scores``)."""
         self.bind(context)
         text, text_mask = self.text_condition(context)
+        negative, negative_mask = self.negative_condition(context)
         error = self.pipeline.denoising_error(
             candidates, text, self.reference_embeds(context), self.rerank_timesteps, self.rerank_draws,
-            self.control_guidance, self.text_guidance, generator=self.generator(),
+            self.control_guidance, self.text_guidance,
+            generator=torch.Generator(device="cpu").manual_seed(self.seed + 1),  # not the sampler's noise
             conditioning_scale=self.conditioning_scale, text_attention_mask=text_mask,
+            negative_text_embeds=negative, negative_text_attention_mask=negative_mask, precision=self.precision,
         )  # fmt: skip
+        error = torch.where(torch.isfinite(scores), error, torch.full_like(error, float("nan")))  # padding: no say
         return standardize_rows(scores) - self.rerank_weight * standardize_rows(error)
+
+    def negative_condition(self, context: QueryContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``negative_text`` as a text condition for every query of ``context`` (None, None without one)."""
+        if not self.negative_text:
+            return None, None
+        negative, negative_mask = self.text_condition(context, [self.negative_text])
+        rows = len(context.query_ids)
+        negative = negative.expand(rows, *negative.shape[1:])
+        return negative, None if negative_mask is None else negative_mask.expand(rows, -1)
 
     def query_embeddings(self, context: QueryContext) -> torch.Tensor:
         """``[Q, d]``, or every sample ``[Q, num_samples, d]`` when ``sample_reduction`` keeps them apart."""

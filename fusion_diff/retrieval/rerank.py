@@ -39,12 +39,17 @@ def standardize_rows(scores: torch.Tensor) -> torch.Tensor:
 
 
 def rerank_hits(
-    method: Any, context: QueryContext, found: SearchResult, embeddings: torch.Tensor | None
+    method: Any,
+    context: QueryContext,
+    found: SearchResult,
+    embeddings: torch.Tensor | None,
+    position_scores: bool = False,
 ) -> SearchResult:
     """``found`` with each row's first ``rerank_depth(method)`` hits re-ordered by ``method.rerank_scores``.
 
-    ``embeddings`` are the gallery rows ``found.indices`` point into. Positions keep their first-stage scores (so
-    ties and cut-offs read as before) while the hits move between them; padding (index -1) stays last.
+    ``embeddings`` are the gallery rows ``found.indices`` point into; padding (index -1) stays last. Each hit keeps
+    its own first-stage score, or with ``position_scores`` each position keeps its score while the hits move between
+    them: what a metric reading the scores needs (the re-ranked order, ties and cut-offs as before).
     """
     depth = min(rerank_depth(method), found.indices.shape[1])
     if depth < 2:
@@ -68,8 +73,12 @@ def rerank_hits(
     def moved(rows: list[list[Any]]) -> list[list[Any]]:  # rows hold the valid hits only (padding is last)
         return [[row[j] for j in perm if j < len(row)] + row[depth:] for row, perm in zip(rows, order.tolist())]
 
+    scores = found.scores
+    if not position_scores:
+        scores = scores.clone()
+        scores[:, :depth] = first.gather(1, order)
     return SearchResult(
-        scores=found.scores,
+        scores=scores,
         indices=indices,
         ids=moved(found.ids),
         items=None if found.items is None else moved(found.items),
