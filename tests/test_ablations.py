@@ -264,4 +264,4 @@ def test_ablation_script_trains_and_tables_the_ablations_at_toy_sizes(tmp_path, 
     val_rows = json.loads((results / "shapes-val-rerank-sweep.json").read_text())
     assert len(val_rows) == 1 + len(grid) and sum("rerank" in r["protocol"]["method"] for r in val_rows) == 5
     best = json.loads((results / "shapes-test-rerank-sweep-best.json").read_text())
-    assert best[2]["method"].endswith("(val-selected)") and {r["protocol"]["split"] for r in best} == {"test"}
+    assert best[2]["method"].endswith("(val-selected)") and {r["protocol"]["split"] for r in best} == {"test1"}
