@@ -370,7 +370,7 @@ class FusionDiffPipeline(DiffusionPipeline):
         query's errors do not depend on the other queries of the call. Text, negative text and ``precision`` as in
         ``sample``.
         """
-        self.check_denoising_settings(timesteps, num_draws, batch_size, control_guidance, text_guidance)
+        self.check_denoising_settings(timesteps, num_draws, batch_size, control_guidance, text_guidance, precision)
         d = self.prior.config.embedding_dim
         candidates = torch.as_tensor(candidates)
         if candidates.dim() != 3 or candidates.shape[-1] != d:
@@ -381,8 +381,6 @@ class FusionDiffPipeline(DiffusionPipeline):
         negative, negative_mask = self._prepare_text(
             negative_text_embeds, negative_text_attention_mask, "negative_text_embeds", q
         )
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
         autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision], enabled=PRECISIONS[precision] is not None)
         clean = self.prior.standardize(self._prepare(candidates.reshape(q * k, d), "candidates", d))
         noise = randn_tensor((q, len(timesteps) * num_draws, d), generator=generator, device=self.device,
@@ -631,6 +629,7 @@ class FusionDiffPipeline(DiffusionPipeline):
         batch_size: int = 1,
         control_guidance: float = 1.0,
         text_guidance: float = 1.0,
+        precision: str = "fp32",
     ) -> None:
         """Refuse what ``denoising_error`` cannot run with, before any work (methods call it when built)."""
         if self.prior.config.objective == "regression":
@@ -646,6 +645,8 @@ class FusionDiffPipeline(DiffusionPipeline):
             raise ConfigError(f"denoising_error: timesteps {timesteps} must be integers in [0, {limit}).")
         if not isinstance(num_draws, int) or num_draws < 1 or batch_size < 1:
             raise ConfigError(f"denoising_error: num_draws={num_draws!r} and batch_size={batch_size!r} must be >= 1.")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"denoising_error: precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
         require_finite_settings("denoising_error", control_guidance=control_guidance, text_guidance=text_guidance)
 
     def check_sampling_settings(
